@@ -1,0 +1,3 @@
+from memtrain.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The context-memory agent shared by training, evaluation and inference."""

@@ -1,0 +1,66 @@
+"""Entry point of the ``memtrain`` command.
+
+Each sub-command lives in its own module under ``memtrain.cli`` and exposes
+``register(subparsers) -> None``; it sets ``func`` on its parser, which receives the parsed args and
+returns an exit code. Expected user errors (bad config, bad data, missing asset) are printed as one
+clear line, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from memtrain import __version__
+from memtrain.log import setup_logging
+
+COMMAND_MODULES = [
+    "memtrain.cli.assets",
+]
+
+
+class UserError(Exception):
+    """Raised (or subclassed) for problems the user can fix; printed without a traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from memtrain.assets import AssetError
+    from memtrain.config import ConfigError
+
+    return (UserError, AssetError, ConfigError, FileNotFoundError, ValueError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memtrain", description="Train the memory of LLM agents without labels (MemTrain).",
+    )
+    parser.add_argument("--version", action="version", version=f"memtrain {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        if args.log_level.upper() == "DEBUG":
+            raise
+        print(f"memtrain {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"memtrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

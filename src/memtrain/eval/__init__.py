@@ -1,0 +1,1 @@
+"""Evaluation of memory agents on long-document QA and search-based QA."""

@@ -1,0 +1,1 @@
+"""GRPO for the joint end-to-end + intermediate-recall objective."""

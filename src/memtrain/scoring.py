@@ -1,0 +1,205 @@
+"""Answer scoring: the one place the project turns a model output and gold answers into numbers.
+
+The GRPO reward and every evaluation call into this module, so a training curve and an eval table always
+mean the same thing by "correct". Four metrics are reported for every prediction (``METRICS``):
+
+* ``strict_em`` - the training reward: the content of the last ``\\boxed{...}`` must equal a gold answer after
+  light math-style normalisation (``normalize_math``). No box means 0, so the policy is rewarded for
+  committing to one final answer in the format the prompts ask for.
+* ``em`` / ``sub_em`` / ``f1`` - the usual SQuAD / HotpotQA metrics (``normalize_answer``) on the extracted
+  answer (box, else an "answer is" / "Answer:" line, else the whole output), comparable with published
+  numbers and forgiving about the output format.
+
+Pure standard library, so scoring never depends on which engine or tokenizer produced the text.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+
+METRICS: tuple[str, ...] = ("strict_em", "em", "sub_em", "f1")
+REWARD_METRIC = "strict_em"
+
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_TEXT_WRAPPER_OPEN = re.compile(r"\\(?:text|textbf|mathrm)\s*\{")
+_ANSWER_MARKER = re.compile(r"\banswer(?:\s+is\b\s*:?|\s*:)", re.IGNORECASE)
+_MATH_DROP = re.compile(r"\\?[$%]")
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_ASCII_PUNCTUATION = frozenset(string.punctuation)
+_YES_NO = frozenset({"yes", "no", "noanswer"})
+
+
+def _closing_brace(text: str, start: int) -> int | None:
+    """Index of the ``}`` closing a group whose content starts at ``start``; None if it never closes.
+
+    Backslash escapes (``\\{``, ``\\}``, ``\\\\``) are skipped so that literal braces do not count.
+    """
+    depth = 1
+    i = start
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, stripped; None if absent or broken.
+
+    "Last" is by start position (as in the MATH reference grader), so the final answer wins over earlier
+    drafts and ``\\boxed{\\boxed{5}}`` gives ``5``. Nested braces are matched; if the last box never closes
+    (typically a generation cut off by the token limit) the answer is None rather than a guessed prefix.
+    """
+    matches = list(_BOX_OPEN.finditer(text))
+    if not matches:
+        return None
+    last = matches[-1]
+    close = _closing_brace(text, last.end())
+    if close is None:
+        return None
+    return text[last.end() : close].strip()
+
+
+def extract_answer(prediction: str) -> str:
+    """The answer that em/sub_em/f1 grade: boxed content, else the last answer line, else the whole output.
+
+    The fallback takes the rest of the line after the last "answer is" / "Answer:" (case-insensitive),
+    without a trailing period, so chatty outputs without a box still get a fair em/sub_em/f1.
+    ``\\text{...}``-style wrappers are removed so that ``\\boxed{\\text{Paris}}`` is graded as "Paris".
+    """
+    answer = extract_boxed(prediction)
+    if answer is None:
+        markers = list(_ANSWER_MARKER.finditer(prediction))
+        if markers:
+            line = prediction[markers[-1].end() :].partition("\n")[0]
+            answer = line.strip().rstrip(".").rstrip()
+        else:
+            answer = prediction.strip()
+    return _unwrap_text_commands(answer)
+
+
+def _unwrap_text_commands(s: str) -> str:
+    """Replace ``\\text{x}``, ``\\textbf{x}`` and ``\\mathrm{x}`` by ``x`` (nested ones too)."""
+    pos = 0
+    while (m := _TEXT_WRAPPER_OPEN.search(s, pos)) is not None:
+        close = _closing_brace(s, m.end())
+        if close is None:
+            pos = m.end()
+            continue
+        s = s[: m.start()] + s[m.end() : close] + s[close + 1 :]
+        pos = m.start()
+    return s
+
+
+def normalize_math(s: str) -> str:
+    """Math-style normalisation for ``strict_em``: formatting must not decide the reward, content must.
+
+    Lower-cases, unwraps ``\\text`` / ``\\textbf`` / ``\\mathrm``, drops ``$`` and ``%`` (escaped or not), drops
+    all whitespace and one trailing period. Deliberately nothing more (no comma or unit handling), so the
+    reward stays an exact, hard-to-game match.
+    """
+    s = _unwrap_text_commands(s.lower())
+    s = _MATH_DROP.sub("", s)
+    s = "".join(s.split())
+    return s.removesuffix(".")
+
+
+def _is_punctuation(ch: str) -> bool:
+    return ch in _ASCII_PUNCTUATION or unicodedata.category(ch).startswith("P")
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD / HotpotQA answer normalisation, so em/sub_em/f1 match the official scripts.
+
+    Steps: unicode NFKC (full-width and compatibility forms become plain characters), lower-case, delete
+    punctuation (ASCII plus every unicode punctuation character), drop the articles a/an/the as whole words,
+    collapse white space. Punctuation is deleted, not replaced by a space (as in the official scripts), which
+    also removes thousands separators between digits: "1,000" and "1000" both become "1000". Accents are
+    kept: "Zürich" and "Zurich" differ.
+    """
+    s = unicodedata.normalize("NFKC", s).lower()
+    s = "".join(ch for ch in s if not _is_punctuation(ch))
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def _f1(pred_norm: str, gold_norm: str) -> float:
+    """Token-level F1 as in the HotpotQA official script (yes / no / noanswer must match exactly)."""
+    if (pred_norm in _YES_NO or gold_norm in _YES_NO) and pred_norm != gold_norm:
+        return 0.0
+    pred_tokens = pred_norm.split()
+    gold_tokens = gold_norm.split()
+    num_same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if num_same == 0:
+        return 0.0
+    precision = num_same / len(pred_tokens)
+    recall = num_same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _gold_list(gold: str | Sequence[str]) -> list[str]:
+    """One gold string or several; an empty list is a data bug that would silently score 0, so it raises."""
+    golds = [gold] if isinstance(gold, str) else list(gold)
+    if not golds:
+        raise ValueError("gold answers must be a string or a non-empty list of strings, got an empty list")
+    return golds
+
+
+def _score_answer(answer: str, golds: list[str], has_box: bool) -> dict[str, float]:
+    """All metrics for one extracted answer, each the max over ``golds``."""
+    pred_math = normalize_math(answer)
+    pred_norm = normalize_answer(answer)
+    result = dict.fromkeys(METRICS, 0.0)
+    for gold in golds:
+        gold_norm = normalize_answer(gold)
+        metrics = {
+            "strict_em": float(has_box and pred_math == normalize_math(gold)),
+            "em": float(pred_norm == gold_norm),
+            "sub_em": float(bool(pred_norm and gold_norm) and (pred_norm in gold_norm or gold_norm in pred_norm)),
+            "f1": _f1(pred_norm, gold_norm),
+        }
+        for name, value in metrics.items():
+            result[name] = max(result[name], value)
+    return result
+
+
+def score(prediction: str, gold: str | Sequence[str]) -> dict[str, float]:
+    """Score a whole model output against one gold answer or a list of them (max over golds per metric).
+
+    ``strict_em`` (the reward) looks only at the last box; ``em``/``sub_em``/``f1`` grade ``extract_answer``.
+    Raises ValueError for an empty gold list.
+    """
+    golds = _gold_list(gold)
+    return _score_answer(extract_answer(prediction), golds, extract_boxed(prediction) is not None)
+
+
+def score_multi(prediction: str, golds: Sequence[str | Sequence[str]], sep: str = ";") -> dict[str, float]:
+    """Score a multi-objective task (several questions, one output): mean over objectives of each metric.
+
+    The answer (as in ``extract_answer``) is split on ``sep`` and matched positionally: part i answers
+    objective i, parts are never re-ordered, extra parts are ignored and a missing part scores 0 on every
+    metric. ``strict_em`` of a part counts only when the output contains a box at all.
+    Raises ValueError when there are no objectives or an objective has no gold answer.
+    """
+    if not golds:
+        raise ValueError("score_multi needs at least one objective, got an empty gold list")
+    objective_golds = [_gold_list(g) for g in golds]
+    has_box = extract_boxed(prediction) is not None
+    parts = [part.strip() for part in extract_answer(prediction).split(sep)]
+    totals = dict.fromkeys(METRICS, 0.0)
+    for part, part_golds in zip(parts, objective_golds, strict=False):
+        for name, value in _score_answer(part, part_golds, has_box).items():
+            totals[name] += value
+    return {name: total / len(objective_golds) for name, total in totals.items()}
