@@ -106,9 +106,9 @@ def _unwrap_text_commands(s: str) -> str:
 def normalize_math(s: str) -> str:
     """Math-style normalisation for ``strict_em``: formatting must not decide the reward, content must.
 
-    Lower-cases, unwraps ``\\text`` / ``\\textbf`` / ``\\mathrm``, drops ``$`` and ``%`` (escaped or not), drops
-    all whitespace and one trailing period. Deliberately nothing more (no comma or unit handling), so the
-    reward stays an exact, hard-to-game match.
+    Lower-cases, unwraps ``\\text`` / ``\\textbf`` / ``\\mathrm``, drops ``$`` and ``%`` (escaped or not),
+    drops all whitespace and one trailing period. Deliberately nothing more (no comma, unit or unicode
+    handling), so the reward stays an exact, hard-to-game match.
     """
     s = _unwrap_text_commands(s.lower())
     s = _MATH_DROP.sub("", s)
@@ -164,10 +164,11 @@ def _score_answer(answer: str, golds: list[str], has_box: bool) -> dict[str, flo
     result = dict.fromkeys(METRICS, 0.0)
     for gold in golds:
         gold_norm = normalize_answer(gold)
+        contains = pred_norm in gold_norm or gold_norm in pred_norm
         metrics = {
             "strict_em": float(has_box and pred_math == normalize_math(gold)),
             "em": float(pred_norm == gold_norm),
-            "sub_em": float(bool(pred_norm and gold_norm) and (pred_norm in gold_norm or gold_norm in pred_norm)),
+            "sub_em": float(bool(pred_norm and gold_norm) and contains),
             "f1": _f1(pred_norm, gold_norm),
         }
         for name, value in metrics.items():
@@ -191,8 +192,11 @@ def score_multi(prediction: str, golds: Sequence[str | Sequence[str]], sep: str 
     The answer (as in ``extract_answer``) is split on ``sep`` and matched positionally: part i answers
     objective i, parts are never re-ordered, extra parts are ignored and a missing part scores 0 on every
     metric. ``strict_em`` of a part counts only when the output contains a box at all.
-    Raises ValueError when there are no objectives or an objective has no gold answer.
+    Raises ValueError when there are no objectives or an objective has no gold answer, and TypeError for a
+    bare string (which would otherwise be read as one objective per character).
     """
+    if isinstance(golds, str):
+        raise TypeError("score_multi expects one list of gold answers per objective, not a string")
     if not golds:
         raise ValueError("score_multi needs at least one objective, got an empty gold list")
     objective_golds = [_gold_list(g) for g in golds]
