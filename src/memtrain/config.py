@@ -8,6 +8,7 @@ written next to every run (``save_config``) so a run can always be reproduced an
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -124,6 +125,9 @@ class Config(Section):
 C = TypeVar("C", bound=BaseModel)
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value) with the value parsed as YAML (so 8 -> int, [1,2] -> list)."""
     key, sep, raw = item.partition("=")
@@ -133,6 +137,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+    if isinstance(value, str) and _FLOAT.fullmatch(value):
+        value = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string; users mean a number
     return key.strip().split("."), value
 
 

@@ -20,6 +20,9 @@ def setup_logging(level: str = "INFO") -> None:
         raise ValueError(f"--log-level {level!r}: expected one of DEBUG, INFO, WARNING, ERROR")
     logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logger.setLevel(numeric)
+    if not progress_enabled():
+        # transformers/huggingface_hub read this when first imported: no weight-loading bars in CI logs.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def progress_enabled() -> bool:

@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"memtrain {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `memtrain data show DIR | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"memtrain {args.command}: interrupted", file=sys.stderr)
         return 130
