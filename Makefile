@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-verl lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,21 @@ test: venv
 	$(BIN)/memtrain assets fetch
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# The verl backend's tests, in verl's own environment (verl pins transformers<5.11; see docs/verl.md).
+VERL_VENV := .venv-verl
+VERL_STAMP := $(VERL_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+$(VERL_STAMP): pyproject.toml
+	test -x $(VERL_VENV)/bin/python || $(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q --upgrade pip
+	# CPU torch first, so that verl's dependencies resolve without CUDA builds
+	$(VERL_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VERL_VENV)/bin/python -m pip install -q -e ".[verl,dev]"
+	rm -f $(VERL_VENV)/.installed-* && touch $(VERL_STAMP)
+
+test-verl: $(VERL_STAMP)
+	$(VERL_VENV)/bin/python -m pytest -q tests/test_verl_backend.py
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -40,17 +40,31 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     lora: LoraConfig | None = None
     gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the policy trains and generates: auto = CUDA when available, else CPU")
 
 
 class AgentConfig(Section):
-    """Budgets of the chunked-reading memory agent (MEMTRAIN.md section 1)."""
+    """Budgets and prompts of the chunked-reading memory agent (MEMTRAIN.md section 1)."""
 
-    chunk_tokens: int = Field(5120, gt=0)
-    memory_tokens: int = Field(1024, gt=0)
-    answer_tokens: int = Field(1024, gt=0)
-    max_chunks: int = Field(8, gt=0)
-    truncation: Literal["centre", "head", "error"] = "centre"
-    templates: dict[str, str] = Field(default_factory=dict)
+    chunk_tokens: int = Field(5120, gt=0, description="document tokens per chunk (paper 5120, ref. 5000)")
+    memory_tokens: int = Field(1024, gt=0, description="cap on each memory the model writes")
+    answer_tokens: int = Field(1024, gt=0, description="cap on the final answer")
+    max_chunks: int = Field(8, gt=0, description="longer documents are truncated (see truncation)")
+    truncation: Literal["centre", "head", "error"] = Field(
+        "centre", description="over-long documents: keep head and tail chunks (centre), the first chunks "
+        "(head), or fail (error)")
+    templates: dict[str, str] = Field(
+        default_factory=dict, description="overrides of memtrain.prompts.DEFAULT_TEMPLATES by name (memory, "
+        "final, imr, initial_memory, ...); checked for unknown names and missing placeholders")
+
+    @field_validator("templates")
+    @classmethod
+    def _known_templates(cls, value: dict[str, str]) -> dict[str, str]:
+        from memtrain.prompts import validate_templates
+
+        validate_templates(value)
+        return value
 
 
 class EngineConfig(Section):
@@ -63,6 +77,9 @@ class EngineConfig(Section):
     max_concurrency: int = Field(32, gt=0)
     batch_size: int = Field(64, gt=0)
     timeout_s: float = Field(600.0, gt=0)
+    max_retries: int = Field(5, ge=0, description="openai: retries on 429/5xx/timeouts/connection errors")
+    vllm_extras: bool = Field(True, description="openai: ask for token ids (return_token_ids...); off for "
+                              "servers that reject unknown fields")
 
 
 class RLConfig(Section):
@@ -79,35 +96,90 @@ class RLConfig(Section):
     adv_std_norm: bool = False
     dynamic_filter: bool = True
     fill_filtered_batches: bool = False
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(
+        1.0, gt=0.0, description="rollout sampling temperature (log-probs use the raw logits, as engines do)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    micro_batch_tokens: int = Field(16384, gt=0)
+    micro_batch_tokens: int = Field(16384, gt=0, description="padded tokens per forward/backward micro-batch")
+    old_logprobs: Literal["auto", "sampler", "recompute"] = Field(
+        "auto", description="PPO 'old' log-probs: the engine's when they agree with a recompute within "
+        "old_logprob_tol (auto), always the engine's (sampler), or the policy's own before the update")
+    old_logprob_tol: float = Field(0.05, gt=0.0, description="max |sampler - recomputed| log-prob for auto")
 
 
 class OptimConfig(Section):
+    """AdamW with linear warm-up then a constant learning rate, and grad-norm clipping (paper section 4)."""
+
     lr: float = Field(1e-6, gt=0.0)
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
 
 
 class DataConfig(Section):
     """Where the task's training rows come from (a directory of parquet shards + manifest.json)."""
 
-    path: str = ""
-    shuffle: bool = True
+    path: str = Field("", description="dataset directory built by `memtrain data ...` (needed to train)")
+    shuffle: bool = Field(True, description="reshuffle the rows every epoch (deterministic from train.seed)")
 
 
 class TrainConfig(Section):
-    task: Literal["proxy", "longqa", "searchqa"] = "proxy"
+    """The training loop: task, batch, length, seeds, logging and checkpointing (``memtrain train``)."""
+
+    task: Literal["proxy", "longqa", "searchqa"] = Field(
+        "proxy", description="which rollout/reward task trains (memtrain.rl.tasks.TASKS)")
     batch_size: int = Field(32, gt=0, description="samples (prompts) per step")
-    steps: int = Field(300, gt=0)
-    seed: int = 42
-    checkpoint_every: int = Field(50, gt=0)
-    keep_last: int = Field(2, gt=0)
-    sample_every: int = Field(10, gt=0)
-    log_every: int = Field(1, gt=0)
+    steps: int = Field(300, gt=0, description="optimizer steps in total (may be raised on --resume)")
+    seed: int = Field(42, description="seeds data order, rollouts, IMR draws and torch")
+    checkpoint_every: int = Field(50, gt=0, description="save a checkpoint every N steps and at the last one")
+    keep_last: int = Field(2, gt=0, description="checkpoints kept on disk; older ones are deleted")
+    sample_every: int = Field(10, gt=0, description="write readable trajectories to samples.jsonl every N")
+    sample_count: int = Field(4, gt=0, description="trajectories written per sampled step")
+    log_every: int = Field(1, gt=0, description="print a progress line every N steps (metrics: every step)")
+    tensorboard: bool = Field(True, description="also write TensorBoard events to RUN_DIR/tensorboard")
+    max_nonfinite: int = Field(3, gt=0, description="stop after this many consecutive steps skipped for "
+                               "non-finite loss/gradients")
+    fill_max_rounds: int = Field(4, gt=0, description="with rl.fill_filtered_batches: at most this many "
+                                 "rollout rounds per step (the first included)")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads; default $MEMTRAIN_THREADS, "
+                                "else all cores")
+
+
+class SearchConfig(Section):
+    """The search agent (MEM1 style, MEMTRAIN.md section 6) and its retriever: ``train.task: searchqa``
+    and ``memtrain eval searchqa``."""
+
+    retriever: str = Field("", description="http(s):// URL of `memtrain serve-retriever`, an index "
+                           "directory, or a wiki-18 style corpus JSONL (a BM25 index is built once, cached)")
+    index_kind: Literal["bm25", "dense"] = Field("bm25", description="index built for a corpus JSONL")
+    embedder: str = Field("minilm", description="sentence-transformers model of a dense index")
+    max_turns: int = Field(6, gt=0, description="model turns per episode; the last one must answer")
+    response_tokens: int = Field(1024, gt=0, description="cap on each reply (memory + action)")
+    results_tokens: int = Field(1024, gt=0, description="cap on the search results shown per turn")
+    top_k: int = Field(3, gt=0, le=100, description="passages per search")
+
+
+class VerlConfig(Section):
+    """The verl backend (``memtrain train --backend verl``): cluster shape and rollout server. Everything
+    else (model, budgets, GRPO, optimizer, steps) is rendered from the other sections by
+    ``memtrain.backends.verl.config``; ``overrides`` reaches any other verl (Hydra) key."""
+
+    rollout: Literal["vllm", "sglang"] = Field("vllm", description="verl's rollout server")
+    nnodes: int = Field(1, gt=0, description="nodes of the Ray cluster")
+    gpus_per_node: int = Field(8, gt=0, description="GPUs per node")
+    tensor_parallel: int = Field(1, gt=0, description="GPUs per rollout replica (vLLM/SGLang tensor "
+                                 "parallel size)")
+    gpu_memory_utilization: float = Field(0.6, gt=0.0, le=1.0, description="rollout server's share of a GPU")
+    instruction_tokens: int = Field(1024, gt=0, description="prompt budget for instruction + problem (paper "
+                                    "1024); prompt length = this + agent.chunk_tokens + agent.memory_tokens")
+    max_tokens_per_gpu: int = Field(16384, gt=0, description="actor/ref micro-batch tokens per GPU (dynamic "
+                                    "batch size); at least one whole prompt + response")
+    agent_workers: int = Field(8, gt=0, description="verl agent-loop worker actors driving the rollouts")
+    param_offload: bool = Field(False, description="FSDP parameter offload to CPU (large models, few GPUs)")
+    optimizer_offload: bool = Field(False, description="FSDP optimizer-state offload to CPU")
+    overrides: list[str] = Field(default_factory=list, description="raw verl Hydra overrides KEY=VALUE, "
+                                 "applied after everything memtrain renders")
 
 
 class Config(Section):
@@ -120,6 +192,8 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    verl: VerlConfig = Field(default_factory=VerlConfig)
 
 
 C = TypeVar("C", bound=BaseModel)

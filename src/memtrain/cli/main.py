@@ -17,6 +17,13 @@ from memtrain.log import setup_logging
 
 COMMAND_MODULES = [
     "memtrain.cli.assets",
+    "memtrain.cli.train",
+    "memtrain.cli.plot",
+    "memtrain.cli.answer",
+    "memtrain.cli.data",
+    "memtrain.cli.eval",
+    "memtrain.cli.report",
+    "memtrain.cli.serve_retriever",
 ]
 
 
@@ -27,8 +34,9 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from memtrain.assets import AssetError
     from memtrain.config import ConfigError
+    from memtrain.engines.openai import EngineError
 
-    return (UserError, AssetError, ConfigError, FileNotFoundError, ValueError)
+    return (UserError, AssetError, ConfigError, EngineError, FileNotFoundError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,7 @@ class GenerationRequest:
 class Completion:
     token_ids: list[int]
     text: str
-    logprobs: list[float]  # log p(token_ids[i] | prompt, token_ids[:i]) under the sampling distribution's model
+    logprobs: list[float]  # log p(token_ids[i] | prompt, token_ids[:i]), raw logits: no temperature/top-p
     finish_reason: Literal["stop", "length"]
 
 

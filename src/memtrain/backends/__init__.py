@@ -1,0 +1,1 @@
+"""Training backends other than memtrain's own trainer (``memtrain train --backend ...``)."""

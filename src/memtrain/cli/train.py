@@ -1,0 +1,75 @@
+"""``memtrain train`` (GRPO training of the memory agent) and ``memtrain merge-lora`` (adapter -> model)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the memory agent with GRPO (proxy task, long-doc QA, ...)",
+        description="Train with GRPO. Settings come from --config, then dotted overrides such as "
+        "rl.group_size=4 train.steps=10. A run directory holds the resolved config, metrics.jsonl, "
+        "TensorBoard events, samples.jsonl and checkpoints; --resume continues it exactly.",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="YAML config (e.g. configs/memtrain_demo_cpu.yaml); with --resume "
+        "it defaults to RUN_DIR/config.yaml",
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<config file name>)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint (starts it when the directory is new)",
+    )
+    p.set_defaults(func=_train)
+
+    m = sub.add_parser("merge-lora", help="merge a LoRA checkpoint into its base model (full HF weights)")
+    m.add_argument("checkpoint", type=Path, help="RUN/checkpoints/step_N of a run trained with model.lora")
+    m.add_argument("--out", type=Path, required=True, help="directory for the merged model")
+    m.add_argument(
+        "--base", help="base model (default: the run's model.name, from the checkpoint's meta.json)"
+    )
+    m.set_defaults(func=_merge)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from memtrain.cli.main import UserError
+    from memtrain.config import load_config
+    from memtrain.rl.metrics import read_metrics, summary_table
+    from memtrain.rl.trainer import CONFIG_FILE, NonFiniteError, train
+
+    config_path = args.config
+    if config_path is None:
+        if not (args.resume and args.out):
+            raise UserError("--config is required (it may be left out only with --resume --out RUN_DIR)")
+        config_path = args.out / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{config_path} not found: {args.out} holds no run to resume; pass --config"
+            )
+    config = load_config(config_path, args.overrides)
+    out = args.out or Path("runs") / config_path.stem
+    try:
+        train(config, out, resume=args.resume)
+    except (FileExistsError, NonFiniteError) as exc:
+        raise UserError(str(exc)) from exc
+    rows = read_metrics(out)
+    print(summary_table(rows))
+    print(
+        f"run: {out}  (metrics.jsonl, samples.jsonl, tensorboard/, checkpoints/); curves: memtrain plot {out}"
+    )
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from memtrain.rl.checkpoint import merge_lora
+
+    out = merge_lora(args.checkpoint, args.out, base=args.base)
+    print(f"merged model: {out}")
+    return 0

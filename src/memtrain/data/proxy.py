@@ -1,0 +1,602 @@
+"""Proxy task 1 data (MEMTRAIN.md section 2): masked-reconstruction documents built from Wikipedia passages.
+
+One document = a pivot passage with at least one usable entity + ``related`` passages retrieved by similarity
+to it + random passages up to ``passages`` in all, shuffled, joined with ``Document i:`` headers; one entity
+of the pivot is replaced everywhere in the document by ``[MASK]`` (the masking rule of
+``memtrain.data.entities``) and is the answer. Each row also stores the spans of the usable entities of the
+masked document (``entity_spans``), so intermediate-memory recall (section 3) can pick an entity inside any
+chunk without running NER inside the RL loop.
+
+Cost is kept down by doing each expensive thing once: the corpus is split into a memory-mapped passage
+store, NER runs lazily only on passages that are drawn (cached per passage in SQLite), the retrieval index is
+built once per corpus and retriever, and passage token counts are computed once and summed (the final
+document is tokenized exactly once to confirm its length).
+
+Determinism: pivots are visited in a seeded permutation of the passages; every choice made for the pivot at
+position ``pos`` of epoch ``e`` uses its own generator seeded with ``(seed, e, pos)``. Caches only hold pure
+functions of their keys, so the same inputs and seed give identical rows whatever is cached and however many
+workers run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from memtrain import __version__
+from memtrain.data.corpus import PassageStore, SplitParams, open_store
+from memtrain.data.dataset import check_output_dir, write_dataset
+from memtrain.data.entities import (
+    Candidate,
+    EntityTagger,
+    Span,
+    candidates,
+    entity_pattern,
+    is_usable,
+    mask_entity,
+    shift_spans,
+)
+from memtrain.log import logger, progress_bar
+from memtrain.prompts import MASK_TOKEN, PROXY_QUESTION
+from memtrain.retrieval.index import BM25Index, DenseIndex, build_index, load_index
+
+TASK = "proxy"
+SPAN_TYPE = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("label", pa.string())])
+PROXY_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("context", pa.string()),
+        ("question", pa.string()),
+        ("answers", pa.list_(pa.string())),
+        ("entity_label", pa.string()),
+        ("pivot_title", pa.string()),
+        ("num_passages", pa.int32()),
+        ("num_tokens", pa.int32()),
+        ("entity_spans", pa.list_(SPAN_TYPE)),
+        ("num_masked", pa.int32()),
+        ("pivot_position", pa.int32()),
+        ("num_related", pa.int32()),
+        ("passage_ids", pa.list_(pa.int64())),
+    ]
+)
+_BLOCK = 64  # pivots planned together, so NER and retrieval run in batches
+_RELATED_MARGIN = 8  # extra hits asked for, to make up for the pivot itself and duplicate passages
+_MIN_TRIES_BEFORE_GIVING_UP = 100
+_MIN_SUCCESS_RATE = 0.05
+
+
+class ProxyConfig(BaseModel):
+    """Everything ``memtrain data proxy`` takes (CLI flags or a YAML file with these keys)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    corpus: str = "wikipedia-vital"
+    out: str | None = None
+    num_docs: int = Field(1000, gt=0, description="documents to build (the paper used 30k)")
+    passages: int = Field(150, gt=0, description="N: passages per document")
+    related: int = Field(29, ge=0, description="n1: retrieved passages per document")
+    retriever: Literal["dense", "bm25"] = "dense"
+    embedder: str = "minilm"
+    tokenizer: str = "smollm2-135m"
+    min_tokens: int = Field(24000, ge=0)
+    max_tokens: int = Field(40000, gt=0)
+    seed: int = 42
+    workers: int = Field(default_factory=lambda: max(1, min(2, os.cpu_count() or 1)), gt=0)
+    ner_model: str | None = None
+    entity_labels: list[str] | None = None
+    max_entity_occurrences: int = Field(5, gt=1)
+    max_entity_words: int = Field(8, gt=1)
+    text_field: str | None = None
+    title_field: str | None = None
+    max_passage_chars: int = Field(1500, gt=0)
+    min_passage_chars: int = Field(50, gt=0)
+    max_articles: int | None = Field(None, gt=0)
+    shard_size: int = Field(1000, gt=0)
+    cache_dir: str | None = None
+    ner_batch_size: int = Field(256, gt=0)
+    embed_batch_size: int = Field(32, gt=0)
+    max_redraws: int = Field(10, ge=0)
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProxyConfig:
+        if self.related > self.passages - 1:
+            raise ValueError(
+                f"related={self.related} must be below passages={self.passages} (the pivot takes a slot)"
+            )
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} is above max_tokens={self.max_tokens}")
+        if self.max_passage_chars < 2 * self.min_passage_chars:
+            raise ValueError(
+                f"max_passage_chars={self.max_passage_chars} must be at least twice "
+                f"min_passage_chars={self.min_passage_chars}"
+            )
+        return self
+
+
+def default_cache_dir() -> Path:
+    from memtrain.assets import home
+
+    return home() / "cache"
+
+
+class TokenCounter:
+    """Policy-tokenizer token counts: per passage (computed once, lazily) and for whole documents."""
+
+    def __init__(self, tokenizer: Any, store: PassageStore):
+        self.tokenizer = tokenizer
+        self.store = store
+        self.counts = np.full(len(store), -1, dtype=np.int64)
+        self._headers: list[int] = [0]
+        self.seconds = 0.0
+
+    def _lengths(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def rows(self, rows: list[int]) -> np.ndarray:
+        idx = np.asarray(rows, dtype=np.int64)
+        missing = sorted({int(r) for r in idx[self.counts[idx] < 0]})
+        if missing:
+            start = time.time()
+            self.counts[missing] = self._lengths(self.store.texts(missing))
+            self.seconds += time.time() - start
+        return self.counts[idx]
+
+    def text(self, text: str) -> int:
+        start = time.time()
+        n = self._lengths([text])[0]
+        self.seconds += time.time() - start
+        return n
+
+    def headers(self, k: int) -> int:
+        """Estimated tokens that ``k`` "Document i:" headers and blank-line separators add."""
+        while len(self._headers) <= k:
+            i = len(self._headers)
+            sep = "\n\n" if i > 1 else ""
+            self._headers.append(self._headers[-1] + self._lengths([f"{sep}Document {i}:\n"])[0])
+        return self._headers[k]
+
+
+@dataclass
+class _Draw:
+    """One pivot drawn from the permutation, with its usable entities and its own generator."""
+
+    epoch: int
+    pos: int
+    row: int
+    cands: list[Candidate]
+    rng: np.random.Generator
+    related: list[int] = field(default_factory=list)
+    randoms: list[int] = field(default_factory=list)
+
+
+def _index_dir(cache: Path, store: PassageStore, cfg: ProxyConfig) -> Path:
+    if cfg.retriever == "bm25":
+        return cache / "index" / f"{store.key}-bm25"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.embedder).strip("_")[-60:]
+    return cache / "index" / f"{store.key}-dense-{slug}"
+
+
+def open_index(
+    store: PassageStore, cfg: ProxyConfig, cache: Path
+) -> tuple[BM25Index | DenseIndex, Path, bool]:
+    """The retrieval index over the store's passages: loaded from the cache, or built once and saved there."""
+    directory = _index_dir(cache, store, cfg)
+    if (directory / "index_meta.json").is_file():
+        index = load_index(directory)
+        if len(index) == len(store) and (not isinstance(index, DenseIndex) or index.model == cfg.embedder):
+            logger.info("reusing %s index %s", cfg.retriever, directory)
+            return index, directory, True
+        logger.warning("cached index %s does not match the corpus; rebuilding it", directory)
+    start = time.time()
+    texts = store.all_texts()
+    if cfg.retriever == "dense":
+        index = build_index("dense", texts, model=cfg.embedder, batch_size=cfg.embed_batch_size)
+    else:
+        index = build_index("bm25", texts)
+    index.save(directory)
+    logger.info("built %s index over %d passages in %.1fs", cfg.retriever, len(store), time.time() - start)
+    return index, directory, False
+
+
+def related_passages(
+    index: BM25Index | DenseIndex, store: PassageStore, pivots: list[int], n: int
+) -> list[list[int]]:
+    """For each pivot row, up to ``n`` most similar other passages, best first; the pivot itself and passages
+    whose text duplicates an earlier one are skipped. Dense indexes search by the stored pivot vectors, BM25
+    by the pivot text. BM25 may return fewer than ``n`` (only passages sharing a term count)."""
+    if n <= 0 or not pivots:
+        return [[] for _ in pivots]
+    k = min(len(store), n + 1 + _RELATED_MARGIN)
+    if isinstance(index, DenseIndex):
+        hits = index.search_rows(pivots, k)
+    else:
+        hits = index.search(store.texts(pivots), k)
+    out: list[list[int]] = []
+    for pivot, h in zip(pivots, hits, strict=True):
+        cand = [r for r, _ in h if r != pivot]
+        texts = store.texts([pivot, *cand])
+        seen = {texts[0]}
+        rel: list[int] = []
+        for r, t in zip(cand, texts[1:], strict=True):
+            if t not in seen and len(rel) < n:
+                rel.append(r)
+                seen.add(t)
+        out.append(rel)
+    return out
+
+
+def check_feasible(cfg: ProxyConfig, store: PassageStore, counter: TokenCounter) -> dict[str, float]:
+    """Fail early, with numbers, when the corpus cannot give documents in the requested token range."""
+    n = len(store)
+    if n < cfg.passages:
+        raise ValueError(
+            f"corpus {cfg.corpus!r} has {n} passages, but --passages {cfg.passages} needs at least "
+            "that many distinct passages per document"
+        )
+    rng = np.random.default_rng([cfg.seed, 0x5EED])
+    sample = sorted(int(r) for r in rng.choice(n, size=min(n, 2000), replace=False))
+    mean = float(counter.rows(sample).mean())
+    per_doc = cfg.passages * mean + counter.headers(cfg.passages)
+    if per_doc < cfg.min_tokens:
+        need = math.ceil(cfg.min_tokens / (per_doc / cfg.passages))
+        raise ValueError(
+            f"documents of {cfg.passages} passages from corpus {cfg.corpus!r} have about {per_doc:.0f} "
+            "tokens "
+            f"(mean passage: {mean:.0f} tokens with {cfg.tokenizer}), below --min-tokens {cfg.min_tokens}; "
+            f"use about --passages {need} or a lower --min-tokens"
+        )
+    return {"mean_passage_tokens": round(mean, 1), "expected_doc_tokens": round(per_doc, 1)}
+
+
+class ProxyBuilder:
+    """Turns a passage store, an entity tagger, a retrieval index and a token counter into proxy rows."""
+
+    def __init__(
+        self,
+        cfg: ProxyConfig,
+        store: PassageStore,
+        tagger: EntityTagger,
+        index: BM25Index | DenseIndex,
+        counter: TokenCounter,
+    ):
+        self.cfg = cfg
+        self.store = store
+        self.tagger = tagger
+        self.index = index
+        self.counter = counter
+        self.counts: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
+        self.labels: Counter[str] = Counter()
+        self.tokens: list[int] = []
+        self.epochs = 1
+        self.retrieval_seconds = 0.0
+
+    # -------------------------------------------------------------------------------------------- pivots
+
+    def _pivots(self) -> Iterator[_Draw]:
+        """Pivots with at least one usable entity, in seeded-permutation order (epochs when reused)."""
+        n = len(self.store)
+        epoch, pos = 0, 0
+        perm = np.random.default_rng([self.cfg.seed, 0]).permutation(n)
+        found_this_epoch = 0
+        while True:
+            if pos >= n:
+                if found_this_epoch == 0:
+                    raise ValueError(
+                        f"no passage of corpus {self.cfg.corpus!r} has a usable entity (NER model "
+                        f"{self.tagger.model!r}, labels {self.cfg.entity_labels or 'any'})"
+                    )
+                epoch, pos, found_this_epoch = epoch + 1, 0, 0
+                self.epochs = epoch + 1
+                perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
+                logger.warning(
+                    "every passage has been a pivot candidate; reusing pivots (epoch %d)", epoch + 1
+                )
+            chunk = [int(r) for r in perm[pos : pos + _BLOCK]]
+            ents = self.tagger(chunk)
+            texts = self.store.texts(chunk)
+            for row, text in zip(chunk, texts, strict=True):
+                pos += 1
+                self.counts["pivot_candidates"] += 1
+                cands = candidates(
+                    text,
+                    ents[row],
+                    self.cfg.max_entity_occurrences,
+                    self.cfg.max_entity_words,
+                    self.cfg.entity_labels,
+                )
+                if not cands:
+                    self.skipped["pivot_without_usable_entity"] += 1
+                    continue
+                found_this_epoch += 1
+                yield _Draw(
+                    epoch, pos - 1, row, cands, np.random.default_rng([self.cfg.seed, epoch, pos - 1])
+                )
+
+    # -------------------------------------------------------------------------------------------- passages
+
+    def _related(self, draws: list[_Draw]) -> None:
+        if self.cfg.related == 0:
+            return
+        start = time.time()
+        found = related_passages(self.index, self.store, [d.row for d in draws], self.cfg.related)
+        for d, rel in zip(draws, found, strict=True):
+            d.related = rel
+            self.counts["related_shortfall"] += self.cfg.related - len(rel)
+        self.retrieval_seconds += time.time() - start
+
+    def _draw_random(self, d: _Draw, need: int) -> list[int]:
+        """``need`` distinct random passages, none equal (in row or text) to the pivot or related ones."""
+        n = len(self.store)
+        taken = {d.row, *d.related}
+        seen = set(self.store.texts(sorted(taken)))
+        out: list[int] = []
+        for _ in range(20):
+            if len(out) >= need:
+                return out
+            size = min(n, need - len(out) + len(taken) + 8)
+            draw = [int(r) for r in d.rng.choice(n, size=size, replace=False) if int(r) not in taken]
+            for r, t in zip(draw, self.store.texts(draw), strict=True):
+                if len(out) < need and t not in seen:
+                    out.append(r)
+                    taken.add(r)
+                    seen.add(t)
+        if len(out) < need:
+            raise ValueError(
+                f"corpus {self.cfg.corpus!r}: could not find {self.cfg.passages} distinct passages for "
+                f"one document ({len(taken)} found); the corpus is too small or too repetitive"
+            )
+        return out
+
+    def _plan(self, d: _Draw) -> str | None:
+        """Draw the random passages and drop passages (random ones first, never the pivot) until the estimated
+        length is within the maximum. Returns a skip reason, or None when the plan fits."""
+        d.randoms = self._draw_random(d, self.cfg.passages - 1 - len(d.related))
+        related = list(d.related)
+        rows = [d.row, *related, *d.randoms]
+        est = int(self.counter.rows(rows).sum()) + self.counter.headers(len(rows))
+        while est > self.cfg.max_tokens:
+            pool = d.randoms if d.randoms else related
+            if not pool:
+                return "pivot_longer_than_max_tokens"
+            dropped = pool.pop(int(d.rng.integers(len(pool))))
+            est -= int(self.counter.rows([dropped])[0])
+            est -= self.counter.headers(len(related) + len(d.randoms) + 2) - self.counter.headers(
+                len(related) + len(d.randoms) + 1
+            )
+            self.counts["passages_dropped_for_length"] += 1
+        d.related = related
+        return "short" if est < self.cfg.min_tokens else None
+
+    # -------------------------------------------------------------------------------------------- documents
+
+    def _assemble(
+        self, rows: list[int], texts: list[str], ents: dict[int, list[Span]], answer: str
+    ) -> tuple[str, list[dict[str, Any]], int] | None:
+        """Masked document + entity spans in it; None when the answer would still match (e.g. in a header)."""
+        pattern = entity_pattern(answer)
+        parts: list[str] = []
+        spans: list[dict[str, Any]] = []
+        pos = 0
+        masked_total = 0
+        for i, (row, text) in enumerate(zip(rows, texts, strict=True), 1):
+            header = f"{chr(10) * 2 if i > 1 else ''}Document {i}:\n"
+            parts.append(header)
+            pos += len(header)
+            masked, replaced = mask_entity(text, answer, MASK_TOKEN)
+            masked_total += len(replaced)
+            for s, e, label in shift_spans(ents[row], replaced, len(MASK_TOKEN)):
+                ent = masked[s:e]
+                if is_usable(
+                    ent, label, self.cfg.max_entity_words, self.cfg.entity_labels
+                ) and not pattern.search(ent):
+                    spans.append({"start": s + pos, "end": e + pos, "label": label})
+            parts.append(masked)
+            pos += len(masked)
+        doc = "".join(parts)
+        if pattern.search(doc):
+            return None
+        return doc, spans, masked_total
+
+    def _document(self, d: _Draw, status: str | None) -> dict[str, Any] | str:
+        """The finished row for one planned pivot, or the reason it was skipped. A document that ends up
+        shorter than ``min_tokens`` gets new random passages, at most ``max_redraws`` times."""
+        redraws = 0
+        while True:
+            if status == "short":
+                if redraws >= self.cfg.max_redraws:
+                    return "shorter_than_min_tokens"
+                redraws += 1
+                self.counts["redraws"] += 1
+                status = self._plan(d)
+                continue
+            if status is not None:
+                return status
+            related, randoms = list(d.related), list(d.randoms)
+            rows = [d.row, *related, *randoms]
+            order = [rows[i] for i in d.rng.permutation(len(rows))]
+            cand_order = [d.cands[i] for i in d.rng.permutation(len(d.cands))]
+            while True:
+                ents = self.tagger(order)
+                texts = self.store.texts(order)
+                built = None
+                for cand in cand_order:
+                    built = self._assemble(order, texts, ents, cand.text)
+                    if built is not None:
+                        break
+                if built is None:
+                    return "no_entity_passes_masking_check"
+                doc, spans, masked = built
+                ntok = self.counter.text(doc)
+                if ntok <= self.cfg.max_tokens or len(order) == 1:
+                    break
+                pool = [r for r in order if r in randoms] or [r for r in order if r != d.row]
+                drop = pool[int(d.rng.integers(len(pool)))]
+                order.remove(drop)
+                (randoms if drop in randoms else related).remove(drop)
+                self.counts["passages_dropped_for_length"] += 1
+            if ntok > self.cfg.max_tokens:
+                return "pivot_longer_than_max_tokens"
+            if ntok < self.cfg.min_tokens:
+                status = "short"
+                continue
+            return {
+                "context": doc,
+                "question": PROXY_QUESTION,
+                "answers": [cand.text],
+                "entity_label": cand.label,
+                "pivot_title": self.store.title(d.row),
+                "num_passages": len(order),
+                "num_tokens": ntok,
+                "entity_spans": spans,
+                "num_masked": masked,
+                "pivot_position": order.index(d.row) + 1,
+                "num_related": len(related),
+                "passage_ids": order,
+            }
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Generate ``num_docs`` rows (ids ``proxy-<seed>-<i>``), planning pivots in blocks."""
+        made = tried = 0
+        pivots = self._pivots()
+        bar = progress_bar("proxy documents", total=self.cfg.num_docs, unit="doc")
+        try:
+            while made < self.cfg.num_docs:
+                block = [next(pivots) for _ in range(min(_BLOCK, self.cfg.num_docs - made))]
+                self._related(block)
+                plans = [(d, self._plan(d)) for d in block]
+                self.tagger(
+                    [r for d, status in plans if status is None for r in (d.row, *d.related, *d.randoms)]
+                )
+                for d, status in plans:
+                    tried += 1
+                    result = self._document(d, status)
+                    if isinstance(result, str):
+                        self.skipped[result] += 1
+                        continue
+                    result = {"id": f"proxy-{self.cfg.seed}-{made:06d}", **result}
+                    made += 1
+                    bar.update(1)
+                    self.labels[result["entity_label"]] += 1
+                    self.tokens.append(result["num_tokens"])
+                    yield result
+                if tried >= _MIN_TRIES_BEFORE_GIVING_UP and made < _MIN_SUCCESS_RATE * tried:
+                    raise ValueError(
+                        f"only {made} of {tried} pivots gave a document (skipped: "
+                        f"{dict(self.skipped)}); widen --min-tokens/--max-tokens or change --passages"
+                    )
+        finally:
+            bar.close()
+        self.counts["documents"] = made
+        self.counts["pivots_tried"] = tried
+
+    def report(self) -> dict[str, Any]:
+        toks = np.asarray(self.tokens or [0])
+        return {
+            "counts": dict(sorted(self.counts.items())),
+            "skipped": dict(sorted(self.skipped.items())),
+            "pivot_epochs": self.epochs,
+            "entity_label_counts": dict(self.labels.most_common()),
+            "token_stats": {
+                "min": int(toks.min()),
+                "mean": round(float(toks.mean()), 1),
+                "max": int(toks.max()),
+            },
+        }
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"memtrain": __version__}
+    for pkg in ("spacy", "sentence-transformers", "faiss-cpu", "bm25s", "transformers", "pyarrow", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def build_proxy_dataset(cfg: ProxyConfig) -> dict[str, Any]:
+    """Build the dataset described by ``cfg`` into ``cfg.out``; returns the manifest written there."""
+    from memtrain.models import load_tokenizer
+
+    if not cfg.out:
+        raise ValueError("no output directory: pass --out DIR (or `out:` in the config file)")
+    out = Path(cfg.out)
+    check_output_dir(out, cfg.overwrite)
+    wall = time.time()
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    timings: dict[str, float] = {}
+
+    start = time.time()
+    store = open_store(
+        cfg.corpus,
+        cache,
+        cfg.text_field,
+        cfg.title_field,
+        SplitParams(cfg.max_passage_chars, cfg.min_passage_chars),
+        cfg.max_articles,
+    )
+    timings["corpus_s"] = time.time() - start
+    counter = TokenCounter(load_tokenizer(cfg.tokenizer), store)
+    tagger = EntityTagger(
+        store.texts, store.key, cfg.ner_model, cache / "ner", cfg.workers, cfg.ner_batch_size
+    )
+    try:
+        feasibility = check_feasible(cfg, store, counter)
+        start = time.time()
+        index, index_dir, reused = open_index(store, cfg, cache)
+        timings["index_s"] = time.time() - start
+        builder = ProxyBuilder(cfg, store, tagger, index, counter)
+        start, tok_before = time.time(), counter.seconds
+
+        def info() -> dict[str, Any]:
+            tokenize_s = counter.seconds - tok_before
+            # generation time that is not NER, token counting or retrieval: sampling, masking, spans, parquet
+            timings["sampling_s"] = (
+                time.time() - start - tagger.seconds - tokenize_s - builder.retrieval_seconds
+            )
+            timings["ner_s"] = tagger.seconds
+            timings["tokenize_s"] = tokenize_s
+            timings["retrieval_s"] = builder.retrieval_seconds
+            return {
+                "corpus": {"spec": cfg.corpus, "store": str(store.directory), **store.meta},
+                "params": cfg.model_dump(mode="json"),
+                "models": {
+                    "ner": {k: v for k, v in tagger.fingerprint.items() if k != "files"},
+                    "retriever": cfg.retriever,
+                    "embedder": cfg.embedder if cfg.retriever == "dense" else None,
+                    "tokenizer": cfg.tokenizer,
+                },
+                "index": {"dir": str(index_dir), "reused": reused, "size": len(index)},
+                "ner_cache": {
+                    "file": str(tagger.cache.path) if tagger.cache else None,
+                    "passages_tagged_now": tagger.tagged,
+                    "cache_hits": tagger.cache_hits,
+                },
+                "feasibility": feasibility,
+                **builder.report(),
+                "timings_s": {k: round(v, 2) for k, v in timings.items()},
+                "wall_time_s": round(time.time() - wall, 2),
+                "versions": _versions(),
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+
+        manifest = write_dataset(out, builder.rows(), PROXY_SCHEMA, TASK, info, cfg.shard_size, cfg.overwrite)
+    finally:
+        tagger.close()
+    logger.info("wrote %d proxy documents to %s in %.1fs", manifest["num_rows"], out, manifest["wall_time_s"])
+    return manifest

@@ -1,0 +1,244 @@
+"""Batched generation with a local transformers causal LM: the engine rollouts use during training.
+
+Semantics (chosen to match vLLM and verl, so that the two engines are interchangeable):
+
+* **Log-probs** are ``log_softmax`` (in float32) of the model's *raw* logits, gathered at the sampled token:
+  no temperature, no top-p. That is exactly what the trainer recomputes for the importance ratio, whatever
+  sampling temperature produced the token.
+* **EOS**: a row stops at the tokenizer's EOS id or any id in ``model.generation_config.eos_token_id``
+  (e.g. ``<|im_end|>`` and ``<|endoftext|>``). The EOS token is part of what the policy sampled, so it is kept
+  in ``token_ids`` and ``logprobs`` (the trainer must learn when to stop); ``text`` excludes it.
+* **Stop strings** (vLLM default): generation stops at the token that completes a stop string; ``token_ids``
+  and ``logprobs`` keep every sampled token up to and including that one, ``text`` is cut just before the
+  stop string.
+* ``finish_reason`` is ``'stop'`` for EOS or a stop string, ``'length'`` when ``max_tokens`` ran out.
+* ``text`` is decoded with ``skip_special_tokens=True`` and no clean-up of spaces (as vLLM does).
+* ``SamplingParams.seed`` seeds a per-sequence ``torch.Generator`` (sample ``j`` of a request gets its own
+  stream derived from the seed), so a seeded request gives the same completions whatever else is batched
+  with it (up to float rounding of the batched forward). As in vLLM, equal seeds mean equal noise: give
+  different requests different seeds, or their samples are correlated.
+
+Implementation: a custom decoding loop over the model's KV cache. Requests are sorted by prompt length and cut
+into chunks of at most ``batch_size`` sequences; each chunk prefills its distinct prompts once (left
+padding, ``position_ids = cumsum(attention_mask) - 1``), repeats the cache for ``n > 1`` samples, then
+decodes one token per step for the still-active rows only (finished rows are dropped from the cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from memtrain.engines.base import Completion, GenerationRequest, SamplingParams
+from memtrain.engines.checks import validate_requests
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, sample index) over 64-bit seeds
+
+
+@dataclass
+class _Seq:
+    """One sequence being generated: sample ``sample`` of request ``request``."""
+
+    request: int
+    sample: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: Literal["eos", "stop", "length"] | None = None
+
+
+def sequence_seed(seed: int, sample: int) -> int:
+    """A distinct, reproducible generator seed for sample ``sample`` of a request seeded with ``seed``."""
+    return (seed * _SEED_MIX + sample) % (2**63 - 1)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's EOS id plus every id in the model's generation_config (chat models end turns there)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos is not None:
+        ids.update(int(i) for i in gen_eos)
+    return frozenset(ids)
+
+
+def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor,
+                  generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row and return (tokens, log-probs of those tokens under the raw logits).
+
+    Rows with temperature 0 take the argmax. Other rows sample from softmax(logits / T) restricted to the
+    top-p nucleus, by the exponential race argmax(p / E), E ~ Exp(1) (one noise draw per row and step, from
+    the row's own generator when it has one).
+    """
+    raw = logits.float()
+    logp = torch.log_softmax(raw, dim=-1)
+    tokens = raw.argmax(dim=-1)
+    sampled_rows = (temperatures > 0).nonzero().flatten()
+    if sampled_rows.numel():
+        probs = torch.softmax(raw[sampled_rows] / temperatures[sampled_rows, None], dim=-1)
+        top_p = top_ps[sampled_rows]
+        if bool((top_p < 1.0).any()):
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            outside = (sorted_p.cumsum(dim=-1) - sorted_p) > top_p[:, None]  # the first token always stays
+            probs = torch.zeros_like(probs).scatter_(1, order, sorted_p.masked_fill(outside, 0.0))
+        noise = torch.empty_like(probs)
+        unseeded = []
+        for k, row in enumerate(sampled_rows.tolist()):
+            gen = generators[row]
+            if gen is None:
+                unseeded.append(k)
+            else:
+                noise[k].exponential_(generator=gen)
+        if unseeded:
+            idx = torch.tensor(unseeded, device=noise.device)
+            noise[idx] = torch.empty_like(noise[idx]).exponential_()
+        tokens[sampled_rows] = (probs / noise).argmax(dim=-1)
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+class HFEngine:
+    """The :class:`~memtrain.engines.base.Engine` over a local transformers causal LM (no copy of it).
+
+    Generation runs under ``torch.no_grad`` with the model in eval mode; every module's train/eval flag is
+    restored afterwards, so the trainer can hand over the very model it is updating.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ValueError(f"HFEngine batch_size={batch_size}; expected >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return eos_token_ids(self.model, self.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
+        """``n`` completions per request; see the module docstring for the exact semantics."""
+        validate_requests(requests)
+        seqs = [_Seq(i, j, list(r.prompt_ids), r.params)
+                for i, r in enumerate(requests) for j in range(r.params.n)]
+        # Stable sort by prompt length: little padding per chunk, and a request's samples stay contiguous.
+        order = sorted(seqs, key=lambda s: len(s.prompt_ids))
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for start in range(0, len(order), self.batch_size):
+                    self._run_chunk(order[start:start + self.batch_size])
+        finally:
+            for module, training in modes:
+                module.training = training
+        results: list[list[Completion]] = [[] for _ in requests]
+        for s in seqs:
+            results[s.request].append(self._completion(s))
+        return results
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else min(self.eos_token_ids, default=0)
+
+    def _run_chunk(self, chunk: list[_Seq]) -> None:
+        """Prefill the chunk's distinct prompts once, then decode all its sequences step by step."""
+        active = [s for s in chunk if s.params.max_tokens > 0]
+        for s in chunk:
+            if s.params.max_tokens == 0:
+                s.finish = "length"
+        if not active:
+            return
+        device = self.device
+        eos = self.eos_token_ids
+        prompt_rows: dict[int, int] = {}
+        prompts: list[list[int]] = []
+        for s in active:
+            if s.request not in prompt_rows:
+                prompt_rows[s.request] = len(prompts)
+                prompts.append(s.prompt_ids)
+        width = max(len(p) for p in prompts)
+        pad = self._pad_id()
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        cache = out.past_key_values
+        rows = torch.tensor([prompt_rows[s.request] for s in active], device=device)
+        cache.batch_select_indices(rows)  # one cache row per sequence (n > 1 samples share a prefill)
+        logits = out.logits[rows, -1, :]
+        mask = mask[rows]
+        next_pos = torch.tensor([len(s.prompt_ids) for s in active], device=device)
+        temps = torch.tensor([s.params.temperature for s in active], device=device, dtype=torch.float32)
+        top_ps = torch.tensor([s.params.top_p for s in active], device=device, dtype=torch.float32)
+        gens = [self._generator(s, device) for s in active]
+
+        while True:
+            tokens, logps = sample_tokens(logits, temps, top_ps, gens)
+            keep: list[int] = []
+            for k, (s, tok, lp) in enumerate(zip(active, tokens.tolist(), logps.tolist(), strict=True)):
+                s.token_ids.append(tok)
+                s.logprobs.append(lp)
+                if tok in eos:
+                    s.finish = "eos"
+                elif s.params.stop and self._hits_stop(s):
+                    s.finish = "stop"
+                elif len(s.token_ids) >= s.params.max_tokens:
+                    s.finish = "length"
+                else:
+                    keep.append(k)
+            if not keep:
+                return
+            if len(keep) < len(active):
+                idx = torch.tensor(keep, device=device)
+                cache.batch_select_indices(idx)
+                active = [active[k] for k in keep]
+                gens = [gens[k] for k in keep]
+                tokens, mask, next_pos = tokens[idx], mask[idx], next_pos[idx]
+                temps, top_ps = temps[idx], top_ps[idx]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
+
+    @staticmethod
+    def _generator(s: _Seq, device: torch.device) -> torch.Generator | None:
+        if s.params.seed is None or s.params.greedy:
+            return None
+        gen = torch.Generator(device=device)
+        gen.manual_seed(sequence_seed(s.params.seed, s.sample))
+        return gen
+
+    def _decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _hits_stop(self, s: _Seq) -> bool:
+        """Whether the newest token completed a stop string, decoding only a short tail of the completion.
+
+        A stop string of c characters spans at most 4c byte-level tokens; the tail has two tokens more.
+        """
+        tail = 4 * max(len(stop) for stop in s.params.stop) + 2
+        text = self._decode(s.token_ids[-tail:])
+        return any(stop in text for stop in s.params.stop)
+
+    def _completion(self, s: _Seq) -> Completion:
+        ids = s.token_ids[:-1] if s.finish == "eos" else s.token_ids
+        text = self._decode(ids)
+        if s.finish == "stop":
+            cuts = [pos for stop in s.params.stop if (pos := text.find(stop)) >= 0]
+            if cuts:
+                text = text[:min(cuts)]
+        return Completion(token_ids=list(s.token_ids), text=text, logprobs=list(s.logprobs),
+                          finish_reason="length" if s.finish == "length" else "stop")

@@ -1,0 +1,180 @@
+"""``memtrain eval longqa``: long-document multi-hop QA per document size (MEMTRAIN.md section 5).
+
+Two modes over the same built sets (``memtrain data longqa``):
+
+* ``memory`` - the memory agent reads the document chunk by chunk with exactly the prompts and budgets of
+  training (``config.agent``), greedy by default;
+* ``full-context`` - the baseline rows of the paper's Table 1: the whole document in ONE prompt
+  (``full_context`` template). A document that does not fit the model's context (prompt + answer budget) is
+  recorded as "too long" and never truncated silently.
+
+Results go to a run directory (see ``memtrain.eval.report``): every example is appended to
+``examples.jsonl`` as soon as its batch finishes, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+from memtrain.agent.loop import MemoryAgent
+from memtrain.config import Config
+from memtrain.data.dataset import load_rows
+from memtrain.data.longqa import eval_sets
+from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
+from memtrain.eval.report import EXAMPLES, check_resume, done_keys, summarize, write_report
+from memtrain.io import append_jsonl, read_jsonl
+from memtrain.log import logger
+from memtrain.prompts import render
+from memtrain.scoring import extract_answer, score
+
+Mode = Literal["memory", "full-context"]
+EXTRA_KEYS = ("num_doc_tokens",)
+
+
+def load_engine(cfg: Config, engine: Engine | None = None, tokenizer: Any = None) -> tuple[Engine, Any]:
+    """The policy's tokenizer and the engine ``cfg.engine`` asks for (given ones are used as they are)."""
+    from memtrain.models import load_tokenizer
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model.name)
+    if engine is None:
+        from memtrain.engines.factory import make_engine
+
+        model = None
+        if cfg.engine.kind == "hf":
+            from memtrain.models import load_policy
+
+            device = None if cfg.model.device == "auto" else cfg.model.device
+            model = load_policy(cfg.model.name, cfg.model.dtype, device)
+            model.eval()
+        engine = make_engine(cfg.engine, cfg.model.name, model=model, tokenizer=tokenizer)
+    return engine, tokenizer
+
+
+def model_context_length(model_name: str, tokenizer: Any) -> int:
+    """Positions the model was trained for (``max_position_embeddings``), else the tokenizer's limit."""
+    from memtrain.assets import resolve
+
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve(model_name, kind="model"))
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    except (OSError, ValueError) as exc:
+        logger.debug("no model config for %s (%s)", model_name, exc)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 10**7:
+        return limit
+    raise ValueError(f"cannot tell the context length of {model_name!r}; pass --max-context TOKENS")
+
+
+def _sample(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "context": row["context"], "question": row["question"],
+            "answers": row["answers"]}
+
+
+def _memory_records(agent: MemoryAgent, rows: list[dict[str, Any]], size: int,
+                    params: SamplingParams) -> list[dict[str, Any]]:
+    trajs = agent.run([_sample(r) for r in rows], params, n=1)
+    out = []
+    for row, traj in zip(rows, trajs, strict=True):
+        out.append({"key": f"{size}/{row['id']}", "group": str(size), "id": row["id"], "status": "ok",
+                    "question": row["question"], "gold": list(row["answers"]), "prediction": traj.answer,
+                    "extracted": extract_answer(traj.answer), "metrics": traj.scores,
+                    "memories": traj.memories, "num_chunks": len(traj.chunks), "truncated": traj.truncated,
+                    "num_doc_tokens": traj.num_doc_tokens,
+                    "memory_cap_hits": sum(t.hit_cap for t in traj.memory_turns),
+                    "answer_hit_cap": traj.final_turn.hit_cap})
+    return out
+
+
+def _full_context_records(engine: Engine, tokenizer: Any, cfg: Config, rows: list[dict[str, Any]], size: int,
+                          params: SamplingParams, max_context: int) -> list[dict[str, Any]]:
+    """One prompt per document; those over ``max_context`` (with the answer budget) become "too long"."""
+    budget = cfg.agent.answer_tokens
+    records: list[dict[str, Any]] = []
+    requests = []
+    for row in rows:
+        text, ids = render(tokenizer, "full_context", cfg.agent.templates, problem=row["question"],
+                           chunk=row["context"])
+        base = {"key": f"{size}/{row['id']}", "group": str(size), "id": row["id"],
+                "question": row["question"], "gold": list(row["answers"]), "prompt_tokens": len(ids),
+                "num_doc_tokens": len(tokenizer(row["context"], add_special_tokens=False)["input_ids"])}
+        if len(ids) + budget > max_context:
+            records.append({**base, "status": "too_long", "prediction": None, "metrics": None,
+                            "reason": f"prompt {len(ids)} + answer {budget} tokens > context {max_context}"})
+        else:
+            records.append(base)
+            requests.append(GenerationRequest(prompt_ids=ids, params=replace(params, max_tokens=budget, n=1),
+                                              prompt_text=text))
+    outputs = iter(engine.generate(requests) if requests else [])
+    out = []
+    for rec in records:
+        if "status" not in rec:
+            completion = next(outputs)[0]
+            rec = {**rec, "status": "ok", "prediction": completion.text,
+                   "extracted": extract_answer(completion.text),
+                   "metrics": score(completion.text, rec["gold"]),
+                   "answer_hit_cap": completion.finish_reason == "length"}
+        out.append(rec)
+    return out
+
+
+def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode: Mode = "memory",
+                    limit: int | None = None, batch_size: int = 16, temperature: float = 0.0,
+                    seed: int | None = None, max_context: int | None = None, engine: Engine | None = None,
+                    tokenizer: Any = None) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` on every size of the set in ``data_dir``; returns the summary it writes."""
+    if mode not in ("memory", "full-context"):
+        raise ValueError(f"--mode {mode!r}: expected 'memory' or 'full-context'")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: expected a positive number of questions per size")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
+    out = Path(out_dir)
+    sets = [(n, load_rows(d)[:limit]) for n, d in eval_sets(data_dir)]
+    meta: dict[str, Any] = {"task": "longqa", "model": cfg.model.name, "data": str(Path(data_dir).resolve()),
+                            "mode": mode, "limit": limit, "temperature": temperature, "seed": seed,
+                            "engine": cfg.engine.kind, "templates": dict(cfg.agent.templates)}
+    if mode == "memory":
+        a = cfg.agent
+        meta["agent"] = {"chunk_tokens": a.chunk_tokens, "memory_tokens": a.memory_tokens,
+                         "answer_tokens": a.answer_tokens, "max_chunks": a.max_chunks,
+                         "truncation": a.truncation}
+    else:
+        meta["answer_tokens"] = cfg.agent.answer_tokens
+    check_resume(out, meta)
+    done = done_keys(out)
+    todo = [(n, [r for r in rows if f"{n}/{r['id']}" not in done]) for n, rows in sets]
+    if any(rows for _, rows in todo):
+        engine, tokenizer = load_engine(cfg, engine, tokenizer)
+        params = SamplingParams(temperature=temperature, seed=seed)
+        context = None
+        if mode == "full-context":
+            context = max_context or model_context_length(cfg.model.name, tokenizer)
+            logger.info("longqa eval: full-context mode, model context %d tokens", context)
+        agent = MemoryAgent(engine, tokenizer, cfg.agent)
+        for n, rows in todo:
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                if mode == "memory":
+                    records = _memory_records(agent, batch, n, params)
+                else:
+                    assert context is not None
+                    records = _full_context_records(engine, tokenizer, cfg, batch, n, params, context)
+                append_jsonl(out / EXAMPLES, records)
+                logger.info("longqa eval: %d docs: %d/%d questions done", n, start + len(batch), len(rows))
+        if mode == "memory":
+            logger.info("longqa eval: memory cap hit-rate %.3f, answer cap hit-rate %.3f",
+                        *agent.cap_rates().values())
+    keys = {f"{n}/{r['id']}" for n, rows in sets for r in rows}
+    records = [r for r in read_jsonl(out / EXAMPLES) if r["key"] in keys]
+    summary = summarize(records, "longqa", [str(n) for n, _ in sets], meta, EXTRA_KEYS)
+    write_report(out, summary, EXTRA_KEYS)
+    return summary

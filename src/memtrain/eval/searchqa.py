@@ -1,0 +1,95 @@
+"""``memtrain eval searchqa``: multi-objective search QA per data set (MEMTRAIN.md section 6).
+
+The search agent (``memtrain.agent.search``) runs with the retriever the spec names (URL of ``memtrain
+serve-retriever``, an index directory, or a corpus JSONL indexed with BM25 once and cached). Each example's
+EM is averaged over its objectives (``score_multi``); the table shows it per data set and the average over
+data sets, along with how often episodes were malformed or never answered. Resumable like every eval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from memtrain.agent.search import SearchAgent, SearchAgentConfig, SearchEpisode
+from memtrain.config import Config
+from memtrain.data.dataset import load_rows
+from memtrain.data.searchqa import eval_sets
+from memtrain.engines.base import Engine, SamplingParams
+from memtrain.eval.longqa import load_engine
+from memtrain.eval.report import EXAMPLES, check_resume, done_keys, summarize, write_report
+from memtrain.io import append_jsonl, read_jsonl
+from memtrain.log import logger
+from memtrain.retrieval.service import SearchBackend, open_retriever
+
+EXTRA_KEYS = ("turns", "searches", "malformed", "no_answer")
+
+
+def sample_of(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A dataset row as the search agent's sample (per-objective golds; one objective for plain rows)."""
+    golds = row.get("objective_answers") or [list(row["answers"])]
+    return {"id": row["id"], "question": row["question"], "objective_answers": [list(g) for g in golds]}
+
+
+def episode_record(row: Mapping[str, Any], group: str, ep: SearchEpisode) -> dict[str, Any]:
+    return {"key": f"{group}/{row['id']}", "group": group, "id": row["id"], "status": "ok",
+            "question": row["question"], "gold": sample_of(row)["objective_answers"],
+            "prediction": ep.answer, "outcome": ep.outcome, "reason": ep.reason, "metrics": ep.scores,
+            "queries": ep.queries, "trace": ep.trace(), "turns": len(ep.turns), "searches": len(ep.queries),
+            "malformed": float(ep.outcome == "malformed"), "no_answer": float(ep.outcome == "no_answer"),
+            "response_cap_hits": sum(t.hit_cap for t in ep.turns)}
+
+
+def run_searchqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, retriever: str | None = None,
+                      limit: int | None = None, batch_size: int = 16, temperature: float = 0.0,
+                      seed: int | None = None, engine: Engine | None = None, tokenizer: Any = None,
+                      backend: SearchBackend | None = None) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` on every data set of ``data_dir``; returns the summary it writes.
+
+    ``retriever`` overrides ``cfg.search.retriever``; ``backend`` (an open retriever) overrides both.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: expected a positive number of tasks per data set")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
+    spec = retriever or cfg.search.retriever
+    if backend is None and not spec:
+        raise ValueError("--retriever: required (URL of `memtrain serve-retriever`, an index directory or a "
+                         "corpus JSONL), or set search.retriever in the config")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for _, d in eval_sets(data_dir):
+        for row in load_rows(d):
+            groups.setdefault(str(row.get("dataset") or Path(d).name), []).append(row)
+    groups = {name: rows[:limit] for name, rows in groups.items()}
+    agent_cfg = SearchAgentConfig.from_config(cfg)
+    out = Path(out_dir)
+    meta: dict[str, Any] = {
+        "task": "searchqa", "model": cfg.model.name, "data": str(Path(data_dir).resolve()),
+        "retriever": spec if backend is None else "<in-process>", "limit": limit, "temperature": temperature,
+        "seed": seed, "engine": cfg.engine.kind,
+        "search": {"max_turns": agent_cfg.max_turns, "response_tokens": agent_cfg.response_tokens,
+                   "results_tokens": agent_cfg.results_tokens, "top_k": agent_cfg.top_k},
+        "templates": dict(cfg.agent.templates)}
+    check_resume(out, meta)
+    done = done_keys(out)
+    todo = {name: [r for r in rows if f"{name}/{r['id']}" not in done] for name, rows in groups.items()}
+    if any(todo.values()):
+        if backend is None:
+            backend = open_retriever(spec, kind=cfg.search.index_kind, embedder=cfg.search.embedder)
+        engine, tokenizer = load_engine(cfg, engine, tokenizer)
+        agent = SearchAgent(engine, tokenizer, backend, agent_cfg)
+        params = SamplingParams(temperature=temperature, seed=seed)
+        for name, rows in todo.items():
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                episodes = agent.run([sample_of(r) for r in batch], params, n=1)
+                append_jsonl(out / EXAMPLES, [episode_record(r, name, ep)
+                                              for r, ep in zip(batch, episodes, strict=True)])
+                logger.info("searchqa eval: %s: %d/%d tasks done", name, start + len(batch), len(rows))
+        logger.info("searchqa eval: %s", ", ".join(f"{k} {v}" for k, v in agent.stats.items()))
+    keys = {f"{name}/{r['id']}" for name, rows in groups.items() for r in rows}
+    records = [r for r in read_jsonl(out / EXAMPLES) if r["key"] in keys]
+    summary = summarize(records, "searchqa", list(groups), meta, EXTRA_KEYS)
+    write_report(out, summary, EXTRA_KEYS)
+    return summary

@@ -1,0 +1,221 @@
+"""What a training run records: ``metrics.jsonl`` (one row per step), TensorBoard events, readable sample
+trajectories, a summary table, and PNG curves (``memtrain plot``).
+
+``metrics.jsonl`` is the source of truth: plain JSON (non-finite numbers are written as null), appended and
+flushed once per step. On resume, rows after the checkpoint's step are dropped (they belong to steps that are
+about to be redone) and TensorBoard is told to purge them too, so every step appears exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from memtrain.io import append_jsonl, atomic_write_text, read_jsonl
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+PLOTS_DIR = "plots"
+
+# Columns every metrics row carries (None where a task does not produce them, e.g. imr_match without IMR).
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "step",
+    "e2e_reward",
+    "e2e_match",
+    "imr_match",
+    "kl",
+    "loss",
+    "clip_frac",
+    "entropy",
+    "filtered_groups",
+    "memory_cap_hits",
+    "tokens_generated",
+    "time_rollout_s",
+    "time_update_s",
+    "step_time_s",
+)
+
+# (file stem, title, [(column, label)]) of the PNGs ``plot_run`` writes; absent columns are left out.
+PLOTS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
+    (
+        "rewards",
+        "Rewards",
+        (
+            ("e2e_reward", "E2E reward (match + IMR bonus)"),
+            ("e2e_match", "E2E match"),
+            ("imr_match", "IMR match"),
+            ("search_reward", "search reward"),
+        ),
+    ),
+    (
+        "kl",
+        "Policy update",
+        (
+            ("kl", "KL to reference (k3)"),
+            ("loss", "loss"),
+            ("clip_frac", "clip fraction"),
+            ("entropy", "entropy (nats/token)"),
+            ("grad_norm", "grad norm"),
+        ),
+    ),
+    (
+        "lengths",
+        "Lengths",
+        (
+            ("len_memory", "memory turn tokens"),
+            ("len_final", "answer tokens"),
+            ("len_imr", "IMR answer tokens"),
+            ("memory_cap_rate", "memory cap hit rate"),
+            ("filtered_groups", "filtered groups"),
+        ),
+    ),
+    (
+        "timings",
+        "Time per step (s)",
+        (("time_rollout_s", "rollout"), ("time_update_s", "update"), ("step_time_s", "whole step")),
+    ),
+)
+
+
+def clean_value(value: Any) -> Any:
+    """JSON-safe scalar: non-finite floats become None (JSON has no NaN); numpy/torch scalars -> float."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return value
+    return f if math.isfinite(f) else None
+
+
+def truncate_after(path: Path, step: int) -> int:
+    """Keep only rows with ``row['step'] <= step`` (atomic rewrite); returns how many rows were dropped.
+
+    Also drops a half-written last line (a killed writer), so the next append starts on a fresh line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    text = path.read_text(encoding="utf-8")
+    rows = read_jsonl(path)
+    kept = [r for r in rows if int(r.get("step", 0)) <= step]
+    if len(kept) != len(rows) or (text and not text.endswith("\n")):
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    return len(rows) - len(kept)
+
+
+class RunLogger:
+    """Appends metrics rows and sample trajectories and mirrors numeric metrics to TensorBoard."""
+
+    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.samples_path = self.run_dir / SAMPLES_FILE
+        truncate_after(self.metrics_path, start_step)
+        truncate_after(self.samples_path, start_step)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events of steps > start_step left by a killed run: they are redone now
+            self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
+
+    def log_step(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Write one step's row (required columns filled with None when absent); returns the cleaned row."""
+        clean = {k: clean_value(v) for k, v in row.items()}
+        for key in REQUIRED_COLUMNS:
+            clean.setdefault(key, None)
+        append_jsonl(self.metrics_path, [clean])
+        if self._tb is not None:
+            step = int(clean["step"])
+            for key, value in clean.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"train/{key}", value, step)
+            self._tb.flush()
+        return clean
+
+    def log_samples(self, step: int, records: Sequence[dict[str, Any]]) -> None:
+        append_jsonl(self.samples_path, [{"step": step, **r} for r in records])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {run_dir} is not a training run directory (or has no finished step yet)"
+        )
+    return read_jsonl(path)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def summary_table(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str] = (
+        "step",
+        "e2e_reward",
+        "e2e_match",
+        "imr_match",
+        "kl",
+        "loss",
+        "filtered_groups",
+        "tokens_generated",
+        "step_time_s",
+    ),
+) -> str:
+    """A fixed-width text table of some columns per step (columns no row has are left out)."""
+    cols = [c for c in columns if any(r.get(c) is not None for r in rows)]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """Write one PNG per entry of PLOTS (rewards, KL/loss, lengths, timings) from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{Path(run_dir) / METRICS_FILE} has no rows yet; nothing to plot")
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / PLOTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, title, series in PLOTS:
+        present = [(c, label) for c, label in series if any(r.get(c) is not None for r in rows)]
+        if not present:
+            continue
+        fig, axes = plt.subplots(len(present), 1, figsize=(7, 2.2 * len(present)), sharex=True, squeeze=False)
+        for ax, (col, label) in zip(axes[:, 0], present, strict=True):
+            pts = [(r["step"], r[col]) for r in rows if r.get(col) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3)
+            ax.set_ylabel(label, fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle(f"{title} - {Path(run_dir).name}")
+        fig.tight_layout()
+        path = out / f"{stem}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

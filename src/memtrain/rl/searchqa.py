@@ -1,0 +1,76 @@
+"""``train.task: searchqa`` - MEM1-style search-QA post-training (MEMTRAIN.md section 6).
+
+G search episodes per row (``memtrain.agent.search``); every model turn of an episode is a training
+sequence (kind ``search``) carrying the episode's advantage. Reward = mean EM over the row's objectives
+(``memtrain.scoring.score_multi``, ``em`` metric); a malformed reply ends the episode with reward 0 and is
+counted (``malformed``), as is an episode that never answers (``no_answer``). All answer metrics are logged
+next to the reward, so the reward metric is never confused with the evaluation ones.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+from memtrain.agent.search import SearchAgent, SearchAgentConfig, SearchEpisode
+from memtrain.config import Config
+from memtrain.engines.base import Engine, SamplingParams
+from memtrain.retrieval.service import SearchBackend, open_retriever
+from memtrain.scoring import METRICS
+
+if TYPE_CHECKING:
+    from memtrain.rl.tasks import Rollout
+
+REWARD = "em"  # mean over objectives
+
+
+def episode_metrics(ep: SearchEpisode) -> dict[str, float]:
+    """Per-episode numbers the trainer averages (the step counters are totals named ``search_<stat>``)."""
+    out = {f"search_{m}": float(ep.scores.get(m, 0.0)) for m in METRICS}
+    out.update(search_malformed_rate=float(ep.outcome == "malformed"),
+               search_no_answer_rate=float(ep.outcome == "no_answer"),
+               search_turns_per_episode=float(len(ep.turns)),
+               search_queries_per_episode=float(len(ep.queries)))
+    return out
+
+
+class SearchQATask:
+    """Multi-objective search QA with the search agent; reward = mean EM over objectives."""
+
+    name = "searchqa"
+    required_fields = ("id", "question", "objective_answers")
+
+    def __init__(self, config: Config, tokenizer: Any, backend: SearchBackend | None = None) -> None:
+        if backend is None and not config.search.retriever:
+            raise ValueError("train.task=searchqa needs search.retriever: the URL of `memtrain "
+                             "serve-retriever`, an index directory or a corpus JSONL "
+                             "(e.g. search.retriever=http://127.0.0.1:8001)")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.agent_config = SearchAgentConfig.from_config(config)
+        self._backend = backend
+
+    @property
+    def backend(self) -> SearchBackend:
+        """The retriever, opened on first use (a corpus JSONL is indexed once and cached)."""
+        if self._backend is None:
+            s = self.config.search
+            self._backend = open_retriever(s.retriever, kind=s.index_kind, embedder=s.embedder)
+        return self._backend
+
+    def rollout(self, samples: list[dict], engine: Engine, params: SamplingParams, group_size: int,
+                rng: random.Random) -> tuple[list[Rollout], dict[str, float]]:
+        from memtrain.rl.tasks import Rollout
+
+        agent = SearchAgent(engine, self.tokenizer, self.backend, self.agent_config)
+        episodes = agent.run(samples, params, n=group_size)
+        out = []
+        for ep in episodes:
+            sample = samples[ep.sample_index]
+            out.append(Rollout(
+                group=f"{ep.sample_id}/search", reward=ep.reward, turns=list(ep.turns), kind="search",
+                metrics=episode_metrics(ep),
+                record={"sample_id": ep.sample_id, "question": sample["question"],
+                        "gold": sample["objective_answers"], "outcome": ep.outcome, "reason": ep.reason,
+                        "trace": ep.trace(), "answer": ep.answer, "scores": ep.scores, "reward": ep.reward}))
+        return out, {f"search_{k}": float(v) for k, v in agent.stats.items()}

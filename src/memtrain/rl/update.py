@@ -1,0 +1,455 @@
+"""One GRPO policy update on a batch of training sequences (MEMTRAIN.md section 4).
+
+A training sequence is one model call: a prompt (an E2E memory step, the final answer step, or an IMR prompt)
+and the completion the sampler produced for it, with the advantage it was assigned (E2E: the trajectory's,
+broadcast to every step; IMR: its own group's). ``policy_update`` turns a list of them into exactly one
+optimizer step:
+
+1. plan micro-batches by a padded-token budget (``plan_micro_batches``);
+2. per micro-batch: reference log-probs (a frozen model, or the same peft model with its adapters disabled;
+   skipped when ``kl_coef == 0``), then the policy forward with gradients, the old log-probs (the sampler's
+   when they agree with the recomputed ones, else the recomputed ones), the clipped loss + k3 KL and a
+   backward pass of the micro-batch's share of the GLOBALLY normalised loss, so that the accumulated
+   gradient equals the full-batch gradient exactly;
+3. non-finite loss/gradient check (skip the step and zero the gradients), grad-norm clipping, optimizer
+   and scheduler step.
+
+Log-probs are computed in float32 from the RAW logits (no temperature) of the completion positions only
+(``logits_to_keep``), with bf16 autocast when a float32 model sits on a GPU. Raw logits are the engines'
+convention (``Completion.logprobs``), so sampler and trainer log-probs are comparable at any rollout
+temperature; at the paper's temperature 1.0 this is also exactly the sampling distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from memtrain.config import RLConfig
+from memtrain.log import logger
+from memtrain.rl.core import aggregate, clipped_policy_loss, k3_kl
+from memtrain.rl.distributed import DistContext
+
+KINDS: tuple[str, ...] = ("memory", "final", "imr", "search")  # = memtrain.agent.types.TurnKind
+
+
+@dataclass
+class TrainSequence:
+    """One prompt -> completion model call to train on.
+
+    ``old_logprobs``: per completion token, the log-probs the tokens were sampled with
+    (``Completion.logprobs`` from the engine), or None. ``kind``: 'memory' (an E2E step that rewrites the
+    memory), 'final' (the answer step), 'imr' or 'search' (a search-agent turn: memory + query or answer).
+    ``group``: its advantage group (for logging/filtering).
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    advantage: float
+    old_logprobs: list[float] | None = None
+    kind: str = "final"
+    group: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"TrainSequence(group={self.group!r}, kind={self.kind!r})"
+        if not self.prompt_ids:
+            raise ValueError(f"{where}: prompt_ids is empty")
+        if not self.completion_ids:
+            raise ValueError(f"{where}: completion_ids is empty; a completion needs at least one token (its "
+                             "stop token) to be trained on")
+        if not math.isfinite(self.advantage):
+            raise ValueError(f"{where}: advantage must be finite, got {self.advantage}")
+        if self.kind not in KINDS:
+            raise ValueError(f"{where}: kind {self.kind!r} is not one of {KINDS}")
+        if self.old_logprobs is not None and len(self.old_logprobs) != len(self.completion_ids):
+            raise ValueError(f"{where}: old_logprobs has {len(self.old_logprobs)} values for "
+                             f"{len(self.completion_ids)} completion tokens")
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+class HasTokens(Protocol):
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group sequence indices so each micro-batch's PADDED size (rows x longest row) stays <= max_tokens.
+
+    Sorted longest first and packed greedily, so rows of a micro-batch have similar lengths (little padding).
+    A sequence longer than the budget on its own gets a micro-batch of its own (it cannot be split).
+    Deterministic; every index appears exactly once.
+    """
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens: expected > 0, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if lengths[i] <= 0:
+            raise ValueError(f"lengths[{i}]: expected > 0, got {lengths[i]}")
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def autocast_for(model: torch.nn.Module) -> AbstractContextManager[Any]:
+    """bf16 autocast for a float32 model on a GPU (fp32 master weights, bf16 compute); nothing on CPU."""
+    device, dtype = _device_dtype(model)
+    if device.type == "cuda" and dtype == torch.float32:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class _Batch:
+    """A right-padded micro-batch plus the completion-token frame the logits are kept for.
+
+    Column j of ``labels``/``mask`` is input position ``start + j``'s NEXT token, so logits kept for the last
+    ``keep`` positions line up with it.
+    """
+
+    rows: list[int]
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor  # [B, keep]
+    mask: Tensor  # [B, keep] bool: True on completion tokens
+    start: int
+    offsets: list[int]  # column of each row's first completion token
+
+    @property
+    def keep(self) -> int:
+        return int(self.labels.shape[1])
+
+    def scatter(self, per_seq: Sequence[Sequence[float]], device: torch.device) -> Tensor:
+        """Place per-sequence completion-token values into the [B, keep] frame (0 elsewhere)."""
+        out = torch.zeros(self.labels.shape, dtype=torch.float32)
+        for b, values in enumerate(per_seq):
+            off = self.offsets[b]
+            out[b, off: off + len(values)] = torch.as_tensor(values, dtype=torch.float32)
+        return out.to(device)
+
+    def gather(self, frame: Tensor) -> list[Tensor]:
+        """The inverse of ``scatter``: per-row completion-token values as CPU float32 tensors."""
+        out = []
+        lengths = self.mask.sum(-1).tolist()
+        for b in range(frame.shape[0]):
+            out.append(frame[b, self.offsets[b]: self.offsets[b] + int(lengths[b])].detach().float().cpu())
+        return out
+
+
+def _collate(seqs: Sequence[HasTokens], rows: list[int], device: torch.device) -> _Batch:
+    items = [seqs[i] for i in rows]
+    total = max(len(s.prompt_ids) + len(s.completion_ids) for s in items)
+    start = min(len(s.prompt_ids) for s in items) - 1
+    keep = total - start
+    input_ids = torch.zeros(len(items), total, dtype=torch.long)
+    attention = torch.zeros(len(items), total, dtype=torch.long)
+    labels = torch.zeros(len(items), keep, dtype=torch.long)
+    mask = torch.zeros(len(items), keep, dtype=torch.bool)
+    offsets = []
+    for b, s in enumerate(items):
+        ids = list(s.prompt_ids) + list(s.completion_ids)
+        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[b, : len(ids)] = 1
+        off = len(s.prompt_ids) - 1 - start
+        n = len(s.completion_ids)
+        labels[b, off: off + n] = torch.tensor(list(s.completion_ids), dtype=torch.long)
+        mask[b, off: off + n] = True
+        offsets.append(off)
+    return _Batch(rows, input_ids.to(device), attention.to(device), labels.to(device), mask.to(device), start,
+                  offsets)
+
+
+def _forward_logprobs(model: torch.nn.Module, batch: _Batch, temperature: float = 1.0,
+                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per-token log p(label) [B, keep] in float32 (differentiable when grad is on) and optional entropies."""
+    device, _ = _device_dtype(model)  # a reference model may live on another device than the batch
+    with autocast_for(model):
+        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                    logits_to_keep=batch.keep, use_cache=False)
+    logits = out.logits.float()
+    if logits.shape[1] != batch.keep:
+        raise RuntimeError(f"the model returned logits for {logits.shape[1]} positions, expected "
+                           f"{batch.keep}: it must support transformers' logits_to_keep argument")
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    labels, mask = batch.labels.to(device), batch.mask.to(device)
+    logp = logits.gather(-1, labels[..., None]).squeeze(-1) - lse
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = torch.zeros_like(lse)
+            rows, cols = mask.nonzero(as_tuple=True)
+            for s in range(0, rows.numel(), 2048):  # chunked: a [tokens, vocab] softmax can be large
+                r, c = rows[s: s + 2048], cols[s: s + 2048]
+                lg = logits[r, c].detach()
+                p = torch.softmax(lg, dim=-1)
+                entropy[r, c] = lse[r, c].detach() - (p * lg).sum(-1)
+    return logp * mask, entropy
+
+
+@contextmanager
+def _mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    was = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def sequence_logprobs(model: torch.nn.Module, seqs: Sequence[HasTokens], micro_batch_tokens: int,
+                      temperature: float = 1.0) -> list[Tensor]:
+    """Per-completion-token log-probs (CPU float32, one tensor per sequence, input order), no gradient.
+
+    Runs in eval mode (no dropout) in padded micro-batches of at most ``micro_batch_tokens`` tokens. Use it to
+    recompute old log-probs before the first of several updates on one rollout batch, or to check an engine.
+    ``temperature`` divides the logits; 1.0 (raw logits) is what the engines report and the update uses.
+    """
+    return [lp for lp, _ in _no_grad_passes(model, seqs, micro_batch_tokens, temperature, False)]
+
+
+def sequence_logprobs_and_entropy(model: torch.nn.Module, seqs: Sequence[HasTokens], micro_batch_tokens: int,
+                                  temperature: float = 1.0) -> tuple[list[Tensor], list[Tensor]]:
+    """``sequence_logprobs`` plus the policy's per-token entropy (nats) at each completion position."""
+    pairs = _no_grad_passes(model, seqs, micro_batch_tokens, temperature, True)
+    return [lp for lp, _ in pairs], [ent for _, ent in pairs]
+
+
+def _no_grad_passes(model: torch.nn.Module, seqs: Sequence[HasTokens], micro_batch_tokens: int,
+                    temperature: float, with_entropy: bool) -> list[tuple[Tensor, Tensor]]:
+    device, _ = _device_dtype(model)
+    out: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * len(seqs)
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in seqs]
+    with torch.no_grad(), _mode(model, False):
+        for rows in plan_micro_batches(lengths, micro_batch_tokens):
+            batch = _collate(seqs, rows, device)
+            logp, ent = _forward_logprobs(model, batch, temperature, with_entropy)
+            lps = batch.gather(logp)
+            ents = batch.gather(ent) if ent is not None else [torch.empty(0)] * len(rows)
+            for b, i in enumerate(rows):
+                out[i] = (lps[b], ents[b])
+    return out
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def _reference_context(model: torch.nn.Module, ref: torch.nn.Module | None,
+                       kl_coef: float) -> tuple[torch.nn.Module | None, Any]:
+    """Which module computes reference log-probs, and the context it needs (adapters off for peft)."""
+    if kl_coef == 0.0:
+        return None, None
+    if ref is None or ref is model:
+        if not _is_peft(model):
+            raise ValueError("rl.kl_coef > 0 needs a reference policy: pass ref=<a frozen copy of the "
+                             "initial model>, use LoRA (model.lora) so the reference is the base model with "
+                             "its adapters disabled, or set rl.kl_coef=0 to train without the KL term")
+        return model, model.disable_adapter
+    return ref, nullcontext
+
+
+_warned_low_precision: set[int] = set()
+
+
+def _warn_low_precision(params: list[torch.nn.Parameter], lr: float) -> None:
+    """bf16/fp16 trainable weights silently drop updates below their resolution (lr ~1e-6): say so once."""
+    low = {str(p.dtype) for p in params if p.dtype in (torch.bfloat16, torch.float16)}
+    if low and id(params[0]) not in _warned_low_precision:
+        _warned_low_precision.add(id(params[0]))
+        logger.warning("trainable weights are %s: AdamW steps of size lr=%g are mostly below their "
+                       "resolution and get rounded away; load the policy in float32 (model.dtype=float32); "
+                       "bf16 autocast is applied on GPU automatically", "/".join(sorted(low)), lr)
+
+
+def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequence], cfg: RLConfig,
+                                ref: torch.nn.Module | None = None,
+                                totals: tuple[int, int] | None = None) -> dict[str, float | str]:
+    """Forward/backward every micro-batch, accumulating into ``.grad`` the gradient of the full-batch loss.
+
+    Does not zero existing gradients and does not step. Loss per token = clipped pg term + kl_coef * k3 KL,
+    aggregated with ``cfg.loss_agg`` over the WHOLE batch (global sequence/token counts), so the sum over
+    micro-batches is the full-batch loss whatever the micro-batch plan. Returns the stats described in
+    ``policy_update`` (without grad_norm/lr/skipped); stops early with loss=nan when a micro-batch loss is
+    not finite. ``totals``: the (sequences, tokens) to normalise by when ``seqs`` is one rank's share of a
+    data-parallel batch (``memtrain.rl.distributed``); default: this batch's own.
+    """
+    if cfg.old_logprobs == "sampler":
+        missing = [i for i, s in enumerate(seqs) if s.old_logprobs is None]
+        if missing:
+            raise ValueError(f"rl.old_logprobs='sampler' but {len(missing)} sequence(s) have no old_logprobs "
+                             f"(first: index {missing[0]}, group {seqs[missing[0]].group!r}); use 'auto' or "
+                             "'recompute', or fill them with sequence_logprobs before the update")
+    device, _ = _device_dtype(model)
+    ref_model, ref_ctx = _reference_context(model, ref, cfg.kl_coef)
+    num_seqs = len(seqs)
+    num_tokens = sum(len(s.completion_ids) for s in seqs)
+    plan = plan_micro_batches([s.length for s in seqs], cfg.micro_batch_tokens)
+    norm_seqs, norm_tokens = totals if totals is not None else (num_seqs, num_tokens)
+
+    def agg(x: Tensor, mask: Tensor) -> Tensor:
+        return aggregate(x, mask, cfg.loss_agg, num_seqs_total=norm_seqs, num_tokens_total=norm_tokens)
+
+    tot = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy_sum": 0.0, "clip_sum": 0.0, "approx_kl_sum": 0.0,
+           "ratio_sum": 0.0}
+    ratio_min, ratio_max = math.inf, -math.inf
+    max_diff, diff_sum, diff_tokens, sampler_seqs = 0.0, 0.0, 0, 0
+    finite = True
+    for rows in plan:
+        batch = _collate(seqs, rows, device)
+        mask_f = batch.mask.float()
+        ref_logp = None
+        if ref_model is not None:
+            # a separate reference runs in eval mode (no dropout); the peft policy keeps its mode
+            with torch.no_grad(), ref_ctx(), _mode(ref_model, ref_model.training and ref_model is model):
+                ref_logp = _forward_logprobs(ref_model, batch)[0].to(device)
+        logp, entropy = _forward_logprobs(model, batch, with_entropy=True)
+        current = logp.detach()
+        old = current
+        sampler = [seqs[i].old_logprobs for i in rows]
+        if all(s is not None for s in sampler):
+            sampler_logp = batch.scatter(sampler, device)  # type: ignore[arg-type]
+            diff = ((sampler_logp - current).abs() * mask_f)
+            mb_max = float(diff.max())
+            max_diff = max(max_diff, mb_max)
+            diff_sum += float(diff.sum())
+            diff_tokens += int(batch.mask.sum())
+            verified = cfg.old_logprobs == "auto" and mb_max <= cfg.old_logprob_tol
+            if cfg.old_logprobs == "sampler" or verified:
+                old = sampler_logp
+                sampler_seqs += len(rows)
+        adv = torch.tensor([seqs[i].advantage for i in rows], dtype=torch.float32, device=device)
+        pg_tok, st = clipped_policy_loss(logp, old, adv, batch.mask, cfg.clip_low, cfg.clip_high)
+        pg = agg(pg_tok, batch.mask)
+        loss = pg
+        kl = torch.zeros(())
+        if ref_logp is not None:
+            kl = agg(k3_kl(logp, ref_logp) * mask_f, batch.mask)
+            loss = pg + cfg.kl_coef * kl
+        if not torch.isfinite(loss):
+            finite = False
+            logger.warning("non-finite policy loss in a micro-batch of %d sequence(s) (groups %s); skipping "
+                           "this update", len(rows), sorted({seqs[i].group for i in rows})[:5])
+            break
+        loss.backward()
+        n_tok = float(st["num_tokens"])
+        tot["loss"] += float(loss.detach())
+        tot["pg_loss"] += float(pg.detach())
+        tot["kl"] += float(kl.detach())
+        assert entropy is not None
+        tot["entropy_sum"] += float((entropy * mask_f).sum())
+        tot["clip_sum"] += float(st["clip_frac"]) * n_tok
+        tot["approx_kl_sum"] += float(st["approx_kl"]) * n_tok
+        tot["ratio_sum"] += float(st["ratio_mean"]) * n_tok
+        ratio_min = min(ratio_min, float(st["ratio_min"]))
+        ratio_max = max(ratio_max, float(st["ratio_max"]))
+
+    if sampler_seqs == num_seqs:
+        source = "sampler"
+    elif sampler_seqs == 0:
+        source = "recomputed"
+    else:
+        source = "mixed"
+    if diff_tokens and max_diff > cfg.old_logprob_tol and cfg.old_logprobs != "sampler":
+        # (in 'sampler' mode a difference is expected: the policy may have moved since sampling)
+        logger.warning("sampler log-probs differ from the recomputed ones by up to %.4g (tolerance %.4g): "
+                       "prompts/tokens not exactly what was sampled, or numeric precision; "
+                       "old log-probs source: %s", max_diff, cfg.old_logprob_tol, source)
+    kinds = {k: sum(1 for s in seqs if s.kind == k) for k in KINDS}
+    return {
+        "loss": tot["loss"] if finite else math.nan,
+        "pg_loss": tot["pg_loss"],
+        "kl": tot["kl"],
+        "entropy": tot["entropy_sum"] / max(num_tokens, 1),
+        "clip_frac": tot["clip_sum"] / max(num_tokens, 1),
+        "approx_kl": tot["approx_kl_sum"] / max(num_tokens, 1),
+        "ratio_mean": tot["ratio_sum"] / max(num_tokens, 1),
+        "ratio_min": ratio_min if ratio_min != math.inf else 1.0,
+        "ratio_max": ratio_max if ratio_max != -math.inf else 1.0,
+        "num_seqs": float(num_seqs),
+        "num_tokens": float(num_tokens),
+        **{f"num_seqs_{k}": float(v) for k, v in kinds.items()},
+        "num_micro_batches": float(len(plan)),
+        "adv_mean": sum(s.advantage for s in seqs) / max(num_seqs, 1),
+        "adv_abs_mean": sum(abs(s.advantage) for s in seqs) / max(num_seqs, 1),
+        "old_logprob_source": source,
+        "old_logprob_sampler_frac": sampler_seqs / max(num_seqs, 1),
+        "old_logprob_max_diff": max_diff if diff_tokens else math.nan,
+        "old_logprob_mean_diff": diff_sum / diff_tokens if diff_tokens else math.nan,
+        "nonfinite_loss": 0.0 if finite else 1.0,
+    }
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs: Sequence[TrainSequence],
+                  cfg: RLConfig, ref: torch.nn.Module | None = None,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                  grad_clip: float | None = 1.0, dp: DistContext | None = None) -> dict[str, float | str]:
+    """Exactly one optimizer step of the GRPO objective on ``seqs``; returns stats for logging.
+
+    ``ref``: the frozen reference policy for the KL term; None with a peft model = the same model with its
+    adapters disabled; ignored (no reference pass at all) when ``cfg.kl_coef == 0``.
+    Old log-probs (``cfg.old_logprobs``): 'recompute' = the policy's own log-probs from this very forward pass
+    (exact when this is the first update since sampling: ratio 1, no extra pass); 'sampler' = each sequence's
+    ``old_logprobs`` (needed for a second update on the same rollout batch); 'auto' = the sampler's, per
+    micro-batch, where all are present and within ``cfg.old_logprob_tol`` of the recomputed ones, else
+    recomputed. Returns floats: loss, pg_loss, kl (k3, before kl_coef), entropy, clip_frac, approx_kl,
+    ratio_mean/min/max, grad_norm (before clipping), lr (the one used), num_seqs, num_tokens,
+    num_seqs_{memory,final,imr,search}, num_micro_batches, adv_mean, adv_abs_mean, old_logprob_sampler_frac,
+    old_logprob_max_diff/mean_diff (nan without sampler log-probs), skipped_nonfinite (1.0: no step was
+    taken and the gradients were zeroed), skipped_empty; and one string, old_logprob_source
+    ('sampler' | 'recomputed' | 'mixed' | 'none'). An empty ``seqs`` (e.g. all groups filtered) takes no
+    step and returns skipped_empty=1.
+
+    ``dp`` (data-parallel training, ``memtrain.rl.distributed``): ``seqs`` is this rank's share; the loss is
+    normalised by the whole batch's totals and the gradients are summed over ranks before clipping, so all
+    ranks take the same step (the stats stay this rank's; ``reduce_update_stats`` combines them).
+    """
+    params = _optimizer_params(optimizer)
+    lr = float(optimizer.param_groups[0]["lr"])
+    # --- data-parallel (memtrain.rl.distributed): global totals; the step is skipped only if ALL are empty
+    totals = dp.totals(seqs) if dp is not None else None
+    if (not seqs and dp is None) or (totals is not None and totals[0] == 0):
+        return {"loss": 0.0, "num_seqs": 0.0, "num_tokens": 0.0, "skipped_empty": 1.0,
+                "skipped_nonfinite": 0.0, "lr": lr, "old_logprob_source": "none"}
+    _warn_low_precision(params, lr)
+    optimizer.zero_grad(set_to_none=True)
+    with _mode(model, True):
+        stats = accumulate_policy_gradients(model, seqs, cfg, ref, totals=totals)
+    grad_norm = math.nan
+    skipped = stats.pop("nonfinite_loss") == 1.0
+    if dp is not None:  # --- data-parallel: sum the gradients; a non-finite loss on any rank skips everywhere
+        skipped = not dp.reduce_gradients(params, finite=not skipped)
+    if not skipped:
+        max_norm = grad_clip if grad_clip is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm))
+        skipped = not math.isfinite(grad_norm)
+        if skipped:
+            logger.warning("non-finite gradient norm (%s); skipping this update", grad_norm)
+    if not skipped:
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats.update(grad_norm=grad_norm, lr=lr, skipped_nonfinite=1.0 if skipped else 0.0, skipped_empty=0.0)
+    return stats

@@ -1,0 +1,165 @@
+"""Data-parallel training: 2 gloo processes take the same steps as 1; the collectives; the torchrun CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from memtrain.engines.scripted import ScriptedEngine
+from memtrain.io import read_jsonl
+from memtrain.rl.distributed import DistContext, reduce_update_stats
+from memtrain.rl.tasks import TASKS, ProxyTask
+from train_helpers import config_yaml, scripted_responder, tiny_config, write_proxy_dataset
+
+# answers long enough for the scripted replies; 4 rows = 2 per rank
+OVERRIDES = ["agent.memory_tokens=8", "agent.answer_tokens=16", "train.batch_size=4", "train.steps=2",
+             "train.tensorboard=false"]
+
+
+class ScriptedProxyTask(ProxyTask):
+    """The proxy task on a scripted engine, one row at a time with a row-seeded IMR stream: its rollouts
+    depend on the row only, not on which rank rolls it out or next to which rows (the model still trains
+    for real)."""
+
+    def rollout(self, samples, engine, params, group_size, rng):
+        scripted = ScriptedEngine(scripted_responder, self.tokenizer)
+        rollouts, counters = [], defaultdict(float)
+        for sample in samples:
+            new, c = super().rollout([sample], scripted, params, group_size, random.Random(sample["id"]))
+            rollouts += new
+            for key, value in c.items():
+                counters[key] += value
+        return rollouts, dict(counters)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _collectives(ctx: DistContext) -> dict[str, Any]:
+    """Each collective once, with rank-dependent inputs, for the parent to check."""
+    out: dict[str, Any] = {"shard": ctx.shard(list(range(5)))}
+    out["sum"] = ctx.sum_values({"a": 1.0 + ctx.rank, f"only{ctx.rank}": 2.0})
+    out["totals"] = ctx.totals([type("S", (), {"completion_ids": [0] * (3 + ctx.rank)})()] * (ctx.rank + 1))
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.full((3,), float(ctx.rank + 1))  # b: a gradient on rank 1 only
+    if ctx.rank == 1:
+        b.grad = torch.ones(2)
+    unused = torch.nn.Parameter(torch.zeros(1))
+    out["finite"] = ctx.reduce_gradients([a, b, unused], finite=True)
+    out["grads"] = [a.grad.tolist(), b.grad.tolist(), unused.grad]
+    out["nonfinite"] = ctx.reduce_gradients([a], finite=ctx.rank == 0)
+    try:
+        ctx.on_main(lambda: 1 / 0)
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    out["main"] = ctx.on_main(lambda: f"from rank {ctx.rank}")
+    return out
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, out_dir: str,
+            report: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from memtrain.rl.distributed import init_from_env
+    from memtrain.rl.trainer import train
+
+    TASKS["proxy"] = ScriptedProxyTask
+    ctx = init_from_env("cpu")
+    Path(f"{report}.{rank}").write_text(json.dumps(_collectives(ctx)), encoding="utf-8")
+    # step 1, then a resumed run (same world size) for step 2
+    for steps, resume in ((1, False), (2, True)):
+        over = [*OVERRIDES, "train.threads=1", f"train.steps={steps}"]
+        train(tiny_config(Path(model_dir), Path(data_dir), over), Path(out_dir), resume=resume)
+
+
+def test_two_processes_take_the_same_steps_as_one(tiny_model_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 process, 2 steps == 2 gloo processes, 1 step + resume for step 2 (parameters and step statistics)."""
+    from memtrain.rl.trainer import train
+
+    data = write_proxy_dataset(tmp_path / "data")
+    single, double = tmp_path / "single", tmp_path / "double"
+    monkeypatch.setitem(TASKS, "proxy", ScriptedProxyTask)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    train(tiny_config(tiny_model_dir, data, OVERRIDES), single)
+    args = (2, _free_port(), str(tiny_model_dir), str(data), str(double), str(tmp_path / "rep"))
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
+
+    # the collectives, as each rank saw them
+    r0, r1 = (json.loads((tmp_path / f"rep.{r}").read_text()) for r in (0, 1))
+    assert (r0["shard"], r1["shard"]) == ([0, 1], [2, 3, 4])
+    assert r0["sum"] == r1["sum"] == {"a": 3.0, "only0": 2.0, "only1": 2.0}
+    assert r0["totals"] == r1["totals"] == [3, 3 + 2 * 4]  # rank 0: 1 seq of 3 tokens; rank 1: 2 of 4
+    assert r0["grads"] == r1["grads"] == [[3.0, 3.0, 3.0], [1.0, 1.0], None]
+    assert r0["finite"] and not r0["nonfinite"] and not r1["nonfinite"]
+    assert r0["error"] == "ZeroDivisionError: division by zero"
+    assert r1["error"] == "RuntimeError: rank 0 failed: ZeroDivisionError: division by zero"
+    assert r0["main"] == r1["main"] == "from rank 0"
+
+    # the same parameters after 2 steps, and the same step statistics (rank 0 alone wrote them)
+    a = load_file(str(single / "checkpoints" / "step_000002" / "model.safetensors"))
+    b = load_file(str(double / "checkpoints" / "step_000002" / "model.safetensors"))
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert max(float((a[k] - initial[k]).abs().max()) for k in a) > 1e-3  # both really trained
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+    rows_a, rows_b = read_jsonl(single / "metrics.jsonl"), read_jsonl(double / "metrics.jsonl")
+    assert [r["step"] for r in rows_b] == [1, 2]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for key in ("e2e_reward", "imr_match", "groups", "filtered_groups", "kept_rollouts", "num_seqs",
+                    "num_tokens", "tokens_generated", "documents", "samples", "data_position", "loss", "kl",
+                    "grad_norm", "entropy", "adv_abs_mean"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+    assert len(read_jsonl(double / "samples.jsonl")) == len(read_jsonl(single / "samples.jsonl"))
+
+
+def test_update_stats_combine_over_ranks() -> None:
+    class TwoRanks(DistContext):
+        def all_gather_object(self, obj):
+            return [obj, {**obj, "loss": 0.5, "num_seqs": 3.0, "num_tokens": 30.0, "entropy": 2.0,
+                          "adv_mean": -1.0, "ratio_min": 0.5, "ratio_max": 1.1,
+                          "old_logprob_source": "recomputed"}]
+
+    mine = {"loss": 0.25, "num_seqs": 1.0, "num_tokens": 10.0, "entropy": 1.0, "adv_mean": 1.0,
+            "ratio_min": 0.9, "ratio_max": 1.5, "grad_norm": 0.7, "old_logprob_source": "sampler"}
+    out = reduce_update_stats(mine, TwoRanks(rank=0, world_size=2))
+    assert out["loss"] == 0.75 and out["num_seqs"] == 4.0 and out["num_tokens"] == 40.0
+    assert out["entropy"] == pytest.approx((1.0 * 10 + 2.0 * 30) / 40)  # token-weighted
+    assert out["adv_mean"] == pytest.approx((1.0 - 3.0) / 4)  # sequence-weighted
+    assert (out["ratio_min"], out["ratio_max"], out["grad_norm"]) == (0.5, 1.5, 0.7)
+    assert out["old_logprob_source"] == "mixed"
+    assert reduce_update_stats(mine, DistContext()) is mine
+    assert DistContext(rank=1, world_size=3).shard(list(range(7))) == [2, 3]
+    assert not math.isnan(out["entropy"])
+
+
+def test_torchrun_cli_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The user path: torchrun -m memtrain train with the real task and HF engine; rank 0 alone writes."""
+    data = write_proxy_dataset(tmp_path / "data")
+    cfg = config_yaml(tiny_model_dir, data, tmp_path / "c.yaml")
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEMTRAIN_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "memtrain", "train", "--config", str(cfg), "--out", str(run), "train.threads=1", "train.steps=1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = read_jsonl(run / "metrics.jsonl")  # one row: only rank 0 writes
+    assert row["step"] == 1 and row["samples"] == 2 and row["documents"] == 2  # both ranks' rows counted
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000001"]

@@ -1,0 +1,211 @@
+"""The masking rule, candidate filters, NER-only spaCy pipelines and the on-disk entity cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from data_helpers import TOPICS, build_ruler_ner
+from memtrain.data.entities import (
+    EntityTagger,
+    candidates,
+    count_matches,
+    entity_pattern,
+    is_usable,
+    load_ner,
+    mask_entity,
+    normalize_spans,
+    shift_spans,
+)
+
+
+@pytest.fixture(scope="module")
+def ruler_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_ruler_ner(tmp_path_factory.mktemp("ruler-ner")))
+
+
+def test_masking_rule_case_possessive_boundaries_and_spacing() -> None:
+    text = (
+        "Paris is big. PARIS, paris! Paris's museums; Parisian cafes; New\nYork and New  York; "
+        "O’Brien met O'Brien."
+    )
+    masked, spans = mask_entity(text, "Paris", "[MASK]")
+    assert masked.startswith("[MASK] is big. [MASK], [MASK]! [MASK]'s museums; Parisian cafes")
+    assert len(spans) == 4 and all(text[a:b].lower() == "paris" for a, b in spans)
+    assert count_matches(masked, "Paris") == 0
+    masked, _ = mask_entity(text, "New York", "[MASK]")
+    assert "[MASK] and [MASK];" in masked  # any whitespace between the entity's words
+    masked, _ = mask_entity(text, "O'Brien", "[MASK]")
+    assert masked.endswith("[MASK] met [MASK].")  # typographic and plain apostrophes are the same
+
+
+def test_masking_rule_for_entities_with_punctuation() -> None:
+    text = "The U.S. economy and U.S.A. differ; it cost $5 million, not US$5 or $50."
+    masked, spans = mask_entity(text, "U.S.", "[X]")
+    assert masked.startswith("The [X] economy and U.S.A. differ") and len(spans) == 1
+    masked, spans = mask_entity(text, "$5", "[X]")
+    assert "cost [X] million, not US$5 or $50." in masked and len(spans) == 1
+
+
+def test_masking_invariant_on_random_texts() -> None:
+    rng = random.Random(7)
+    vocab = [
+        "Rome",
+        "rome",
+        "ROME",
+        "Romes",
+        "Rome's",
+        "Roma",
+        "the",
+        "old",
+        "Old Rome",
+        "old  rome",
+        "x-Rome",
+        "Rome-based",
+        "[MASK]",
+        "3",
+        "33",
+        "3rd",
+        "1889",
+        "'89",
+    ]
+    for _ in range(300):
+        text = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 30)))
+        entity = rng.choice(["Rome", "Old Rome", "3", "1889", "Rome's"])
+        masked, spans = mask_entity(text, entity, "[MASK]")
+        assert entity_pattern(entity).search(masked) is None, (text, entity)
+        assert len(spans) == count_matches(text, entity)
+
+
+def test_shift_spans_follow_the_masked_text() -> None:
+    text = "Alice met Bob in Paris. Later Bob and Carol left Paris for Lyon with Bob."
+    ents = [
+        (0, 5, "PERSON"),
+        (10, 13, "PERSON"),
+        (17, 22, "GPE"),
+        (30, 33, "PERSON"),
+        (38, 43, "PERSON"),
+        (49, 54, "GPE"),
+        (59, 63, "GPE"),
+        (69, 72, "PERSON"),
+    ]
+    assert [text[s:e] for s, e, _ in ents] == [
+        "Alice",
+        "Bob",
+        "Paris",
+        "Bob",
+        "Carol",
+        "Paris",
+        "Lyon",
+        "Bob",
+    ]
+    masked, replaced = mask_entity(text, "Paris", "[MASK]")
+    moved = shift_spans(ents, replaced, len("[MASK]"), offset=100)
+    doc = "x" * 100 + masked
+    assert [(doc[s:e], lab) for s, e, lab in moved] == [
+        ("Alice", "PERSON"),
+        ("Bob", "PERSON"),
+        ("Bob", "PERSON"),
+        ("Carol", "PERSON"),
+        ("Lyon", "GPE"),
+        ("Bob", "PERSON"),
+    ]
+    # a span overlapping a replaced range is dropped, not mangled
+    assert shift_spans([(10, 22, "X")], replaced, 6) == []
+
+
+def test_candidate_filters_and_case_insensitive_dedup() -> None:
+    text = (
+        "Mars and MARS and the Red Planet. Mars, Mars, Mars again. Venus is near Earth. "
+        "The Very Long Entity Name With Many Words Here. [bracketed] and %%%."
+    )
+    ents = []
+    for ent, label in [
+        ("Mars", "LOC"),
+        ("MARS", "LOC"),
+        ("Venus", "LOC"),
+        ("Earth", "LOC"),
+        ("Red Planet", "LOC"),
+        ("The Very Long Entity Name With Many Words Here", "ORG"),
+        ("[bracketed]", "ORG"),
+        ("%%%", "MONEY"),
+    ]:
+        start = text.index(ent)
+        ents.append((start, start + len(ent), label))
+    got = candidates(text, ents)
+    assert [c.text for c in got] == ["Venus", "Earth", "Red Planet"]  # Mars occurs 6 times (>= 5): excluded
+    got = candidates(text, ents, max_occurrences=7)
+    assert [c.text for c in got][:1] == ["Mars"] and "MARS" not in [c.text for c in got]  # first form kept
+    assert [c.text for c in candidates(text, ents, labels=["ORG"])] == []  # long / bracketed ORGs fail
+    assert [c.text for c in candidates(text, ents, max_words=20, labels=["ORG"])] == [
+        "The Very Long Entity Name With Many Words Here"
+    ]
+    assert not is_usable("[MASK]", "ORG") and not is_usable("--", "ORG") and is_usable("1889", "DATE")
+
+
+def test_normalize_spans_strips_possessives() -> None:
+    text = "Newton's laws"
+    assert normalize_spans(text, [(0, 8, "PERSON")]) == [(0, 6, "PERSON")]
+
+
+def test_load_ner_keeps_only_entity_components(ruler_dir: str, tmp_path) -> None:
+    import spacy
+
+    nlp = load_ner(ruler_dir)
+    assert nlp.pipe_names == ["entity_ruler"]
+    assert [(e.text, e.label_) for e in nlp("Mozart visited Vienna in 1787.").ents] == [
+        ("Mozart", "PERSON"),
+        ("Vienna", "GPE"),
+        ("1787", "DATE"),
+    ]
+    blank = spacy.blank("en")
+    blank.add_pipe("sentencizer")
+    blank.to_disk(tmp_path / "no-ner")
+    with pytest.raises(ValueError, match="has no entity component \\(pipes: sentencizer\\)"):
+        load_ner(str(tmp_path / "no-ner"))
+    with pytest.raises(ValueError, match=r"cannot load it with spacy\.load"):
+        load_ner(str(tmp_path / "does-not-exist"))
+
+
+def test_tagger_is_lazy_and_cached_on_disk(ruler_dir: str, tmp_path) -> None:
+    texts = [
+        f"{ent} and the {TOPICS['music']['words'][i]} in {1700 + i}."
+        for i, (ent, _) in enumerate(TOPICS["music"]["ents"])
+    ]
+    calls: list[list[int]] = []
+
+    def texts_of(rows):
+        calls.append(list(rows))
+        return [texts[r] for r in rows]
+
+    tagger = EntityTagger(texts_of, "corpus-key", ruler_dir, tmp_path / "ner")
+    got = tagger([3, 1, 3])
+    assert calls == [[1, 3]] and tagger.tagged == 2
+    assert [(texts[1][s:e], lab) for s, e, lab in got[1]] == [("Vienna", "GPE"), ("1701", "DATE")]
+    tagger([1, 2])
+    assert calls[-1] == [2] and tagger.tagged == 3  # only what is new
+    tagger.close()
+    again = EntityTagger(texts_of, "corpus-key", ruler_dir, tmp_path / "ner")  # a new run: from SQLite
+    assert again([1, 2, 3]) == {1: got[1], 2: tagger([2])[2], 3: got[3]}
+    assert again.tagged == 0 and again.cache_hits == 3 and len(calls) == 2
+    other = EntityTagger(texts_of, "another-corpus", ruler_dir, tmp_path / "ner")  # keyed by corpus
+    other([1])
+    assert other.tagged == 1
+    again.close()
+    other.close()
+
+
+@pytest.mark.slow
+def test_spacy_sm_is_ner_only_and_parallel_matches_serial(spacy_model_dir, tmp_path) -> None:
+    nlp = load_ner("spacy-sm")
+    assert nlp.pipe_names == ["ner"]  # tok2vec is not needed: ner has its own embedding layer
+    texts = [f"Marie Curie moved to Paris in {1891 + i} and won the Nobel Prize." for i in range(24)]
+    serial = EntityTagger(lambda rows: [texts[r] for r in rows], "k", "spacy-sm", None, workers=1)
+    parallel = EntityTagger(
+        lambda rows: [texts[r] for r in rows], "k", "spacy-sm", None, workers=2, batch_size=4, min_parallel=1
+    )
+    a, b = serial(range(24)), parallel(range(24))
+    assert a == b
+    labels = {texts[0][s:e]: lab for s, e, lab in a[0]}
+    assert labels.get("Marie Curie") == "PERSON" and labels.get("Paris") == "GPE"

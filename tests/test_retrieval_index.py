@@ -1,0 +1,129 @@
+"""BM25 and dense retrieval indexes: meaning, ordering, persistence and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_helpers import make_articles
+from memtrain.retrieval.index import BM25Index, DenseIndex, build_index, load_index
+
+
+@pytest.fixture(scope="module")
+def passages() -> tuple[list[str], list[str]]:
+    arts = make_articles(n_per_topic=6, seed=3)
+    texts = [p for a in arts for p in a["text"].split("\n")]
+    topics = [a["topic"] for a in arts for _ in a["text"].split("\n")]
+    return texts, topics
+
+
+def _topic_precision(hits, topics, query_topics, skip_self: list[int] | None = None) -> float:
+    same = total = 0
+    for qi, row in enumerate(hits):
+        for r, _ in row:
+            if skip_self is not None and r == skip_self[qi]:
+                continue
+            same += topics[r] == query_topics[qi]
+            total += 1
+    return same / total
+
+
+def test_bm25_finds_passages_of_the_same_topic(passages) -> None:
+    texts, topics = passages
+    index = BM25Index.build(texts)
+    assert len(index) == len(texts)
+    queries = [
+        "telescope orbit of the comet",
+        "violin sonata and the orchestra",
+        "anchor on the hull at high tide",
+    ]
+    hits = index.search(queries, k=5)
+    assert _topic_precision(hits, topics, ["astronomy", "music", "sailing"]) == 1.0
+    for row in hits:
+        scores = [s for _, s in row]
+        assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
+    # a passage used as the query finds itself first, and mostly its own topic after that
+    rows = list(range(0, len(texts), 7))
+    self_hits = index.search([texts[r] for r in rows], k=6)
+    assert [h[0][0] for h in self_hits] == rows
+    assert _topic_precision(self_hits, topics, [topics[r] for r in rows], skip_self=rows) > 0.8
+
+
+def test_bm25_edge_cases(passages) -> None:
+    texts, _ = passages
+    index = BM25Index.build(texts[:5], stemmer=None)
+    assert index.search(["zzz qqq"], k=3) == [[]]  # nothing shares a term: no made-up hits
+    assert len(index.search([texts[0]], k=50)[0]) <= 5  # k is capped at the index size
+    assert index.search([], k=3) == []
+    with pytest.raises(ValueError, match="positive integer"):
+        index.search(["x"], k=0)
+    with pytest.raises(ValueError, match="non-empty list"):
+        BM25Index.build([])
+    with pytest.raises(ValueError, match=r"texts\[1\] is int"):
+        BM25Index.build(["a b", 3])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="unknown language"):
+        BM25Index.build(["a b"], stemmer="klingon")
+
+
+def test_bm25_save_load_roundtrip_is_atomic(passages, tmp_path) -> None:
+    texts, _ = passages
+    index = build_index("bm25", texts)
+    queries = [texts[3], "gambit and endgame", "basalt volcano"]
+    before = index.search(queries, k=4)
+    target = tmp_path / "idx"
+    target.mkdir()
+    (target / "stale.txt").write_text("old", encoding="utf-8")
+    index.save(target)
+    meta = json.loads((target / "index_meta.json").read_text())
+    assert meta["kind"] == "bm25" and meta["size"] == len(texts) and meta["stemmer"] == "english"
+    assert not (target / "stale.txt").exists()  # the directory was replaced as a whole
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    for loaded in (BM25Index.load(target), BM25Index.load(target, mmap=False), load_index(target)):
+        assert isinstance(loaded, BM25Index) and len(loaded) == len(texts)
+        assert loaded.search(queries, k=4) == before
+
+
+def test_load_index_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no index_meta\.json"):
+        load_index(tmp_path)
+    (tmp_path / "index_meta.json").write_text('{"kind": "magic"}', encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown index kind 'magic'"):
+        load_index(tmp_path)
+    with pytest.raises(ValueError, match="index kind is 'magic', expected 'dense'"):
+        DenseIndex.load(tmp_path)
+    with pytest.raises(ValueError, match="expected 'bm25' or 'dense'"):
+        build_index("tfidf", ["a"])  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_dense_index_meaning_and_persistence(minilm_dir, passages, tmp_path) -> None:
+    texts, topics = passages
+    index = DenseIndex.build(texts, model="minilm", batch_size=32)
+    assert len(index) == len(texts) and index.index.d == 384
+    # paraphrases without the topic's exact words still land in the right topic
+    queries = [
+        "astronomers looking at the night sky",
+        "a classical composer's music",
+        "baking bread and cakes",
+    ]
+    hits = index.search(queries, k=5)
+    assert _topic_precision(hits, topics, ["astronomy", "music", "cooking"]) >= 0.8
+    rows = [0, 13, 40]
+    by_rows = index.search_rows(rows, k=3)
+    assert [h[0][0] for h in by_rows] == rows and all(abs(h[0][1] - 1.0) < 1e-4 for h in by_rows)
+    index.save(tmp_path / "dense")
+    meta = json.loads((tmp_path / "dense" / "index_meta.json").read_text())
+    assert meta == {
+        **meta,
+        "kind": "dense",
+        "model": "minilm",
+        "dim": 384,
+        "size": len(texts),
+        "normalized": True,
+    }
+    loaded = load_index(tmp_path / "dense")
+    assert isinstance(loaded, DenseIndex) and loaded._encoder is None  # the encoder opens on first query
+    again = loaded.search(queries, k=5)
+    assert [[r for r, _ in row] for row in again] == [[r for r, _ in row] for row in hits]
+    assert loaded.search_rows(rows, k=3) == by_rows

@@ -1,0 +1,151 @@
+"""GRPO core functions against hand-computed numbers (MEMTRAIN.md section 4)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memtrain.rl.core import (
+    aggregate,
+    clipped_policy_loss,
+    e2e_rewards,
+    group_advantages,
+    group_index,
+    k3_kl,
+    uniform_groups_mask,
+)
+
+
+def test_e2e_rewards_adds_mean_imr_recall_times_lambda() -> None:
+    # R_E = match + lam/G2 * sum_j R_I: 1 + 0.5/4 * 2 = 1.25 ; 0 + 0.5/4 * 4 = 0.5
+    r = e2e_rewards([1.0, 0.0, 1.0], [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], lam=0.5)
+    assert r.tolist() == [1.25, 0.5, 1.0]
+    assert e2e_rewards([1.0, 0.0], [[1, 1], [1, 1]], lam=0.0).tolist() == [1.0, 0.0]
+    assert e2e_rewards(torch.tensor([True, False]), None, lam=0.5).tolist() == [1.0, 0.0]
+    # batched: [samples, G1] with [samples, G1, G2]
+    batched = e2e_rewards([[1.0, 0.0]], [[[1.0, 0.0], [1.0, 1.0]]], lam=1.0)
+    assert batched.tolist() == [[1.5, 1.0]]
+
+
+def test_e2e_rewards_rejects_bad_shapes_and_values() -> None:
+    with pytest.raises(ValueError, match="imr_matches: expected shape"):
+        e2e_rewards([1.0, 0.0], [[1.0, 0.0]], lam=0.5)
+    with pytest.raises(ValueError, match="lam"):
+        e2e_rewards([1.0], [[1.0]], lam=-1.0)
+    with pytest.raises(ValueError, match="match: expected finite"):
+        e2e_rewards([math.nan], None, lam=0.5)
+
+
+def test_group_advantages_mean_centred_and_std_normalised() -> None:
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 1.0]])
+    adv = group_advantages(r)
+    assert adv.tolist() == [[0.5, -0.5, -0.5, 0.5], [0.0] * 4, [2.0, -1.0, -1.0, 0.0]]
+    std_adv = group_advantages(r, std_norm=True, eps=0.0)
+    s = math.sqrt(4 * 0.25 / 3)  # unbiased std of (1, 0, 0, 1)
+    assert std_adv[0].tolist() == pytest.approx([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s])
+    assert std_adv[1].tolist() == [0.0] * 4  # uniform group: 0 / (0 + eps) stays 0, no nan
+    assert group_advantages(r, std_norm=True)[1].tolist() == [0.0] * 4
+    # the rounding residue of a uniform group's mean is not blown up by 1/(std + eps)
+    assert group_advantages([[0.1, 0.1, 0.1]], std_norm=True).tolist() == [[0.0, 0.0, 0.0]]
+
+
+def test_group_advantages_with_group_ids_any_order() -> None:
+    adv = group_advantages([1.0, 0.0, 2.0, 4.0, 7.0], group_ids=["a", "b", "a", "b", "c"])
+    assert adv.tolist() == [-0.5, -2.0, 0.5, 2.0, 0.0]  # a group of one gets 0
+    assert group_advantages([7.0], group_ids=["c"], std_norm=True).tolist() == [0.0]
+    idx, keys = group_index(["x", "y", "x"])
+    assert idx.tolist() == [0, 1, 0] and keys == ["x", "y"]
+    with pytest.raises(ValueError, match="one reward per id"):
+        group_advantages([1.0, 2.0], group_ids=["a"])
+    with pytest.raises(ValueError, match=r"\[num_groups, G\]"):
+        group_advantages([1.0, 2.0])
+
+
+def test_uniform_groups_mask_marks_all_equal_groups_for_dropping() -> None:
+    r = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    assert uniform_groups_mask(r).tolist() == [[True] * 3, [False] * 3, [True] * 3]
+    m = uniform_groups_mask([0.5, 0.5, 0.0, 1.0, 2.0], group_ids=[1, 1, 2, 2, 3])
+    assert m.tolist() == [True, True, False, False, True]
+
+
+def test_k3_kl_values_and_unbiasedness() -> None:
+    logp = torch.log(torch.tensor([0.5, 0.2]))
+    ref = torch.log(torch.tensor([0.25, 0.2]))
+    kl = k3_kl(logp, ref)
+    d = math.log(0.25 / 0.5)
+    assert kl.tolist() == pytest.approx([math.exp(d) - d - 1, 0.0])
+    # E_{x~pi}[k3(x)] is exactly KL(pi || ref)
+    pi = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.2, 0.6])
+    expected = float((pi * (pi.log() - q.log())).sum())
+    assert float((pi * k3_kl(pi.log(), q.log())).sum()) == pytest.approx(expected, rel=1e-6)
+    assert torch.isfinite(k3_kl(torch.tensor([0.0]), torch.tensor([-1e4]))).all()  # clamped, no inf
+
+
+def test_clipped_policy_loss_per_token_hand_computed() -> None:
+    # ratios 1.5, 0.5, 0.5, 1.5 ; advantages +1, +1, -1, -1 ; clip 0.2/0.2
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 0.5, 1.5]])).requires_grad_(True)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    mask = torch.ones(1, 4)
+    per_tok, st = clipped_policy_loss(logp, old, adv, mask, 0.2, 0.2)
+    # max(-A r, -A clip(r)): A=+1,r=1.5 -> max(-1.5,-1.2)=-1.2 (clipped); A=+1,r=0.5 -> max(-0.5,-0.8)=-0.5
+    # A=-1,r=0.5 -> max(0.5,0.8)=0.8 (clipped); A=-1,r=1.5 -> max(1.5,1.2)=1.5
+    assert per_tok[0].tolist() == pytest.approx([-1.2, -0.5, 0.8, 1.5])
+    assert float(st["clip_frac"]) == 0.5
+    assert float(st["ratio_min"]) == pytest.approx(0.5) and float(st["ratio_max"]) == pytest.approx(1.5)
+    assert float(st["approx_kl"]) == pytest.approx(-float(logp.detach().mean()))
+    per_tok.sum().backward()
+    # clipped tokens get no gradient; unclipped: d(-A r)/dlogp = -A r
+    assert logp.grad is not None
+    assert logp.grad[0].tolist() == pytest.approx([0.0, -0.5, 0.0, 1.5])
+
+
+def test_clipped_policy_loss_asymmetric_clip_and_mask() -> None:
+    logp = torch.log(torch.tensor([[1.25, 1.25, 0.5]]))
+    old = torch.zeros(1, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    per_tok, st = clipped_policy_loss(logp, old, torch.tensor([2.0]), mask, clip_low=0.2, clip_high=0.28)
+    # r = 1.25 < 1.28 is inside the (DAPO clip-higher) range: -A r = -2.5 ; masked token contributes 0
+    assert per_tok[0].tolist() == pytest.approx([-2.5, -2.5, 0.0])
+    assert float(st["clip_frac"]) == 0.0 and float(st["num_tokens"]) == 2.0
+    with pytest.raises(ValueError, match="same shape"):
+        clipped_policy_loss(logp, old[:, :2], torch.tensor([2.0]), mask)
+
+
+def test_aggregate_modes_hand_computed_and_micro_batch_sums() -> None:
+    per_tok = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    # seq mean of token means: (1.5 + 3 + 5) / 3 ; token mean: (1+2+3+4+5+6) / 6
+    assert float(aggregate(per_tok, mask, "seq_mean_token_mean")) == pytest.approx(9.5 / 3)
+    assert float(aggregate(per_tok, mask, "token_mean")) == pytest.approx(21 / 6)
+    for mode in ("seq_mean_token_mean", "token_mean"):
+        full = aggregate(per_tok, mask, mode)  # type: ignore[arg-type]
+        parts = [aggregate(per_tok[rows], mask[rows], mode, num_seqs_total=3, num_tokens_total=6)  # type: ignore[arg-type]
+                 for rows in ([0], [1, 2])]
+        assert float(sum(parts)) == pytest.approx(float(full))
+    with pytest.raises(ValueError, match="unknown mode"):
+        aggregate(per_tok, mask, "sum")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no unmasked token"):
+        aggregate(per_tok, torch.zeros_like(mask), "seq_mean_token_mean")
+
+
+def test_full_loss_on_a_tiny_example_matches_hand_computation() -> None:
+    """pg + kl_coef * k3, aggregated per sequence then over sequences (paper Eq. 4), computed by hand."""
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+    old = torch.tensor([[-1.0, -2.5], [-0.5, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0], [-0.5, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    adv = torch.tensor([1.0, -2.0])
+    pg, _ = clipped_policy_loss(logp, old, adv, mask, 0.2, 0.2)
+    kl = k3_kl(logp, ref) * mask
+    loss = aggregate(pg + 0.1 * kl, mask, "seq_mean_token_mean")
+    # seq 0: r = (1, e^0.5=1.6487 -> clipped to 1.2 since A>0) -> tokens -1, -1.2 ; kl tokens k3(-0.5), 0
+    k = math.exp(-0.5) + 0.5 - 1
+    seq0 = ((-1.0 + 0.1 * k) + (-1.2)) / 2
+    seq1 = 2.0  # r = 1, A = -2 -> 2 ; second token masked
+    assert float(loss) == pytest.approx((seq0 + seq1) / 2, rel=1e-6)
+    tok_loss = aggregate(pg + 0.1 * kl, mask, "token_mean")
+    assert float(tok_loss) == pytest.approx(((-1.0 + 0.1 * k) + (-1.2) + 2.0) / 3, rel=1e-6)

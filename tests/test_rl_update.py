@@ -1,0 +1,335 @@
+"""The policy update on a real tiny checkpoint: log-prob alignment, micro-batch equivalence, old/ref
+log-probs, non-finite handling, clipping, scheduler and LoRA."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from memtrain.config import LoraConfig, OptimConfig, RLConfig
+from memtrain.engines.base import GenerationRequest, SamplingParams
+from memtrain.engines.hf import HFEngine
+from memtrain.models import load_tokenizer
+from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler, warmup_constant
+from memtrain.rl.update import (
+    TrainSequence,
+    accumulate_policy_gradients,
+    plan_micro_batches,
+    policy_update,
+    sequence_logprobs,
+    sequence_logprobs_and_entropy,
+)
+
+
+def _load(model_dir: Path, dtype: torch.dtype = torch.float32) -> Any:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+def _random_seqs(n: int, seed: int, vocab: int = 500) -> list[TrainSequence]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 14))]
+        completion = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))]
+        out.append(TrainSequence(prompt, completion, advantage=rng.uniform(-1.5, 1.5),
+                                 kind=("memory", "final", "imr")[i % 3], group=f"g{i % 4}"))
+    return out
+
+
+def _unpadded_logprobs(model: Any, seq: TrainSequence) -> list[float]:
+    """Reference: one unpadded forward over prompt + completion, log-softmax over the full logits."""
+    with torch.no_grad():
+        ids = torch.tensor([seq.prompt_ids + seq.completion_ids])
+        logp = model(ids).logits[0].float().log_softmax(-1)
+    p = len(seq.prompt_ids)
+    return [float(logp[p - 1 + j, t]) for j, t in enumerate(seq.completion_ids)]
+
+
+def _grads(model: Any) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+
+
+# --- TrainSequence and micro-batch planning ---------------------------------------------------------------
+
+def test_train_sequence_validation_names_the_problem() -> None:
+    with pytest.raises(ValueError, match="completion_ids is empty"):
+        TrainSequence([1, 2], [], 1.0, group="s0")
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        TrainSequence([], [1], 1.0)
+    with pytest.raises(ValueError, match="old_logprobs has 1 values for 2 completion tokens"):
+        TrainSequence([1], [2, 3], 1.0, old_logprobs=[-0.1])
+    with pytest.raises(ValueError, match="kind 'answer'"):
+        TrainSequence([1], [2], 1.0, kind="answer")
+    with pytest.raises(ValueError, match="advantage must be finite"):
+        TrainSequence([1], [2], math.nan)
+    assert TrainSequence([1, 2], [3], 0.0).length == 3
+
+
+def test_plan_micro_batches_respects_the_padded_budget() -> None:
+    assert plan_micro_batches([5, 3, 8, 2], 10) == [[2], [0, 1], [3]]
+    lengths = [random.Random(3).randint(1, 40) for _ in range(57)]
+    plan = plan_micro_batches(lengths, 64)
+    assert sorted(i for mb in plan for i in mb) == list(range(57))
+    for mb in plan:
+        assert len(mb) * max(lengths[i] for i in mb) <= 64
+    assert plan_micro_batches([100, 3], 50) == [[0], [1]]  # over-budget sequence alone, not dropped
+    with pytest.raises(ValueError, match="max_tokens"):
+        plan_micro_batches([1], 0)
+
+
+# --- log-probs -------------------------------------------------------------------------------------------
+
+def test_sequence_logprobs_match_unpadded_forward_for_any_micro_batching(tiny_model_dir: Path) -> None:
+    model = _load(tiny_model_dir)
+    seqs = _random_seqs(7, seed=1)
+    expected = [_unpadded_logprobs(model, s) for s in seqs]
+    for budget in (1, 40, 10_000):
+        got = sequence_logprobs(model, seqs, budget)
+        for g, e, s in zip(got, expected, seqs, strict=True):
+            assert g.dtype == torch.float32 and g.shape == (len(s.completion_ids),)
+            torch.testing.assert_close(g, torch.tensor(e), atol=2e-5, rtol=0)
+    hot = sequence_logprobs(model, seqs[:1], 100, temperature=2.0)[0]
+    with torch.no_grad():
+        s = seqs[0]
+        logits = model(torch.tensor([s.prompt_ids + s.completion_ids])).logits[0] / 2.0
+        p = len(s.prompt_ids)
+        ref = [float(logits.log_softmax(-1)[p - 1 + j, t]) for j, t in enumerate(s.completion_ids)]
+    torch.testing.assert_close(hot, torch.tensor(ref), atol=2e-5, rtol=0)
+
+
+def test_entropy_matches_softmax_definition(tiny_model_dir: Path) -> None:
+    model = _load(tiny_model_dir)
+    seqs = _random_seqs(3, seed=2)
+    _, ents = sequence_logprobs_and_entropy(model, seqs, 10_000)
+    s = seqs[1]
+    with torch.no_grad():
+        logp = model(torch.tensor([s.prompt_ids + s.completion_ids])).logits[0].log_softmax(-1)
+    p = len(s.prompt_ids)
+    rows = logp[p - 1: p - 1 + len(s.completion_ids)]
+    torch.testing.assert_close(ents[1], -(rows.exp() * rows).sum(-1), atol=1e-4, rtol=0)
+
+
+def test_bf16_model_gives_float32_logprobs_close_to_fp32(tiny_model_dir: Path) -> None:
+    seqs = _random_seqs(3, seed=3)
+    lp32 = sequence_logprobs(_load(tiny_model_dir), seqs, 10_000)
+    lp16 = sequence_logprobs(_load(tiny_model_dir, torch.bfloat16), seqs, 10_000)
+    for a, b in zip(lp32, lp16, strict=True):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=0.1, rtol=0)
+
+
+# --- gradient accumulation equivalence and the loss value ---------------------------------------------
+
+@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "token_mean"])
+def test_micro_batch_accumulation_equals_full_batch_gradient(tiny_model_dir: Path, mode: str) -> None:
+    torch.manual_seed(0)
+    model = _load(tiny_model_dir)
+    ref = _load(tiny_model_dir)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seqs = _random_seqs(9, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    for s, lp in zip(seqs, sequence_logprobs(model, seqs, 10_000), strict=True):
+        s.old_logprobs = (lp + 0.8 * (torch.rand(lp.shape, generator=gen) - 0.5)).tolist()  # ratios 0.67..1.5
+    full_cfg = RLConfig(kl_coef=0.1, loss_agg=mode, micro_batch_tokens=100_000, old_logprobs="sampler")
+    micro_cfg = full_cfg.model_copy(update={"micro_batch_tokens": 30})
+
+    full = accumulate_policy_gradients(model, seqs, full_cfg, ref=ref)
+    g_full = _grads(model)
+    model.zero_grad(set_to_none=True)
+    micro = accumulate_policy_gradients(model, seqs, micro_cfg, ref=ref)
+    g_micro = _grads(model)
+
+    assert full["num_micro_batches"] == 1 and micro["num_micro_batches"] >= 4
+    assert full["clip_frac"] > 0 and full["kl"] > 0  # clipping and KL both take part
+    assert micro["loss"] == pytest.approx(full["loss"], rel=1e-5, abs=1e-7)
+    assert micro["kl"] == pytest.approx(full["kl"], rel=1e-5)
+    assert micro["clip_frac"] == pytest.approx(full["clip_frac"])
+    assert sum(float(g.abs().sum()) for g in g_full) > 0
+    for a, b in zip(g_full, g_micro, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "token_mean"])
+def test_update_loss_equals_hand_computation(tiny_model_dir: Path, mode: str) -> None:
+    """The reported loss equals pg + kl_coef * k3 written out per token in plain Python."""
+    model = _load(tiny_model_dir)
+    ref = _load(tiny_model_dir)
+    with torch.no_grad():
+        ref.model.norm.weight.mul_(1.3)
+    seqs = _random_seqs(4, seed=6)
+    rng = random.Random(7)
+    for s in seqs:
+        s.old_logprobs = [lp + rng.uniform(-0.3, 0.3) for lp in _unpadded_logprobs(model, s)]
+    cur = [_unpadded_logprobs(model, s) for s in seqs]
+    refs = [_unpadded_logprobs(ref, s) for s in seqs]
+    kl_coef, eps = 0.05, 0.2
+    per_seq, tokens = [], []
+    for s, lps, rlps in zip(seqs, cur, refs, strict=True):
+        terms = []
+        assert s.old_logprobs is not None
+        for lp, old, rlp in zip(lps, s.old_logprobs, rlps, strict=True):
+            r = math.exp(lp - old)
+            pg = max(-s.advantage * r, -s.advantage * min(max(r, 1 - eps), 1 + eps))
+            d = rlp - lp
+            terms.append(pg + kl_coef * (math.exp(d) - d - 1))
+        per_seq.append(sum(terms) / len(terms))
+        tokens.extend(terms)
+    expected = sum(per_seq) / len(per_seq) if mode == "seq_mean_token_mean" else sum(tokens) / len(tokens)
+    cfg = RLConfig(kl_coef=kl_coef, loss_agg=mode, old_logprobs="sampler", micro_batch_tokens=40)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    stats = policy_update(model, opt, seqs, cfg, ref=ref)
+    assert stats["loss"] == pytest.approx(expected, rel=1e-5)
+    assert stats["old_logprob_source"] == "sampler"
+
+
+# --- old log-probs: the sampler's (verified) or recomputed --------------------------------------------
+
+def _engine_seqs(model: Any, tokenizer: Any) -> list[TrainSequence]:
+    """Sequences sampled by the real HFEngine: chat-template prompts, the engine's own log-probs."""
+    engine = HFEngine(model, tokenizer)
+    prompts = ["Read the next chunk.", "Which entity does [MASK] stand for in the long article?"]
+    reqs = [GenerationRequest(tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                            add_generation_prompt=True)["input_ids"],
+                              SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=11)) for p in prompts]
+    outs = engine.generate(reqs)
+    return [TrainSequence(r.prompt_ids, c.token_ids, 0.3 * (j - 1), c.logprobs, kind="final", group=f"q{i}")
+            for i, (r, cs) in enumerate(zip(reqs, outs, strict=True)) for j, c in enumerate(cs)]
+
+
+def test_old_logprobs_sampler_verified_recomputed_or_mixed(tiny_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = _load(tiny_model_dir)
+    seqs = _engine_seqs(model, tokenizer)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the model stays as sampled
+    cfg = RLConfig(kl_coef=0.0, micro_batch_tokens=100_000)
+
+    st = policy_update(model, opt, seqs, cfg)
+    # the engine's log-probs are on exactly the tokens the trainer scores: they agree to float precision
+    assert st["old_logprob_source"] == "sampler" and st["old_logprob_sampler_frac"] == 1.0
+    assert st["old_logprob_max_diff"] < 1e-4
+
+    seqs[0].old_logprobs = [lp - 0.5 for lp in seqs[0].old_logprobs or []]
+    st = policy_update(model, opt, seqs, cfg)  # one micro-batch holds the bad sequence -> all recomputed
+    assert st["old_logprob_source"] == "recomputed"
+    assert st["old_logprob_max_diff"] == pytest.approx(0.5, abs=1e-3)
+    assert st["ratio_max"] == pytest.approx(1.0) and st["ratio_min"] == pytest.approx(1.0)
+
+    st = policy_update(model, opt, seqs, cfg.model_copy(update={"micro_batch_tokens": 1}))
+    assert st["old_logprob_source"] == "mixed"
+    assert st["old_logprob_sampler_frac"] == pytest.approx(5 / 6)
+
+    st = policy_update(model, opt, seqs, cfg.model_copy(update={"old_logprobs": "sampler"}))
+    assert st["old_logprob_source"] == "sampler"
+    assert st["ratio_max"] == pytest.approx(math.exp(0.5), rel=1e-3)  # the stale values are used as told
+
+    st = policy_update(model, opt, seqs, cfg.model_copy(update={"old_logprobs": "recompute"}))
+    assert st["old_logprob_source"] == "recomputed" and st["clip_frac"] == 0.0
+
+    seqs[1].old_logprobs = None
+    st = policy_update(model, opt, seqs, cfg)
+    assert st["old_logprob_source"] == "recomputed"
+    with pytest.raises(ValueError, match="old_logprobs='sampler' but 1 sequence"):
+        policy_update(model, opt, seqs, cfg.model_copy(update={"old_logprobs": "sampler"}))
+
+
+# --- the optimizer step: non-finite, clipping, scheduler, empty batches -------------------------------
+
+def test_nonfinite_loss_skips_the_step_and_zeroes_grads(tiny_model_dir: Path) -> None:
+    model = _load(tiny_model_dir)
+    with torch.no_grad():
+        model.model.norm.weight[0] = math.nan
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, OptimConfig(lr=1e-2))
+    sched = build_scheduler(opt, warmup_steps=5)
+    stats = policy_update(model, opt, _random_seqs(4, seed=8), RLConfig(kl_coef=0.0), scheduler=sched)
+    assert stats["skipped_nonfinite"] == 1.0 and math.isnan(float(stats["loss"]))
+    assert all(p.grad is None for p in model.parameters())
+    assert len(opt.state) == 0 and sched.last_epoch == 0
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n], equal_nan=True, rtol=0, atol=0)
+
+
+def test_grad_clip_bounds_the_step_and_reports_the_unclipped_norm(tiny_model_dir: Path) -> None:
+    model = _load(tiny_model_dir)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    stats = policy_update(model, opt, _random_seqs(5, seed=9), RLConfig(kl_coef=0.0), grad_clip=1e-3)
+    assert float(stats["grad_norm"]) > 1e-3
+    pairs = zip(model.parameters(), before, strict=True)
+    delta = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in pairs))
+    assert float(delta) == pytest.approx(1e-3, rel=1e-3)  # SGD lr 1: the step IS the clipped gradient
+
+
+def test_scheduler_warms_up_then_stays_constant_and_resumes(tiny_model_dir: Path) -> None:
+    assert [warmup_constant(4)(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_constant(0)(0) == 1.0
+    model = _load(tiny_model_dir)
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=2))
+    sched = build_scheduler(opt, 2)
+    seqs = _random_seqs(3, seed=10)
+    lrs = [policy_update(model, opt, seqs, RLConfig(kl_coef=0.0), scheduler=sched)["lr"] for _ in range(3)]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])
+    opt2 = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=2))
+    sched2 = build_scheduler(opt2, 2)
+    sched2.load_state_dict(sched.state_dict())
+    assert sched2.last_epoch == 3 and sched2.get_last_lr() == pytest.approx([1e-3])
+
+
+def test_empty_batch_and_missing_reference_are_handled(tiny_model_dir: Path) -> None:
+    model = _load(tiny_model_dir)
+    opt = build_optimizer(model, OptimConfig())
+    stats = policy_update(model, opt, [], RLConfig())
+    assert stats["skipped_empty"] == 1.0 and stats["num_seqs"] == 0.0 and len(opt.state) == 0
+    with pytest.raises(ValueError, match="needs a reference policy"):
+        policy_update(model, opt, _random_seqs(2, seed=1), RLConfig(kl_coef=1e-3))
+
+
+def test_update_restores_train_mode_and_makes_one_step(tiny_model_dir: Path) -> None:
+    model = _load(tiny_model_dir)
+    model.eval()
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.0))
+    stats = policy_update(model, opt, _random_seqs(6, seed=12), RLConfig(kl_coef=0.0, micro_batch_tokens=30))
+    assert not model.training
+    assert stats["num_seqs"] == 6 and stats["num_seqs_memory"] == 2 and stats["skipped_nonfinite"] == 0.0
+    assert {int(s["step"]) for s in opt.state.values()} == {1}
+
+
+# --- LoRA: reference = adapters disabled --------------------------------------------------------------------
+
+def test_lora_reference_is_the_base_model_and_only_adapters_train(tiny_model_dir: Path) -> None:
+    base = _load(tiny_model_dir)
+    seqs = _random_seqs(4, seed=13)
+    base_lp = sequence_logprobs(base, seqs, 10_000)
+    model = apply_lora(_load(tiny_model_dir), LoraConfig(rank=4, alpha=8))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert adapters and all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0))
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for p in adapters.values())
+    cfg = RLConfig(kl_coef=0.1, micro_batch_tokens=50)
+    first = policy_update(model, opt, seqs, cfg)  # ref=None -> the peft model with its adapters disabled
+    assert first["kl"] == 0.0  # B = 0 at init: policy == reference exactly
+    second = policy_update(model, opt, seqs, cfg)
+    assert second["kl"] > 0.0  # the adapters moved; the reference did not
+
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), f"frozen weight {n} changed"
+    assert any(not torch.equal(p.detach(), adapters[n]) for n, p in model.named_parameters() if n in adapters)
+
+    adapted = sequence_logprobs(model, seqs, 10_000)
+    with model.disable_adapter():
+        disabled = sequence_logprobs(model, seqs, 10_000)
+    for a, d, b in zip(adapted, disabled, base_lp, strict=True):
+        torch.testing.assert_close(d, b, atol=1e-5, rtol=0)
+        assert float((a - b).abs().max()) > 1e-4

@@ -1,0 +1,102 @@
+"""Rollout tasks: exact E2E + IMR rewards with a scripted engine, group ids, the missing-IMR case, registry."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from train_helpers import scripted_responder, scripted_rows
+
+from memtrain.config import load_config
+from memtrain.engines.base import SamplingParams
+from memtrain.engines.scripted import ScriptedEngine
+from memtrain.models import load_tokenizer
+from memtrain.rl.tasks import TASKS, LongQATask, ProxyTask, check_rows, make_task
+
+AGENT = ["agent.chunk_tokens=12", "agent.max_chunks=4", "agent.memory_tokens=16", "agent.answer_tokens=16"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def _run(task, tokenizer):
+    engine = ScriptedEngine(scripted_responder, tokenizer)
+    return task.rollout(scripted_rows(), engine, SamplingParams(temperature=1.0, seed=3), 2, random.Random(0))
+
+
+def test_proxy_rewards_are_match_plus_lambda_over_g2_imr_sum(tokenizer) -> None:
+    config = load_config(None, [*AGENT, "rl.group_size=2", "rl.imr_group_size=2", "rl.imr_lambda=0.5"])
+    rollouts, counters = _run(ProxyTask(config, tokenizer), tokenizer)
+    e2e = [r for r in rollouts if r.kind == "e2e"]
+    imr = [r for r in rollouts if r.kind == "imr"]
+    # sample-major: A's two trajectories, then B's
+    assert [r.group for r in e2e] == ["A/e2e", "A/e2e", "B/e2e", "B/e2e"]
+    # A: trajectory 0 answers France (match 1), trajectory 1 Spain (0); each gets IMR matches [1, 0]
+    # -> bonus 0.5 / 2 * 1 = 0.25. B: wrong answer, no entity -> no IMR prompt, no bonus.
+    assert [r.reward for r in e2e] == pytest.approx([1.25, 0.25, 0.0, 0.0])
+    assert [r.metrics["e2e_match"] for r in e2e] == [1.0, 0.0, 0.0, 0.0]
+    assert [r.metrics["imr_prompt_found"] for r in e2e] == [1.0, 1.0, 0.0, 0.0]
+    assert counters["imr_none"] == 2 and counters["imr_prompts"] == 2
+    # one IMR group of G2 = 2 answers per trajectory of A, each a single 'imr' turn
+    assert [r.group for r in imr] == ["A/0/imr", "A/0/imr", "A/1/imr", "A/1/imr"]
+    assert [r.reward for r in imr] == [1.0, 0.0, 1.0, 0.0]
+    assert all(len(r.turns) == 1 and r.turns[0].kind == "imr" for r in imr)
+    assert all(r.record["label"] == "Paris" for r in imr)
+    # every turn of a trajectory is there: one memory turn per chunk, then the final answer
+    for r in e2e:
+        kinds = [t.kind for t in r.turns]
+        assert kinds == ["memory"] * r.record["num_chunks"] + ["final"]
+        assert r.record["num_chunks"] >= 2
+        assert r.record["memories"][1:] == ["noted the city"] * r.record["num_chunks"]
+    assert e2e[0].record["imr"]["label"] == "Paris" and e2e[0].record["imr"]["matches"] == [1.0, 0.0]
+    assert e2e[2].record["imr"] is None
+
+
+def test_proxy_lambda_and_imr_switch(tokenizer) -> None:
+    config = load_config(None, [*AGENT, "rl.imr_group_size=2", "rl.imr_lambda=2.0"])
+    rollouts, _ = _run(ProxyTask(config, tokenizer), tokenizer)
+    assert [r.reward for r in rollouts if r.kind == "e2e"] == pytest.approx([2.0, 1.0, 0.0, 0.0])
+    off = load_config(None, [*AGENT, "rl.imr=false"])
+    rollouts, counters = _run(ProxyTask(off, tokenizer), tokenizer)
+    assert {r.kind for r in rollouts} == {"e2e"}
+    assert [r.reward for r in rollouts] == [1.0, 0.0, 0.0, 0.0]
+    assert counters["imr_prompts"] == 0
+
+
+def test_longqa_reward_is_strict_em_of_the_final_answer(tokenizer) -> None:
+    config = load_config(None, [*AGENT, "train.task=longqa"])
+    task = make_task(config, tokenizer)
+    assert isinstance(task, LongQATask)
+    rows = scripted_rows()
+    rows[0]["answers"] = ["Germany", "France"]  # scored against ALL golds
+    rollouts, _ = task.rollout(rows, ScriptedEngine(scripted_responder, tokenizer), SamplingParams(), 2,
+                               random.Random(0))
+    assert [(r.group, r.kind, r.reward) for r in rollouts] == [
+        ("A/e2e", "e2e", 1.0), ("A/e2e", "e2e", 0.0), ("B/e2e", "e2e", 0.0), ("B/e2e", "e2e", 0.0)]
+    assert rollouts[0].metrics["e2e_em"] == 1.0 and rollouts[1].metrics["e2e_f1"] == 0.0
+
+
+def test_registry_and_row_checks(tokenizer) -> None:
+    assert set(TASKS) >= {"proxy", "longqa"}
+    config = load_config(None, ["train.task=searchqa"])
+    if "searchqa" not in TASKS:
+        with pytest.raises(ValueError, match="train.task 'searchqa' has no registered task"):
+            make_task(config, tokenizer)
+    task = ProxyTask(load_config(None, AGENT), tokenizer)
+    rows = scripted_rows()
+    del rows[1]["entity_spans"]
+    with pytest.raises(ValueError, match=r"row 1 \(id 'B'\) lacks entity_spans.*train.task='proxy'"):
+        check_rows(task, rows, "data/x")
+    with pytest.raises(ValueError, match="no rows"):
+        check_rows(task, [], "data/x")
+    rows = scripted_rows()
+    rows[0]["answers"] = []
+    with pytest.raises(ValueError, match="sample 'A': no gold 'answers'"):
+        _run_rows(task, tokenizer, rows)
+
+
+def _run_rows(task, tokenizer, rows):
+    return task.rollout(rows, ScriptedEngine(scripted_responder, tokenizer), SamplingParams(), 2, random.Random(0))

@@ -1,0 +1,105 @@
+"""`memtrain train` / `plot` / `merge-lora` end to end: run outputs, refusals, a killed run resumed, LoRA."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from train_helpers import config_yaml, write_proxy_dataset
+
+from memtrain.cli.main import main
+from memtrain.io import read_jsonl
+from memtrain.rl.metrics import REQUIRED_COLUMNS
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> Path:
+    return write_proxy_dataset(tmp_path / "data")
+
+
+def test_train_writes_a_complete_run_and_plots(tiny_model_dir: Path, data: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config_yaml(tiny_model_dir, data, tmp_path / "tiny.yaml")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "e2e_reward" in out.splitlines()[0] and f"memtrain plot {run}" in out
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert set(REQUIRED_COLUMNS) <= set(row)
+        assert row["reward_metric"] == "strict_em" and row["tokens_generated"] > 0
+        assert row["time_rollout_s"] > 0 and row["step_time_s"] >= row["time_update_s"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    samples = read_jsonl(run / "samples.jsonl")
+    assert {"question", "gold", "memories", "answer", "reward", "advantage", "imr"} <= set(samples[0])
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
+
+    assert main(["plot", str(run), "--table"]) == 0
+    printed = capsys.readouterr().out
+    pngs = sorted(run.glob("plots/*.png"))
+    assert [p.name for p in pngs] == ["kl.png", "lengths.png", "rewards.png", "timings.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert str(pngs[0]) in printed and "step" in printed
+
+    # an existing run is never overwritten, and resumes only with the same config
+    assert main(["train", "--config", str(cfg), "--out", str(run)]) == 1
+    assert "already holds a training run; pass --resume" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "rl.group_size=3", "--out", str(run), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "rl.group_size: 2 -> 3" in err
+    # more steps may be added; --config defaults to the run's own
+    assert main(["train", "--out", str(run), "--resume", "train.steps=3"]) == 0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_train_refuses_remote_engine_and_missing_data(tiny_model_dir: Path, data: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config_yaml(tiny_model_dir, data, tmp_path / "tiny.yaml")
+    assert main(["train", "--config", str(cfg), "engine.kind=openai", "--out", str(tmp_path / "r1")]) == 1
+    assert "requires weight sync" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), f"data.path={tmp_path / 'nope'}", "--out",
+                 str(tmp_path / "r2")]) == 1
+    assert "nope" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_and_loses_at_most_a_step(tiny_model_dir: Path, data: Path, tmp_path: Path) -> None:
+    cfg = config_yaml(tiny_model_dir, data, tmp_path / "tiny.yaml")
+    run = tmp_path / "run"
+    env = {**os.environ, "MEMTRAIN_NO_PROGRESS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "memtrain", "train", "--config", str(cfg), "train.steps=50",
+                             "train.tensorboard=false", "--out", str(run)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = run / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-run, no chance to clean up
+    _, err = proc.communicate()
+    assert latest.exists(), err.decode()[-2000:]
+    done = int(latest.read_text().strip().split("_")[1])
+    assert 1 <= done < 50
+    target = done + 2
+    assert main(["train", "--out", str(run), "--resume", f"train.steps={target}"]) == 0
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, target + 1))
+    assert latest.read_text().strip() == f"step_{target:06d}"
+
+
+def test_lora_run_resumes_and_merges(tiny_model_dir: Path, data: Path, tmp_path: Path) -> None:
+    cfg = config_yaml(tiny_model_dir, data, tmp_path / "lora.yaml", extra="")
+    run = tmp_path / "run"
+    lora = ["model.lora.rank=4", "model.lora.alpha=8", "rl.dynamic_filter=false", "train.tensorboard=false"]
+    assert main(["train", "--config", str(cfg), *lora, "train.steps=1", "--out", str(run)]) == 0
+    assert main(["train", "--config", str(cfg), *lora, "train.steps=2", "--out", str(run), "--resume"]) == 0
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["kl"] is not None
+    ckpt = run / "checkpoints" / "step_000002"
+    assert (ckpt / "adapter_model.safetensors").is_file()
+    merged = tmp_path / "merged"
+    assert main(["merge-lora", str(ckpt), "--out", str(merged)]) == 0
+    assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()

@@ -1,0 +1,170 @@
+"""The GRPO loop: grouping/filtering/broadcast, data order, exact resume, non-finite steps, batch refill."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import scripted_responder, scripted_rows, tiny_config, write_proxy_dataset
+
+from memtrain.config import load_config
+from memtrain.engines.base import SamplingParams
+from memtrain.engines.scripted import ScriptedEngine
+from memtrain.io import read_jsonl
+from memtrain.models import load_tokenizer
+from memtrain.rl import trainer as trainer_mod
+from memtrain.rl import update as update_mod
+from memtrain.rl.tasks import TASKS, LongQATask, ProxyTask
+from memtrain.rl.trainer import (
+    NonFiniteError,
+    batch_indices,
+    score_groups,
+    step_metrics,
+    train,
+    training_sequences,
+    unique_ids,
+)
+
+TIMING = ("time_rollout_s", "time_update_s", "step_time_s")
+
+
+def test_groups_filter_and_advantage_broadcast(tiny_model_dir: Path) -> None:
+    tok = load_tokenizer(str(tiny_model_dir))
+    config = load_config(None, ["agent.chunk_tokens=12", "agent.max_chunks=4", "agent.memory_tokens=16",
+                                "agent.answer_tokens=16", "rl.group_size=2", "rl.imr_group_size=2"])
+    rollouts, counters = ProxyTask(config, tok).rollout(scripted_rows(), ScriptedEngine(scripted_responder, tok),
+                                                         SamplingParams(), 2, random.Random(0))
+    # rewards: A/e2e [1.25, 0.25], B/e2e [0, 0] (uniform), A/0/imr [1, 0], A/1/imr [1, 0]
+    scored = score_groups(rollouts, std_norm=False, dynamic_filter=True)
+    assert scored.groups == {"A/e2e": True, "B/e2e": False, "A/0/imr": True, "A/1/imr": True}
+    by_group = {}
+    for r, adv in zip(scored.rollouts, scored.advantages, strict=True):
+        by_group.setdefault(r.group, []).append(adv)
+    assert by_group["A/e2e"] == pytest.approx([0.5, -0.5])  # Dr. GRPO: R - mean, no std division
+    assert by_group["A/0/imr"] == pytest.approx([0.5, -0.5])
+    seqs = training_sequences(scored)
+    e2e_turns = [t for r in rollouts if r.group == "A/e2e" for t in r.turns]
+    assert len(seqs) == len(e2e_turns) + 4  # B filtered away; every turn of A's trajectories + 4 IMR answers
+    first = rollouts[0]
+    assert [s.advantage for s in seqs[: len(first.turns)]] == pytest.approx([0.5] * len(first.turns))
+    assert [s.kind for s in seqs[: len(first.turns)]] == [t.kind for t in first.turns]
+    assert seqs[0].prompt_ids == first.turns[0].prompt_ids and seqs[0].old_logprobs == first.turns[0].logprobs
+    assert {s.group for s in seqs} == {"A/e2e", "A/0/imr", "A/1/imr"}
+
+    m = step_metrics(scored, counters)
+    assert m["groups"] == 4 and m["filtered_groups"] == 1
+    assert m["e2e_reward"] == pytest.approx((1.25 + 0.25) / 4) and m["imr_match"] == 0.5
+    assert m["e2e_match"] == 0.25 and m["imr_none"] == 2
+    assert m["tokens_generated"] == sum(len(t.completion_ids) for r in rollouts for t in r.turns)
+
+    std = score_groups(rollouts, std_norm=True, dynamic_filter=False)
+    assert all(std.kept) and [a for r, a in zip(std.rollouts, std.advantages, strict=True)
+                              if r.group == "B/e2e"] == [0.0, 0.0]
+
+
+def test_data_order_is_seeded_per_epoch_and_resumable() -> None:
+    stream = batch_indices(5, seed=7, shuffle=True, position=0, count=15)
+    assert sorted(stream[:5]) == sorted(stream[5:10]) == list(range(5))  # every row once per epoch
+    assert stream[:5] != stream[5:10] or stream[5:10] != stream[10:15]  # reshuffled per epoch
+    assert batch_indices(5, 7, True, 6, 4) == stream[6:10]  # any position recomputes the same rows
+    assert batch_indices(5, 8, True, 0, 5) != stream[:5]
+    assert batch_indices(4, 7, False, 2, 4) == [2, 3, 0, 1]
+    seen: dict[str, int] = {}
+    rows = unique_ids([{"id": "a"}, {"id": "b"}], seen) + unique_ids([{"id": "a"}], seen)
+    assert [r["id"] for r in rows] == ["a", "b", "a@2"]
+
+
+class ParityTask(LongQATask):
+    """LongQA rollouts rewarded by the share of even token ids in the final answer: a reward that differs
+    between the samples of a random-weight model, so every step has a real policy gradient."""
+
+    def rollout(self, samples, engine, params, group_size, rng):
+        rollouts, counters = super().rollout(samples, engine, params, group_size, rng)
+        for r in rollouts:
+            ids = r.turns[-1].completion_ids
+            r.reward = sum(i % 2 == 0 for i in ids) / len(ids)
+        return rollouts, counters
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
+
+
+def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(TASKS, "longqa", ParityTask)
+    data = write_proxy_dataset(tmp_path / "data")
+    over = ["train.task=longqa", "rl.group_size=3", "optim.lr=1e-2", "train.keep_last=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_config(tiny_model_dir, data, [*over, "train.steps=4"]), straight)
+    train(tiny_config(tiny_model_dir, data, [*over, "train.steps=2"]), resumed)
+    assert not (resumed / "checkpoints" / "step_000003").exists()
+    train(tiny_config(tiny_model_dir, data, [*over, "train.steps=4"]), resumed, resume=True)
+
+    a, b = _weights(straight, 4), _weights(resumed, 4)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert max(float((a[k] - initial[k]).abs().max()) for k in a) > 1e-3  # it really trained
+    rows_a, rows_b = read_jsonl(straight / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    assert any(r["grad_norm"] and r["grad_norm"] > 0 for r in rows_a)
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
+    # keep_last=3: steps 2..4 remain, 1 was pruned; samples.jsonl holds each step once
+    assert sorted(p.name for p in (resumed / "checkpoints").glob("step_*")) == [
+        "step_000002", "step_000003", "step_000004"]
+    assert [r["step"] for r in read_jsonl(resumed / "samples.jsonl")] == [s for s in (1, 2, 3, 4) for _ in range(4)]
+    # a finished run resumed again does nothing
+    train(tiny_config(tiny_model_dir, data, [*over, "train.steps=4"]), resumed, resume=True)
+    assert len(read_jsonl(resumed / "metrics.jsonl")) == 4
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_model_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    data = write_proxy_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_loss, real_update = update_mod.clipped_policy_loss, trainer_mod.policy_update
+
+    def poisoned_loss(*args, **kwargs):
+        per_token, stats = real_loss(*args, **kwargs)
+        return (per_token * math.nan if calls["n"] >= 2 else per_token), stats
+
+    def counting_update(*args, **kwargs):
+        calls["n"] += 1
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(update_mod, "clipped_policy_loss", poisoned_loss)
+    monkeypatch.setattr(trainer_mod, "policy_update", counting_update)
+    config = tiny_config(tiny_model_dir, data, ["rl.dynamic_filter=false", "train.steps=6"])
+    with pytest.raises(NonFiniteError, match=r"3 consecutive steps \(up to step 4\).*step_000001"):
+        train(config, run)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["skipped_nonfinite"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    assert rows[1]["loss"] is None  # NaN is written as null
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000001"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000001"]
+    # the skipped steps did not touch the weights: the checkpoint is the model after step 1, and resuming
+    # (with the poison gone) continues from it and redoes steps 2..3
+    monkeypatch.setattr(update_mod, "clipped_policy_loss", real_loss)
+    train(tiny_config(tiny_model_dir, data, ["rl.dynamic_filter=false", "train.steps=3"]), run, resume=True)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [(r["step"], r["skipped_nonfinite"]) for r in rows] == [(1, 0.0), (2, 0.0), (3, 0.0)]
+
+
+def test_fill_filtered_batches_rolls_out_more_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # a random model never boxes the right entity: every group is uniform (all 0) and filtered
+    data = write_proxy_dataset(tmp_path / "data")
+    config = tiny_config(tiny_model_dir, data, ["rl.fill_filtered_batches=true", "train.fill_max_rounds=2",
+                                                "train.steps=1", "train.tensorboard=false"])
+    train(config, tmp_path / "run")
+    (row,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert row["rollout_rounds"] == 2 and row["samples"] == 4 and row["data_position"] == 4
+    assert row["filtered_groups"] == row["groups"] > 0
+    assert row["skipped_empty"] == 1.0 and row["num_seqs"] == 0.0
+    assert row["documents"] == 4  # counters summed over both rounds
