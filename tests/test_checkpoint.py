@@ -1,4 +1,4 @@
-"""Checkpoints: atomic layout, latest pointer, pruning, stale temp dirs, config fingerprints, RNG, LoRA merge."""
+"""Checkpoints: atomic layout, latest pointer, pruning, stale temp dirs, fingerprints, RNG, LoRA merge."""
 
 from __future__ import annotations
 
@@ -37,9 +37,17 @@ def test_save_latest_prune_and_resume_state(tiny_model_dir: Path, tmp_path: Path
     assert ck.latest_checkpoint(run) is None
     for step in (1, 2, 3):
         _step(model, opt, sched)
-        ck.save_checkpoint(run, step, model, tok, opt, sched, {"data_position": 2 * step, "nonfinite_streak": 0,
-                                                               "fingerprint": "abc"}, keep_last=2,
-                           model_name=str(tiny_model_dir))
+        ck.save_checkpoint(
+            run,
+            step,
+            model,
+            tok,
+            opt,
+            sched,
+            {"data_position": 2 * step, "nonfinite_streak": 0, "fingerprint": "abc"},
+            keep_last=2,
+            model_name=str(tiny_model_dir),
+        )
     assert [s for s, _ in ck.list_checkpoints(run)] == [2, 3]
     latest = ck.latest_checkpoint(run)
     assert latest == run / "checkpoints" / "step_000003"
@@ -60,7 +68,7 @@ def test_save_latest_prune_and_resume_state(tiny_model_dir: Path, tmp_path: Path
     assert [s for s, _ in ck.list_checkpoints(run)] == [2, 3]
     assert len(ck.remove_partial_checkpoints(run)) == 1
     (run / "checkpoints" / "latest").write_text("step_000009\n")
-    with pytest.raises(FileNotFoundError, match="step_000009.*not a complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match=r"step_000009.*not a complete checkpoint"):
         ck.latest_checkpoint(run)
 
 
@@ -86,8 +94,17 @@ def test_lora_checkpoint_reload_and_merge(tiny_model_dir: Path, tmp_path: Path) 
     model, tok, opt, sched = _setup(tiny_model_dir, lora=True)
     _step(model, opt, sched)
     _step(model, opt, sched)  # B != 0 now: the adapter changes the outputs
-    path = ck.save_checkpoint(tmp_path / "run", 2, model, tok, opt, sched, {"fingerprint": "x"}, keep_last=1,
-                              model_name=str(tiny_model_dir))
+    path = ck.save_checkpoint(
+        tmp_path / "run",
+        2,
+        model,
+        tok,
+        opt,
+        sched,
+        {"fingerprint": "x"},
+        keep_last=1,
+        model_name=str(tiny_model_dir),
+    )
     assert (path / "adapter_model.safetensors").is_file() and not (path / "model.safetensors").exists()
     meta = (path / "meta.json").read_text()
     assert '"weights": "lora_adapter"' in meta and "memtrain merge-lora" in meta

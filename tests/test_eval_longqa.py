@@ -144,7 +144,8 @@ def test_cli_with_the_tiny_model(eval_set: Path, tmp_path: Path, tiny_model_dir:
                                  capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cli"
     assert main(["eval", "longqa", "--model", str(tiny_model_dir), "--data", str(eval_set), "--out", str(out),
-                 "--limit", "1", *SMALL_AGENT]) == 0
+                 "--limit", "1", "agent.chunk_tokens=200", "agent.memory_tokens=8", "agent.answer_tokens=8",
+                 "agent.max_chunks=2"]) == 0
     printed = capsys.readouterr().out
     assert "| 4 | 1 |" in printed and "| 12 | 1 |" in printed
     recs = read_jsonl(out / EXAMPLES)

@@ -103,7 +103,7 @@ def test_cli_with_corpus_retriever_and_tiny_model(setup: dict[str, Path], tmp_pa
     out = tmp_path / "cli"
     assert main(["eval", "searchqa", "--model", str(tiny_model_dir), "--data", str(setup["data"]),
                  "--retriever", str(setup["corpus"]), "--out", str(out), "--limit", "1",
-                 "search.max_turns=2", "search.response_tokens=16"]) == 0
+                 "search.max_turns=2", "search.response_tokens=8"]) == 0
     printed = capsys.readouterr().out
     assert "| geo | 1 |" in printed and "| trivia | 1 |" in printed
     assert list((tmp_path / "home" / "retrievers").iterdir())  # the BM25 index was built and cached

@@ -1,4 +1,4 @@
-"""Rollout tasks: exact E2E + IMR rewards with a scripted engine, group ids, the missing-IMR case, registry."""
+"""Rollout tasks: exact E2E + IMR rewards with a scripted engine, group ids, missing IMR, registry."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import random
 from pathlib import Path
 
 import pytest
-from train_helpers import scripted_responder, scripted_rows
 
 from memtrain.config import load_config
 from memtrain.engines.base import SamplingParams
 from memtrain.engines.scripted import ScriptedEngine
 from memtrain.models import load_tokenizer
 from memtrain.rl.tasks import TASKS, LongQATask, ProxyTask, check_rows, make_task
+from train_helpers import scripted_responder, scripted_rows
 
 AGENT = ["agent.chunk_tokens=12", "agent.max_chunks=4", "agent.memory_tokens=16", "agent.answer_tokens=16"]
 
@@ -72,10 +72,15 @@ def test_longqa_reward_is_strict_em_of_the_final_answer(tokenizer) -> None:
     assert isinstance(task, LongQATask)
     rows = scripted_rows()
     rows[0]["answers"] = ["Germany", "France"]  # scored against ALL golds
-    rollouts, _ = task.rollout(rows, ScriptedEngine(scripted_responder, tokenizer), SamplingParams(), 2,
-                               random.Random(0))
+    rollouts, _ = task.rollout(
+        rows, ScriptedEngine(scripted_responder, tokenizer), SamplingParams(), 2, random.Random(0)
+    )
     assert [(r.group, r.kind, r.reward) for r in rollouts] == [
-        ("A/e2e", "e2e", 1.0), ("A/e2e", "e2e", 0.0), ("B/e2e", "e2e", 0.0), ("B/e2e", "e2e", 0.0)]
+        ("A/e2e", "e2e", 1.0),
+        ("A/e2e", "e2e", 0.0),
+        ("B/e2e", "e2e", 0.0),
+        ("B/e2e", "e2e", 0.0),
+    ]
     assert rollouts[0].metrics["e2e_em"] == 1.0 and rollouts[1].metrics["e2e_f1"] == 0.0
 
 
@@ -83,7 +88,7 @@ def test_registry_and_row_checks(tokenizer) -> None:
     assert set(TASKS) >= {"proxy", "longqa"}
     config = load_config(None, ["train.task=searchqa"])
     if "searchqa" not in TASKS:
-        with pytest.raises(ValueError, match="train.task 'searchqa' has no registered task"):
+        with pytest.raises(ValueError, match=r"train\.task 'searchqa' has no registered task"):
             make_task(config, tokenizer)
     task = ProxyTask(load_config(None, AGENT), tokenizer)
     rows = scripted_rows()
@@ -99,4 +104,6 @@ def test_registry_and_row_checks(tokenizer) -> None:
 
 
 def _run_rows(task, tokenizer, rows):
-    return task.rollout(rows, ScriptedEngine(scripted_responder, tokenizer), SamplingParams(), 2, random.Random(0))
+    return task.rollout(
+        rows, ScriptedEngine(scripted_responder, tokenizer), SamplingParams(), 2, random.Random(0)
+    )

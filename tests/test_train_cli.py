@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import config_yaml, write_proxy_dataset
 
 from memtrain.cli.main import main
 from memtrain.io import read_jsonl
 from memtrain.rl.metrics import REQUIRED_COLUMNS
+from train_helpers import config_yaml, write_proxy_dataset
 
 
 @pytest.fixture()
@@ -22,8 +22,9 @@ def data(tmp_path: Path) -> Path:
     return write_proxy_dataset(tmp_path / "data")
 
 
-def test_train_writes_a_complete_run_and_plots(tiny_model_dir: Path, data: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_writes_a_complete_run_and_plots(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = config_yaml(tiny_model_dir, data, tmp_path / "tiny.yaml")
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--out", str(run)]) == 0
@@ -38,7 +39,9 @@ def test_train_writes_a_complete_run_and_plots(tiny_model_dir: Path, data: Path,
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     samples = read_jsonl(run / "samples.jsonl")
     assert {"question", "gold", "memories", "answer", "reward", "advantage", "imr"} <= set(samples[0])
-    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert (run / "config.yaml").is_file() and (
+        run / "checkpoints" / "latest"
+    ).read_text().strip() == "step_000002"
 
     assert main(["plot", str(run), "--table"]) == 0
     printed = capsys.readouterr().out
@@ -58,23 +61,42 @@ def test_train_writes_a_complete_run_and_plots(tiny_model_dir: Path, data: Path,
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
 
 
-def test_train_refuses_remote_engine_and_missing_data(tiny_model_dir: Path, data: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_refuses_remote_engine_and_missing_data(
+    tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = config_yaml(tiny_model_dir, data, tmp_path / "tiny.yaml")
     assert main(["train", "--config", str(cfg), "engine.kind=openai", "--out", str(tmp_path / "r1")]) == 1
     assert "requires weight sync" in capsys.readouterr().err
-    assert main(["train", "--config", str(cfg), f"data.path={tmp_path / 'nope'}", "--out",
-                 str(tmp_path / "r2")]) == 1
+    assert (
+        main(["train", "--config", str(cfg), f"data.path={tmp_path / 'nope'}", "--out", str(tmp_path / "r2")])
+        == 1
+    )
     assert "nope" in capsys.readouterr().err
 
 
-def test_killed_run_resumes_and_loses_at_most_a_step(tiny_model_dir: Path, data: Path, tmp_path: Path) -> None:
+def test_killed_run_resumes_and_loses_at_most_a_step(
+    tiny_model_dir: Path, data: Path, tmp_path: Path
+) -> None:
     cfg = config_yaml(tiny_model_dir, data, tmp_path / "tiny.yaml")
     run = tmp_path / "run"
     env = {**os.environ, "MEMTRAIN_NO_PROGRESS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "memtrain", "train", "--config", str(cfg), "train.steps=50",
-                             "train.tensorboard=false", "--out", str(run)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memtrain",
+            "train",
+            "--config",
+            str(cfg),
+            "train.steps=50",
+            "train.tensorboard=false",
+            "--out",
+            str(run),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     latest = run / "checkpoints" / "latest"
     deadline = time.monotonic() + 120
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import scripted_responder, scripted_rows, tiny_config, write_proxy_dataset
 
 from memtrain.config import load_config
 from memtrain.engines.base import SamplingParams
@@ -28,16 +27,27 @@ from memtrain.rl.trainer import (
     training_sequences,
     unique_ids,
 )
+from train_helpers import scripted_responder, scripted_rows, tiny_config, write_proxy_dataset
 
 TIMING = ("time_rollout_s", "time_update_s", "step_time_s")
 
 
 def test_groups_filter_and_advantage_broadcast(tiny_model_dir: Path) -> None:
     tok = load_tokenizer(str(tiny_model_dir))
-    config = load_config(None, ["agent.chunk_tokens=12", "agent.max_chunks=4", "agent.memory_tokens=16",
-                                "agent.answer_tokens=16", "rl.group_size=2", "rl.imr_group_size=2"])
-    rollouts, counters = ProxyTask(config, tok).rollout(scripted_rows(), ScriptedEngine(scripted_responder, tok),
-                                                         SamplingParams(), 2, random.Random(0))
+    config = load_config(
+        None,
+        [
+            "agent.chunk_tokens=12",
+            "agent.max_chunks=4",
+            "agent.memory_tokens=16",
+            "agent.answer_tokens=16",
+            "rl.group_size=2",
+            "rl.imr_group_size=2",
+        ],
+    )
+    rollouts, counters = ProxyTask(config, tok).rollout(
+        scripted_rows(), ScriptedEngine(scripted_responder, tok), SamplingParams(), 2, random.Random(0)
+    )
     # rewards: A/e2e [1.25, 0.25], B/e2e [0, 0] (uniform), A/0/imr [1, 0], A/1/imr [1, 0]
     scored = score_groups(rollouts, std_norm=False, dynamic_filter=True)
     assert scored.groups == {"A/e2e": True, "B/e2e": False, "A/0/imr": True, "A/1/imr": True}
@@ -62,8 +72,9 @@ def test_groups_filter_and_advantage_broadcast(tiny_model_dir: Path) -> None:
     assert m["tokens_generated"] == sum(len(t.completion_ids) for r in rollouts for t in r.turns)
 
     std = score_groups(rollouts, std_norm=True, dynamic_filter=False)
-    assert all(std.kept) and [a for r, a in zip(std.rollouts, std.advantages, strict=True)
-                              if r.group == "B/e2e"] == [0.0, 0.0]
+    assert all(std.kept) and [
+        a for r, a in zip(std.rollouts, std.advantages, strict=True) if r.group == "B/e2e"
+    ] == [0.0, 0.0]
 
 
 def test_data_order_is_seeded_per_epoch_and_resumable() -> None:
@@ -94,7 +105,9 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
 
 
-def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_continues_exactly(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(TASKS, "longqa", ParityTask)
     data = write_proxy_dataset(tmp_path / "data")
     over = ["train.task=longqa", "rl.group_size=3", "optim.lr=1e-2", "train.keep_last=3"]
@@ -114,18 +127,26 @@ def test_resume_continues_exactly(tiny_model_dir: Path, tmp_path: Path, monkeypa
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
     assert any(r["grad_norm"] and r["grad_norm"] > 0 for r in rows_a)
     for ra, rb in zip(rows_a, rows_b, strict=True):
-        assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {
+            k: v for k, v in rb.items() if k not in TIMING
+        }
     # keep_last=3: steps 2..4 remain, 1 was pruned; samples.jsonl holds each step once
     assert sorted(p.name for p in (resumed / "checkpoints").glob("step_*")) == [
-        "step_000002", "step_000003", "step_000004"]
-    assert [r["step"] for r in read_jsonl(resumed / "samples.jsonl")] == [s for s in (1, 2, 3, 4) for _ in range(4)]
+        "step_000002",
+        "step_000003",
+        "step_000004",
+    ]
+    assert [r["step"] for r in read_jsonl(resumed / "samples.jsonl")] == [
+        s for s in (1, 2, 3, 4) for _ in range(4)
+    ]
     # a finished run resumed again does nothing
     train(tiny_config(tiny_model_dir, data, [*over, "train.steps=4"]), resumed, resume=True)
     assert len(read_jsonl(resumed / "metrics.jsonl")) == 4
 
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_model_dir: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nonfinite_steps_are_skipped_then_stop_the_run(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = write_proxy_dataset(tmp_path / "data")
     run = tmp_path / "run"
     calls = {"n": 0}
@@ -160,8 +181,16 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_model_dir: Path, tmp
 def test_fill_filtered_batches_rolls_out_more_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
     # a random model never boxes the right entity: every group is uniform (all 0) and filtered
     data = write_proxy_dataset(tmp_path / "data")
-    config = tiny_config(tiny_model_dir, data, ["rl.fill_filtered_batches=true", "train.fill_max_rounds=2",
-                                                "train.steps=1", "train.tensorboard=false"])
+    config = tiny_config(
+        tiny_model_dir,
+        data,
+        [
+            "rl.fill_filtered_batches=true",
+            "train.fill_max_rounds=2",
+            "train.steps=1",
+            "train.tensorboard=false",
+        ],
+    )
     train(config, tmp_path / "run")
     (row,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert row["rollout_rounds"] == 2 and row["samples"] == 4 and row["data_position"] == 4

@@ -216,6 +216,8 @@ def test_agent_loop_run_returns_one_output_per_model_call(verl: Any, tiny_model_
     odd = load_config(None, [f"model.name={tiny_model_dir}", *AGENT,
                              "agent.templates.final=Costs ${price}. {problem} {memory}"])
     assert _agent_loop(odd, tokenizer, None).memtrain_config == odd
+    # verl builds a loop per trajectory; the task is built once per worker process
+    assert _agent_loop(config, tokenizer, None).task is _agent_loop(config, tokenizer, None).task
     sessions, server = _sessions(config, tokenizer, scripted_rows()[:1], ["u1"])
     for s, outputs in enumerate(sessions):
         metas = [o.extra_fields[META_KEY] for o in outputs]

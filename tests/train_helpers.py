@@ -12,28 +12,61 @@ import pyarrow as pa
 from memtrain.config import Config, load_config
 from memtrain.data.dataset import write_dataset
 
-PROXY_SCHEMA = pa.schema([
-    ("id", pa.string()), ("context", pa.string()), ("question", pa.string()), ("answers", pa.list_(pa.string())),
-    ("entity_spans", pa.list_(pa.struct([("start", pa.int64()), ("end", pa.int64()), ("label", pa.string())]))),
-])
+PROXY_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("context", pa.string()),
+        ("question", pa.string()),
+        ("answers", pa.list_(pa.string())),
+        (
+            "entity_spans",
+            pa.list_(pa.struct([("start", pa.int64()), ("end", pa.int64()), ("label", pa.string())])),
+        ),
+    ]
+)
 
-ENTITIES = {"Paris": "GPE", "Berlin": "GPE", "Rome": "GPE", "Madrid": "GPE", "1889": "DATE", "1989": "DATE",
-            "France": "GPE", "Germany": "GPE", "Italy": "GPE", "Spain": "GPE"}
+ENTITIES = {
+    "Paris": "GPE",
+    "Berlin": "GPE",
+    "Rome": "GPE",
+    "Madrid": "GPE",
+    "1889": "DATE",
+    "1989": "DATE",
+    "France": "GPE",
+    "Germany": "GPE",
+    "Italy": "GPE",
+    "Spain": "GPE",
+}
 
 ARTICLES = [
-    ("Paris is the capital of France. The Eiffel Tower was completed in 1889 in Paris. Berlin is the capital "
-     "of Germany. Rome is in Italy.", "France"),
-    ("Berlin is the capital of Germany. The wall fell in 1989. Rome is in Italy. Paris is the capital of France "
-     "and Berlin is large.", "Germany"),
-    ("Rome is in Italy. The Colosseum stands in Rome. Paris is the capital of France. Berlin is the capital of "
-     "Germany.", "Italy"),
-    ("Madrid is the capital of Spain. Paris hosted a fair in 1889. Rome is in Italy and Madrid is large.", "Spain"),
+    (
+        "Paris is the capital of France. The Eiffel Tower was completed in 1889 in Paris. "
+        "Berlin is the capital of Germany. Rome is in Italy.",
+        "France",
+    ),
+    (
+        "Berlin is the capital of Germany. The wall fell in 1989. Rome is in Italy. "
+        "Paris is the capital of France and Berlin is large.",
+        "Germany",
+    ),
+    (
+        "Rome is in Italy. The Colosseum stands in Rome. Paris is the capital of France. "
+        "Berlin is the capital of Germany.",
+        "Italy",
+    ),
+    (
+        "Madrid is the capital of Spain. Paris hosted a fair in 1889. Rome is in Italy and Madrid is large.",
+        "Spain",
+    ),
 ]
 
 
 def entity_spans(context: str) -> list[dict[str, Any]]:
-    return [{"start": m.start(), "end": m.end(), "label": label}
-            for entity, label in ENTITIES.items() for m in re.finditer(rf"\b{re.escape(entity)}\b", context)]
+    return [
+        {"start": m.start(), "end": m.end(), "label": label}
+        for entity, label in ENTITIES.items()
+        for m in re.finditer(rf"\b{re.escape(entity)}\b", context)
+    ]
 
 
 def proxy_rows(n: int = len(ARTICLES)) -> list[dict[str, Any]]:
@@ -42,8 +75,15 @@ def proxy_rows(n: int = len(ARTICLES)) -> list[dict[str, Any]]:
     for i in range(n):
         text, answer = ARTICLES[i % len(ARTICLES)]
         context = re.sub(rf"\b{answer}\b", "[MASK]", text)
-        rows.append({"id": f"doc{i}", "context": context, "question": "Which entity does [MASK] stand for?",
-                     "answers": [answer], "entity_spans": entity_spans(context)})
+        rows.append(
+            {
+                "id": f"doc{i}",
+                "context": context,
+                "question": "Which entity does [MASK] stand for?",
+                "answers": [answer],
+                "entity_spans": entity_spans(context),
+            }
+        )
     return rows
 
 
@@ -62,16 +102,28 @@ SHORT_TEMPLATES = {
 }
 
 
-def tiny_config(model_dir: Path, data_dir: Path, overrides: list[str] | None = None,
-                path: Path | None = None) -> Config:
+def tiny_config(
+    model_dir: Path, data_dir: Path, overrides: list[str] | None = None, path: Path | None = None
+) -> Config:
     """A config that runs a step of the whole loop in about a second on the tiny model."""
     base = [
-        f"model.name={model_dir}", f"data.path={data_dir}",
-        "agent.chunk_tokens=24", "agent.memory_tokens=6", "agent.answer_tokens=4", "agent.max_chunks=2",
-        "rl.group_size=2", "rl.imr_group_size=2", "rl.micro_batch_tokens=4096",
-        "optim.lr=1e-3", "optim.warmup_steps=1",
-        "train.batch_size=2", "train.steps=2", "train.checkpoint_every=1", "train.sample_every=1",
-        "train.threads=2", "engine.batch_size=16",
+        f"model.name={model_dir}",
+        f"data.path={data_dir}",
+        "agent.chunk_tokens=24",
+        "agent.memory_tokens=6",
+        "agent.answer_tokens=4",
+        "agent.max_chunks=2",
+        "rl.group_size=2",
+        "rl.imr_group_size=2",
+        "rl.micro_batch_tokens=4096",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=1",
+        "train.batch_size=2",
+        "train.steps=2",
+        "train.checkpoint_every=1",
+        "train.sample_every=1",
+        "train.threads=2",
+        "engine.batch_size=16",
     ]
     config = load_config(path, base + list(overrides or []))
     config.agent.templates = dict(SHORT_TEMPLATES)
@@ -80,7 +132,8 @@ def tiny_config(model_dir: Path, data_dir: Path, overrides: list[str] | None = N
 
 def config_yaml(model_dir: Path, data_dir: Path, path: Path, extra: str = "") -> Path:
     """The same settings as ``tiny_config`` as a YAML file (for CLI tests)."""
-    path.write_text(f"""\
+    path.write_text(
+        f"""\
 model: {{name: {model_dir}}}
 data: {{path: {data_dir}}}
 agent:
@@ -93,7 +146,9 @@ rl: {{group_size: 2, imr_group_size: 2, micro_batch_tokens: 4096}}
 optim: {{lr: 1.0e-3, warmup_steps: 1}}
 train: {{batch_size: 2, steps: 2, checkpoint_every: 1, sample_every: 1, threads: 2}}
 engine: {{batch_size: 16}}
-{extra}""", encoding="utf-8")
+{extra}""",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -116,7 +171,19 @@ def scripted_rows() -> list[dict[str, Any]]:
     a = "The city of Paris is old. The [MASK] flag is blue. Paris has a river. The [MASK] coast is long."
     b = "The [MASK] forest is dark. Its rivers are long and its cities are old and large."
     spans_a = [{"start": m.start(), "end": m.end(), "label": "GPE"} for m in re.finditer("Paris", a)]
-    return [{"id": "A", "context": a, "question": "Which entity does [MASK] stand for?", "answers": ["France"],
-             "entity_spans": spans_a},
-            {"id": "B", "context": b, "question": "Which entity does [MASK] stand for?", "answers": ["Germany"],
-             "entity_spans": []}]
+    return [
+        {
+            "id": "A",
+            "context": a,
+            "question": "Which entity does [MASK] stand for?",
+            "answers": ["France"],
+            "entity_spans": spans_a,
+        },
+        {
+            "id": "B",
+            "context": b,
+            "question": "Which entity does [MASK] stand for?",
+            "answers": ["Germany"],
+            "entity_spans": [],
+        },
+    ]

@@ -31,7 +31,7 @@ from memtrain.prompts import render
 from memtrain.scoring import extract_answer, score
 
 Mode = Literal["memory", "full-context"]
-EXTRA_KEYS = ("num_doc_tokens",)
+EXTRA_KEYS = ("num_doc_tokens", "truncated")  # mean tokens; share of documents cut to max_chunks
 
 
 def load_engine(cfg: Config, engine: Engine | None = None, tokenizer: Any = None) -> tuple[Engine, Any]:

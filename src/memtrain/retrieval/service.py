@@ -228,6 +228,7 @@ def open_retriever(spec: str | Path, index_dir: str | Path | None = None,
 class _Handler(BaseHTTPRequestHandler):
     server: RetrieverServer
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("retriever %s - %s", self.address_string(), format % args)

@@ -30,10 +30,20 @@ from memtrain.backends.verl import AGENT_NAME, META_KEY, ROW_COLUMN
 from memtrain.config import Config
 from memtrain.engines.base import Completion, GenerationRequest, SamplingParams
 from memtrain.engines.checks import validate_requests
-from memtrain.rl.tasks import Rollout, make_task
+from memtrain.rl.tasks import Rollout, Task, make_task
 
 # The task is synchronous; each running session holds one thread while its requests are awaited.
 _EXECUTOR = ThreadPoolExecutor(max_workers=256, thread_name_prefix="memtrain-agent")
+# verl builds an agent loop per trajectory; the task (e.g. a search task's retriever) is built once per worker
+_TASKS: dict[tuple[str, int], Task] = {}
+
+
+def task_for(config: Config, tokenizer: Any) -> Task:
+    """The task of ``config`` for ``tokenizer``, built once per process."""
+    key = (config.model_dump_json(), id(tokenizer))
+    if key not in _TASKS:
+        _TASKS[key] = make_task(config, tokenizer)
+    return _TASKS[key]
 
 
 def completion_from_tokens(tokenizer: Any, token_ids: list[int], log_probs: list[float] | None,
@@ -170,7 +180,7 @@ class MemtrainAgentLoop(AgentLoopBase):
         if isinstance(memtrain_config, DictConfig):  # as hydra.utils.instantiate passes it, resolved once
             memtrain_config = OmegaConf.to_container(memtrain_config, resolve=False)
         self.memtrain_config = Config.model_validate(memtrain_config)
-        self.task = make_task(self.memtrain_config, self.tokenizer)
+        self.task = task_for(self.memtrain_config, self.tokenizer)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> list[AgentLoopOutput]:
         if ROW_COLUMN not in kwargs:

@@ -1,0 +1,131 @@
+"""Time per GRPO training step of the CPU demo config, split into rollout / reference / update.
+
+The loop is the trainer's own (``memtrain.rl.trainer``: ``build_policy``, ``collect_rollouts``,
+``training_sequences``, ``policy_update``); the reference pass, which ``policy_update`` runs inside its
+micro-batch loop, is also timed on its own (``sequence_logprobs`` of the frozen reference over the same
+sequences) so it can be split off the update time. The DAPO filter is off here (``rl.dynamic_filter=false``)
+so every step updates on all its sequences: with it on, an untrained SmolLM2 leaves most groups uniform and
+the update time would measure mostly nothing.
+
+    python benchmarks/bench_train.py [--config configs/memtrain_demo_cpu.yaml] [--data runs/demo-data]
+                                     [--steps 2] [KEY=VALUE ...]
+
+Needs the demo dataset (``bash scripts/demo.sh`` builds it, or the ``memtrain data proxy`` line in the
+config's header).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(2)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MEMTRAIN_NO_PROGRESS", "1")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/memtrain_demo_cpu.yaml")
+    parser.add_argument("--data", default="runs/demo-data")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from memtrain.config import load_config
+    from memtrain.data.dataset import load_rows
+    from memtrain.engines.hf import HFEngine
+    from memtrain.models import load_tokenizer
+    from memtrain.rl.optim import build_optimizer, build_scheduler
+    from memtrain.rl.tasks import check_rows, make_task
+    from memtrain.rl.trainer import build_policy, collect_rollouts, step_metrics, training_sequences
+    from memtrain.rl.update import policy_update, sequence_logprobs
+
+    if not (Path(args.data) / "manifest.json").is_file():
+        raise SystemExit(
+            f"{args.data} holds no dataset: run `bash scripts/demo.sh` (or its `memtrain data proxy` "
+            "line) first, or pass --data"
+        )
+    config = load_config(
+        args.config, [f"data.path={args.data}", "rl.dynamic_filter=false", "train.threads=2", *args.overrides]
+    )
+    torch.manual_seed(config.train.seed)
+    tokenizer = load_tokenizer(config.model.name)
+    task = make_task(config, tokenizer)
+    rows = load_rows(config.data.path)
+    check_rows(task, rows, config.data.path)
+    model, ref = build_policy(config, "cpu", None)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim.warmup_steps)
+    engine = HFEngine(model, tokenizer, batch_size=config.engine.batch_size)
+
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"config: {args.config} ({config.model.name}, batch {config.train.batch_size}, G1 "
+        f"{config.rl.group_size}, G2 {config.rl.imr_group_size}, chunk {config.agent.chunk_tokens}, memory "
+        f"{config.agent.memory_tokens}, max_chunks {config.agent.max_chunks}), dynamic_filter off"
+    )
+    header = (
+        f"{'step':>4} {'rollout_s':>9} {'gen_tok':>7} {'gen_tok/s':>9} {'seqs':>5} {'seq_tok':>7} "
+        f"{'ref_s':>6} {'update_s':>8} {'upd_tok/s':>9} {'step_s':>7}"
+    )
+    print(header)
+    position = 0
+    totals = {"rollout": 0.0, "ref": 0.0, "update": 0.0, "gen": 0, "tok": 0}
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        batch = collect_rollouts(task, rows, engine, config, step, position)
+        position = batch.position
+        t_roll = time.perf_counter() - t0
+        seqs = training_sequences(batch.scored)
+        gen = int(step_metrics(batch.scored, batch.counters)["tokens_generated"])
+        tokens = sum(s.length for s in seqs)
+        t1 = time.perf_counter()
+        if ref is not None:
+            sequence_logprobs(ref, seqs, config.rl.micro_batch_tokens)
+        t_ref = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        policy_update(
+            model, optimizer, seqs, config.rl, ref=ref, scheduler=scheduler, grad_clip=config.optim.grad_clip
+        )
+        t_upd = max(time.perf_counter() - t2 - t_ref, 1e-9)  # policy_update ran the reference pass too
+        step_s = t_roll + t_ref + t_upd
+        print(
+            f"{step:>4} {t_roll:>9.1f} {gen:>7} {gen / t_roll:>9.1f} {len(seqs):>5} {tokens:>7} "
+            f"{t_ref:>6.1f} {t_upd:>8.1f} {tokens / t_upd:>9.0f} {step_s:>7.1f}"
+        )
+        for k, v in (("rollout", t_roll), ("ref", t_ref), ("update", t_upd), ("gen", gen), ("tok", tokens)):
+            totals[k] += v
+    n = args.steps
+    print(
+        f"mean per step: rollout {totals['rollout'] / n:.1f}s "
+        f"({totals['gen'] / totals['rollout']:.1f} generated tok/s), reference {totals['ref'] / n:.1f}s, "
+        f"update {totals['update'] / n:.1f}s "
+        f"({totals['tok'] / totals['update']:.0f} tok/s forward+backward), "
+        f"step {(totals['rollout'] + totals['ref'] + totals['update']) / n:.1f}s"
+    )
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20):.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
