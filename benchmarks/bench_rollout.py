@@ -176,6 +176,23 @@ def run_alone(model: Any, tokenizer: Any, cfg: AgentConfig, agent: MemoryAgent, 
     return stats
 
 
+def summarise(name: str, s: dict[str, float], timer: PrefillTimer, ceiling: float) -> dict[str, Any]:
+    """Rates of one run plus its prefill figures; printed at once, so a long run shows progress."""
+    gen_rate = s["generated_tokens"] / s["seconds"]
+    prompt_rate = s["prompt_tokens"] / s["seconds"]
+    prefill_gflops = timer.flops / timer.seconds / 1e9 if timer.seconds else 0.0
+    print(f"{name:>22}: {s['conversations']:3d} conversations, {s['turns']:3d} turns, "
+          f"{s['seconds']:7.1f} s ({s['cpu_seconds']:.0f} CPU-s), {s['generated_tokens']:6d} generated "
+          f"({gen_rate:6.2f}/s), {s['prompt_tokens']:6d} prompt tokens ({prompt_rate:7.1f}/s); "
+          f"prefill {timer.seconds:.1f} s in {timer.calls} calls at {prefill_gflops:.1f} GFLOP/s = "
+          f"{prefill_gflops / ceiling:.0%} of the ceiling ({timer.useful_flops / max(timer.flops, 1.0):.0%} "
+          "of those FLOPs on real tokens' linear layers)", flush=True)
+    return {"name": name, **s, "generated_per_s": gen_rate, "prompt_per_s": prompt_rate,
+            "prefill_seconds": timer.seconds, "prefill_calls": timer.calls, "prefill_gflops": prefill_gflops,
+            "prefill_fraction_of_ceiling": prefill_gflops / ceiling,
+            "prefill_useful_fraction": timer.useful_flops / max(timer.flops, 1.0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -209,31 +226,13 @@ def main() -> None:
           f"answer cap {args.answer_tokens}, temperature 1.0")
     timer = PrefillTimer(model)
 
+    rows = []
     agent_stats = run_agent(agent, samples, args.samples, args.seed)
-    agent_prefill = {"seconds": timer.seconds, "flops": timer.flops, "useful_flops": timer.useful_flops,
-                     "calls": timer.calls}
+    rows.append(summarise("agent loop (waves)", agent_stats, timer, ceiling))
     timer.reset()
     limit = args.baseline_limit or args.docs * args.samples
     alone = run_alone(model, tokenizer, cfg, agent, samples, args.samples, limit, args.seed)
-    alone_prefill = {"seconds": timer.seconds, "flops": timer.flops, "useful_flops": timer.useful_flops,
-                     "calls": timer.calls}
-
-    rows = []
-    for name, s, p in (("agent loop (waves)", agent_stats, agent_prefill),
-                       ("each alone (generate)", alone, alone_prefill)):
-        gen_rate = s["generated_tokens"] / s["seconds"]
-        prompt_rate = s["prompt_tokens"] / s["seconds"]
-        prefill_gflops = p["flops"] / p["seconds"] / 1e9 if p["seconds"] else 0.0
-        rows.append({"name": name, **s, "generated_per_s": gen_rate, "prompt_per_s": prompt_rate,
-                     "prefill_seconds": p["seconds"], "prefill_calls": p["calls"],
-                     "prefill_gflops": prefill_gflops,
-                     "prefill_fraction_of_ceiling": prefill_gflops / ceiling,
-                     "prefill_useful_fraction": p["useful_flops"] / max(p["flops"], 1.0)})
-        print(f"{name:>22}: {s['conversations']:3d} conversations, {s['turns']:3d} turns, "
-              f"{s['seconds']:7.1f} s, {s['generated_tokens']:6d} generated ({gen_rate:6.1f}/s), "
-              f"{s['prompt_tokens']:6d} prompt tokens ({prompt_rate:7.1f}/s); "
-              f"prefill {p['seconds']:.1f} s in {p['calls']} calls at "
-              f"{prefill_gflops:.1f} GFLOP/s = {prefill_gflops / ceiling:.0%} of the ceiling")
+    rows.append(summarise("each alone (generate)", alone, timer, ceiling))
     gen_cpu = [r["generated_tokens"] / r["cpu_seconds"] for r in rows]
     prompt_cpu = [r["prompt_tokens"] / r["cpu_seconds"] for r in rows]
     print(f"per CPU-second of this process (less sensitive to other jobs): generated tokens "

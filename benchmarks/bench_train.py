@@ -23,6 +23,8 @@ import resource
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: no spinning on a busy box
+
 import torch
 
 torch.set_num_threads(2)

@@ -54,7 +54,8 @@ def test_save_latest_prune_and_resume_state(tiny_model_dir: Path, tmp_path: Path
     state = ck.load_trainer_state(latest)
     assert state["step"] == 3 and state["data_position"] == 6 and state["scheduler"]["last_epoch"] == 3
     # the saved weights are the model's, bit for bit, and load as a normal HF checkpoint
-    reloaded = load_policy(str(latest), "float32", "cpu")
+    # `latest` is a symlink: usable as a model path as it is
+    reloaded = load_policy(str(run / "checkpoints" / "latest"), "float32", "cpu")
     for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     # optimizer state restores into a fresh optimizer over the reloaded weights
@@ -67,7 +68,7 @@ def test_save_latest_prune_and_resume_state(tiny_model_dir: Path, tmp_path: Path
     (run / "checkpoints" / ".tmp-step_000004-xyz").mkdir()
     assert [s for s, _ in ck.list_checkpoints(run)] == [2, 3]
     assert len(ck.remove_partial_checkpoints(run)) == 1
-    (run / "checkpoints" / "latest").write_text("step_000009\n")
+    ck.point_latest(run / "checkpoints", "step_000009")
     with pytest.raises(FileNotFoundError, match=r"step_000009.*not a complete checkpoint"):
         ck.latest_checkpoint(run)
 

@@ -155,19 +155,16 @@ def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode
     if any(rows for _, rows in todo):
         engine, tokenizer = load_engine(cfg, engine, tokenizer)
         params = SamplingParams(temperature=temperature, seed=seed)
-        context = None
+        agent = MemoryAgent(engine, tokenizer, cfg.agent)
+        context = 0
         if mode == "full-context":
             context = max_context or model_context_length(cfg.model.name, tokenizer)
             logger.info("longqa eval: full-context mode, model context %d tokens", context)
-        agent = MemoryAgent(engine, tokenizer, cfg.agent)
         for n, rows in todo:
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
-                if mode == "memory":
-                    records = _memory_records(agent, batch, n, params)
-                else:
-                    assert context is not None
-                    records = _full_context_records(engine, tokenizer, cfg, batch, n, params, context)
+                records = (_memory_records(agent, batch, n, params) if mode == "memory" else
+                           _full_context_records(engine, tokenizer, cfg, batch, n, params, context))
                 append_jsonl(out / EXAMPLES, records)
                 logger.info("longqa eval: %d docs: %d/%d questions done", n, start + len(batch), len(rows))
         if mode == "memory":

@@ -5,10 +5,11 @@ Layout::
     RUN/checkpoints/step_000005/   model (save_pretrained: full weights, or the LoRA adapter) + tokenizer,
                                    trainer_state.pt (optimizer, scheduler, RNG states, data position, step,
                                    consecutive non-finite count, config fingerprint), meta.json (readable)
-    RUN/checkpoints/latest         the name of the newest complete checkpoint directory
+    RUN/checkpoints/latest         symlink to the newest complete checkpoint directory (relative, so the run
+                                   dir can move), usable wherever a model path is expected
 
 A checkpoint directory is written as a temp dir and renamed into place (``memtrain.io.atomic_dir``), and only
-then does ``latest`` (written atomically) point at it, so a process killed at any moment leaves the previous
+then does ``latest`` (replaced atomically) point at it, so a process killed at any moment leaves the previous
 checkpoint usable. Older checkpoints beyond ``keep_last`` are deleted after the new one is in place.
 
 A run may only be resumed with the config it started with, apart from ``RESUMABLE_KEYS`` (run length,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from memtrain.config import Config
-from memtrain.io import atomic_dir, atomic_write_json, atomic_write_text
+from memtrain.io import atomic_dir, atomic_write_json
 from memtrain.log import logger
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -136,17 +138,28 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def point_latest(root: Path, name: str) -> None:
+    """Make ``root/latest`` a relative symlink to ``name`` in one atomic rename (never absent, never half)."""
+    tmp = root / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(name, tmp)
+    os.replace(tmp, root / LATEST_FILE)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint ``latest`` points at; None when the run has none yet.
 
     A ``latest`` naming a missing directory means the run dir was edited by hand: that is an error, not a
-    silent restart from scratch.
+    silent restart from scratch. (A plain file holding the directory name is accepted too.)
     """
     root = checkpoints_root(run_dir)
     pointer = root / LATEST_FILE
-    if not pointer.is_file():
+    if pointer.is_symlink():
+        name = os.readlink(pointer)
+    elif pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+    else:
         return None
-    name = pointer.read_text(encoding="utf-8").strip()
     path = root / name
     if not _STEP_DIR.fullmatch(name) or not (path / STATE_FILE).is_file():
         raise FileNotFoundError(
@@ -157,13 +170,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
-    """Delete temp dirs a killed writer left behind (``.tmp-*``/``.old-*``); returns what was removed."""
+    """Delete what a killed writer left behind (``.tmp-*``/``.old-*`` dirs, ``.latest-*`` links)."""
     root = checkpoints_root(run_dir)
     if not root.is_dir():
         return []
-    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
+    stale = [p for p in root.iterdir() if p.name.startswith((".tmp-", ".old-", ".latest-"))]
     for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return stale
 
 
@@ -213,7 +229,7 @@ def save_checkpoint(
                 f"memtrain merge-lora {final} --out {Path(run_dir) / 'merged' / final.name}"
             )
         atomic_write_json(tmp / META_FILE, meta)
-    atomic_write_text(root / LATEST_FILE, final.name + "\n")
+    point_latest(root, final.name)
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
