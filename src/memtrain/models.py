@@ -54,8 +54,10 @@ def load_tokenizer(name: str) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
-        raise ValueError(f"model {name!r}: its tokenizer has no chat template; memtrain renders every prompt "
-                         "through the chat template, so use an instruct/chat model")
+        raise ValueError(
+            f"model {name!r}: its tokenizer has no chat template; memtrain renders every prompt "
+            "through the chat template, so use an instruct/chat model"
+        )
     return tokenizer
 
 
@@ -64,12 +66,20 @@ def load_policy(name: str, dtype: str = "auto", device: str | None = None) -> An
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
-    model = AutoModelForCausalLM.from_pretrained(resolve(name, kind="model"), dtype=resolve_dtype(dtype, device))
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve(name, kind="model"), dtype=resolve_dtype(dtype, device)
+    )
     return model.to(device)
 
 
-def build_tiny_model(out_dir: str | Path, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2,
-                     seed: int = 0, config_from: str | None = None) -> Path:
+def build_tiny_model(
+    out_dir: str | Path,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    config_from: str | None = None,
+) -> Path:
     """Write a random-weight Llama + trained byte-level BPE tokenizer with a ChatML template to ``out_dir``.
 
     ``config_from`` takes the architecture from an existing checkpoint's config (e.g. SmolLM2's, for a
@@ -77,7 +87,13 @@ def build_tiny_model(out_dir: str | Path, vocab_size: int = 512, hidden_size: in
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,19 +107,32 @@ def build_tiny_model(out_dir: str | Path, vocab_size: int = 512, hidden_size: in
         bpe = Tokenizer(models.BPE(unk_token=None))
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         bpe.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         bpe.train_from_iterator(_TINY_TRAINING_TEXT * 4, trainer=trainer)
         tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+            tokenizer_object=bpe,
+            bos_token="<|im_start|>",
+            eos_token="<|im_end|>",
+            pad_token="<|im_end|>",
             unk_token="<|endoftext|>",
         )
         tokenizer.chat_template = CHATML_TEMPLATE
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=8192, tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
     model = AutoModelForCausalLM.from_config(config)

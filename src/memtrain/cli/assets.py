@@ -11,8 +11,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("assets", help="fetch or list the embedded default assets")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
     f = verbs.add_parser("fetch", help="download, verify and unpack the embedded assets (idempotent)")
-    f.add_argument("--only", nargs="+", choices=list(assets.ASSETS), metavar="NAME",
-                   help=f"only these assets ({', '.join(assets.ASSETS)})")
+    f.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(assets.ASSETS),
+        metavar="NAME",
+        help=f"only these assets ({', '.join(assets.ASSETS)})",
+    )
     f.add_argument("--force", action="store_true", help="fetch again even when present")
     f.set_defaults(func=_fetch)
     ls = verbs.add_parser("list", help="show each asset's status, path, size and checksum verification")

@@ -41,7 +41,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="memtrain", description="Train the memory of LLM agents without labels (MemTrain).",
+        prog="memtrain",
+        description="Train the memory of LLM agents without labels (MemTrain).",
     )
     parser.add_argument("--version", action="version", version=f"memtrain {__version__}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")

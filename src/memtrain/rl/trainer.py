@@ -484,9 +484,9 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
                     f"{last if last is not None else 'none yet'}. Lower optim.lr or check the data, then "
                     "resume with --resume")
             if (step % cfg_t.checkpoint_every == 0 or step == cfg_t.steps) and not skipped:
-                resume = {"data_position": position, "nonfinite_streak": streak, "fingerprint": fingerprint}
+                saved = {"data_position": position, "nonfinite_streak": streak, "fingerprint": fingerprint}
                 path = ctx.on_main(partial(  # rank 0 writes, the others wait for it
-                    ckpt_io.save_checkpoint, out_dir, step, model, tokenizer, optimizer, scheduler, resume,
+                    ckpt_io.save_checkpoint, out_dir, step, model, tokenizer, optimizer, scheduler, saved,
                     keep_last=cfg_t.keep_last, model_name=config.model.name))
                 logger.info("checkpoint %s", path)
     finally:
