@@ -20,7 +20,6 @@ workers run.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import re
@@ -140,7 +139,6 @@ class TokenCounter:
         self.store = store
         self.counts = np.full(len(store), -1, dtype=np.int64)
         self._headers: list[int] = [0]
-        self._memo: dict[str, int] = {}
         self.seconds = 0.0
 
     def _lengths(self, texts: list[str]) -> list[int]:
@@ -155,22 +153,7 @@ class TokenCounter:
             self.seconds += time.time() - start
         return self.counts[idx]
 
-    def prime(self, texts: list[str]) -> None:
-        """Count whole documents in one batch (the tokenizer spreads a batch over the cores); ``text`` then
-        returns those counts without tokenizing again."""
-        todo = [t for t in dict.fromkeys(texts) if t not in self._memo]
-        if todo:
-            start = time.time()
-            self._memo.update(zip(todo, self._lengths(todo), strict=True))
-            self.seconds += time.time() - start
-
-    def forget(self) -> None:
-        self._memo.clear()
-
     def text(self, text: str) -> int:
-        n = self._memo.pop(text, None)
-        if n is not None:
-            return n
         start = time.time()
         n = self._lengths([text])[0]
         self.seconds += time.time() - start
@@ -445,12 +428,6 @@ class ProxyBuilder:
                 return cand, built
         return None
 
-    def _preview(self, d: _Draw) -> str | None:
-        """The document ``_document`` will build first for this plan, on a copy of the pivot's generator
-        (so the real run makes the same draws); used to count a block's documents in one batch."""
-        found = self._build(*self._arrange(d, copy.deepcopy(d.rng)))
-        return found[1][0] if found is not None else None
-
     def _document(self, d: _Draw, status: str | None) -> dict[str, Any] | str:
         """The finished row for one planned pivot, or the reason it was skipped. A document that ends up
         shorter than ``min_tokens`` gets new random passages, at most ``max_redraws`` times."""
@@ -512,7 +489,6 @@ class ProxyBuilder:
                 plans = [(d, self._plan(d)) for d in block]
                 ready = [d for d, status in plans if status is None]
                 self.tagger([r for d in ready for r in (d.row, *d.related, *d.randoms)])
-                self.counter.prime([doc for doc in map(self._preview, ready) if doc is not None])
                 for d, status in plans:
                     tried += 1
                     result = self._document(d, status)
@@ -525,7 +501,6 @@ class ProxyBuilder:
                     self.labels[result["entity_label"]] += 1
                     self.tokens.append(result["num_tokens"])
                     yield result
-                self.counter.forget()
                 if tried >= _MIN_TRIES_BEFORE_GIVING_UP and made < _MIN_SUCCESS_RATE * tried:
                     raise ValueError(
                         f"only {made} of {tried} pivots gave a document (skipped: "
