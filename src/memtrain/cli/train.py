@@ -27,6 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue the run in --out from its latest checkpoint (starts it when the directory is new)",
     )
+    p.add_argument(
+        "--backend",
+        choices=("native", "verl"),
+        default="native",
+        help="native: this process (or torchrun) trains; verl: FSDP + vLLM/SGLang on Ray (docs/verl.md)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="--backend verl only: write and check the verl config"
+    )
     p.set_defaults(func=_train)
 
     m = sub.add_parser("merge-lora", help="merge a LoRA checkpoint into its base model (full HF weights)")
@@ -55,6 +64,13 @@ def _train(args: argparse.Namespace) -> int:
             )
     config = load_config(config_path, args.overrides)
     out = args.out or Path("runs") / config_path.stem
+    if args.backend == "verl":
+        from memtrain.backends.verl.launch import run as run_verl
+
+        try:
+            return run_verl(config, out, resume=args.resume, dry_run=args.dry_run)
+        except FileExistsError as exc:
+            raise UserError(str(exc)) from exc
     try:
         train(config, out, resume=args.resume)
     except (FileExistsError, NonFiniteError) as exc:
