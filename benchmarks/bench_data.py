@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -27,20 +26,11 @@ from pathlib import Path
 
 import torch
 
+from _machine import machine
+
 torch.set_num_threads(2)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MEMTRAIN_NO_PROGRESS", "1")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def peak_rss_gib(workers: int) -> float:
@@ -145,10 +135,7 @@ def main() -> None:
     if args.child:
         e2e_child(args)
         return
-    print(
-        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-        f"load average {os.getloadavg()[0]:.1f} (shared machine)"
-    )
+    print(f"machine: {machine()}")
     if not args.skip_stages:
         for k, v in stages(args.stage_passages, args.workers).items():
             print(f"{k:34s} {v:10.1f}")

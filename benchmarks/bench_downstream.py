@@ -7,7 +7,7 @@
    (1,000 passages: most answers are simply not in it, so this measures the pipeline, not retrieval).
 
     python benchmarks/bench_downstream.py [--questions 8] [--sizes 20,50] [--chunk-tokens 1024]
-        [--memory-tokens 128] [--answer-tokens 32] [--search-tasks 8] [--skip longqa,searchqa]
+        [--memory-tokens 128] [--answer-tokens 32] [--search-tasks 8] [--skip longqa,searchqa] [--threads 2]
 
 Every eval goes through the library functions the CLI calls; run directories (resumable) are kept under
 ``--out`` and their Markdown tables are printed.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import threading
 import time
@@ -25,28 +24,13 @@ from pathlib import Path
 
 import torch
 
+from _machine import machine
+
 torch.set_num_threads(2)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MEMTRAIN_NO_PROGRESS", "1")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-            f"load average {load:.1f}")
 
 
 def bench_retriever(out: Path) -> None:
@@ -142,7 +126,10 @@ def main() -> None:
     p.add_argument("--response-tokens", type=int, default=128)
     p.add_argument("--results-tokens", type=int, default=512)
     p.add_argument("--skip", default="", help="comma-separated: longqa, searchqa")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads (default 2; on a busy 2-core box 1 is much faster, see docs)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if not SHARED.is_dir():
         raise SystemExit(f"{SHARED} is absent: this benchmark needs the shared reference data")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,28 +10,16 @@ log-softmax). Reports generated tokens per second and the wall time of each, in 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import torch
 
+from _machine import machine
 from memtrain.engines.base import GenerationRequest, SamplingParams
 from memtrain.engines.hf import HFEngine
 from memtrain.models import load_policy, load_tokenizer
 
 SENTENCE = "The memory agent reads a long document chunk by chunk and keeps a short memory. "
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def prompts(tokenizer: object, count: int) -> list[list[int]]:
@@ -88,8 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-          f"device {device}, torch {torch.__version__}")
+    print(f"machine: {machine()}, device {device}")
     tokenizer = load_tokenizer(args.model)
     model = load_policy(args.model, device=device)
     batch = prompts(tokenizer, args.prompts)

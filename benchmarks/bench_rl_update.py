@@ -10,29 +10,17 @@ lengths. Reports wall time, completion tokens trained per second and the padding
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import resource
 import time
 
 import torch
 
+from _machine import machine
 from memtrain.config import OptimConfig, RLConfig
 from memtrain.models import load_policy
 from memtrain.rl.optim import build_optimizer
 from memtrain.rl.update import TrainSequence, plan_micro_batches, policy_update, sequence_logprobs
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def peak_rss_gib() -> float:
@@ -57,8 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-          f"device {device}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"machine: {machine()}, device {device}", flush=True)
     model = load_policy(args.model, dtype="float32", device=device)
     seqs = agent_batch(args.seqs, model.config.vocab_size)
     lengths = [s.length for s in seqs]

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import time
 from typing import Any
 
 import torch
 
+from _machine import load_average, machine
 from memtrain.agent.loop import MemoryAgent
 from memtrain.config import AgentConfig
 from memtrain.engines.base import SamplingParams
@@ -38,24 +37,6 @@ from memtrain.prompts import render, template
 
 WORDS = ["river", "city", "museum", "treaty", "engine", "orbit", "harvest", "castle", "signal", "painter",
          "island", "mineral", "council", "voyage", "theorem", "glacier", "festival", "archive", "bridge"]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def matmul_ceiling(size: int = 2048, repeats: int = 5) -> float:
@@ -208,8 +189,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}, load average {load_average()}")
+    print(f"machine: {machine()}")
     ceiling = matmul_ceiling()
     print(f"fp32 matmul ceiling (2048^3, best of 5): {ceiling:.1f} GFLOP/s")
 
@@ -246,7 +226,7 @@ def main() -> None:
     print(f"load average at the end: {load_average()}")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"machine": cpu_model(), "ceiling_gflops": ceiling, "rows": rows,
+            json.dump({"machine": machine(), "ceiling_gflops": ceiling, "rows": rows,
                        "ratio_generated": ratio_gen, "ratio_prompt": ratio_prompt, "args": vars(args)}, f,
                       indent=2)
 

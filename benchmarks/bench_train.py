@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import time
 from pathlib import Path
@@ -27,20 +26,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import torch
 
+from _machine import machine
+
 torch.set_num_threads(2)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MEMTRAIN_NO_PROGRESS", "1")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -78,10 +68,7 @@ def main() -> None:
     scheduler = build_scheduler(optimizer, config.optim.warmup_steps)
     engine = HFEngine(model, tokenizer, batch_size=config.engine.batch_size)
 
-    print(
-        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
+    print(f"machine: {machine()}")
     print(
         f"config: {args.config} ({config.model.name}, batch {config.train.batch_size}, G1 "
         f"{config.rl.group_size}, G2 {config.rl.imr_group_size}, chunk {config.agent.chunk_tokens}, memory "

@@ -77,7 +77,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, out
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from memtrain.rl.distributed import init_from_env
+    from memtrain.rl.distributed import init_from_env, shutdown
     from memtrain.rl.trainer import train
 
     TASKS["proxy"] = ScriptedProxyTask
@@ -87,6 +87,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, out
     for steps, resume in ((1, False), (2, True)):
         over = [*OVERRIDES, "train.threads=1", f"train.steps={steps}"]
         train(tiny_config(Path(model_dir), Path(data_dir), over), Path(out_dir), resume=resume)
+    shutdown()
 
 
 def test_two_processes_take_the_same_steps_as_one(tiny_model_dir: Path, tmp_path: Path,
@@ -163,3 +164,5 @@ def test_torchrun_cli_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
     (row,) = read_jsonl(run / "metrics.jsonl")  # one row: only rank 0 writes
     assert row["step"] == 1 and row["samples"] == 2 and row["documents"] == 2  # both ranks' rows counted
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000001"]
+    assert done.stdout.count("curves: memtrain plot") == 1  # the summary, from rank 0 alone
+    assert "destroy_process_group" not in done.stderr  # each rank left the process group

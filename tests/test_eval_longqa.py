@@ -156,6 +156,7 @@ def test_cli_with_the_tiny_model(eval_set: Path, tmp_path: Path, tiny_model_dir:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
 def test_smollm2_on_shared_hotpotqa(shared_data: Path, smollm2_dir: str, tmp_path: Path) -> None:
     """SmolLM2 end to end on two real HotpotQA questions at two lengths (tiny budgets: a smoke test)."""
     examples = read_hotpotqa(shared_data / "hotpotqa" / "dev.jsonl")

@@ -111,6 +111,7 @@ def test_cli_with_corpus_retriever_and_tiny_model(setup: dict[str, Path], tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
 def test_smollm2_on_bamboogle_with_wiki18_sample(shared_data: Path, smollm2_dir: str, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """SmolLM2 end to end on real Bamboogle tasks with the wiki-18 sample as corpus (tiny budgets)."""

@@ -112,10 +112,11 @@ def test_killed_run_resumes_and_loses_at_most_a_step(
 
 
 def test_lora_run_resumes_and_merges(tiny_model_dir: Path, data: Path, tmp_path: Path) -> None:
-    cfg = config_yaml(tiny_model_dir, data, tmp_path / "lora.yaml", extra="")
+    cfg = config_yaml(tiny_model_dir, data, tmp_path / "lora.yaml")
     run = tmp_path / "run"
     lora = ["model.lora.rank=4", "model.lora.alpha=8", "rl.dynamic_filter=false", "train.tensorboard=false"]
-    assert main(["train", "--config", str(cfg), *lora, "train.steps=1", "--out", str(run)]) == 0
+    # --resume on a new directory starts the run (what scripts/demo.sh relies on)
+    assert main(["train", "--config", str(cfg), *lora, "train.steps=1", "--out", str(run), "--resume"]) == 0
     assert main(["train", "--config", str(cfg), *lora, "train.steps=2", "--out", str(run), "--resume"]) == 0
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["kl"] is not None

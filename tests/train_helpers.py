@@ -102,9 +102,7 @@ SHORT_TEMPLATES = {
 }
 
 
-def tiny_config(
-    model_dir: Path, data_dir: Path, overrides: list[str] | None = None, path: Path | None = None
-) -> Config:
+def tiny_config(model_dir: Path, data_dir: Path, overrides: list[str] | None = None) -> Config:
     """A config that runs a step of the whole loop in about a second on the tiny model."""
     base = [
         f"model.name={model_dir}",
@@ -125,12 +123,12 @@ def tiny_config(
         "train.threads=2",
         "engine.batch_size=16",
     ]
-    config = load_config(path, base + list(overrides or []))
+    config = load_config(None, base + list(overrides or []))
     config.agent.templates = dict(SHORT_TEMPLATES)
     return config
 
 
-def config_yaml(model_dir: Path, data_dir: Path, path: Path, extra: str = "") -> Path:
+def config_yaml(model_dir: Path, data_dir: Path, path: Path) -> Path:
     """The same settings as ``tiny_config`` as a YAML file (for CLI tests)."""
     path.write_text(
         f"""\
@@ -146,7 +144,7 @@ rl: {{group_size: 2, imr_group_size: 2, micro_batch_tokens: 4096}}
 optim: {{lr: 1.0e-3, warmup_steps: 1}}
 train: {{batch_size: 2, steps: 2, checkpoint_every: 1, sample_every: 1, threads: 2}}
 engine: {{batch_size: 16}}
-{extra}""",
+""",
         encoding="utf-8",
     )
     return path

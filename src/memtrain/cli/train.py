@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from memtrain.cli.main import UserError
     from memtrain.config import load_config
+    from memtrain.rl.distributed import shutdown
     from memtrain.rl.metrics import read_metrics, summary_table
     from memtrain.rl.trainer import CONFIG_FILE, NonFiniteError, train
 
@@ -74,7 +76,14 @@ def _train(args: argparse.Namespace) -> int:
     try:
         train(config, out, resume=args.resume)
     except (FileExistsError, NonFiniteError) as exc:
+        shutdown(barrier=False)
         raise UserError(str(exc)) from exc
+    except BaseException:
+        shutdown(barrier=False)
+        raise
+    shutdown()
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 alone reports
     rows = read_metrics(out)
     print(summary_table(rows))
     print(

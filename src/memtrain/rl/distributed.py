@@ -274,3 +274,16 @@ def init_from_env(device: str) -> DistContext:
         logger.setLevel(logging.WARNING)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank,
                        device=f"cuda:{local_rank}" if device == "cuda" else "cpu")
+
+
+def shutdown(barrier: bool = True) -> None:
+    """Leave the process group, by default after a barrier so rank 0 does not close the store under the
+    others (pass ``barrier=False`` on an error path, where the other ranks may never arrive).
+
+    A process that exits with gloo's threads still running can abort ("terminate called without an active
+    exception"), failing a run that finished.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
