@@ -42,7 +42,6 @@ test-verl: $(VERL_STAMP)
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -84,6 +84,25 @@ def test_longqa_reward_is_strict_em_of_the_final_answer(tokenizer) -> None:
     assert rollouts[0].metrics["e2e_em"] == 1.0 and rollouts[1].metrics["e2e_f1"] == 0.0
 
 
+def test_reward_metric_overrides_the_tasks_default(tokenizer) -> None:
+    """rl.reward_metric=f1: partial credit where strict EM gives none (and the task says which it used)."""
+    rows = scripted_rows()
+    rows[0]["answers"] = ["Republic of France"]  # the scripted answer "France": f1 = 2 * 1 * (1/3) / (4/3)
+    engine = ScriptedEngine(scripted_responder, tokenizer)
+    rewards = {}
+    for metric in (None, "f1"):
+        over = [*AGENT, "train.task=longqa"] + ([f"rl.reward_metric={metric}"] if metric else [])
+        task = make_task(load_config(None, over), tokenizer)
+        assert task.reward_metric == (metric or "strict_em")
+        rollouts, _ = task.rollout(rows, engine, SamplingParams(), 2, random.Random(0))
+        rewards[metric] = [r.reward for r in rollouts]
+        assert [r.metrics["e2e_match"] for r in rollouts] == rewards[metric]
+    assert rewards[None] == [0.0, 0.0, 0.0, 0.0]
+    assert rewards["f1"] == pytest.approx([0.5, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="reward_metric"):
+        load_config(None, ["rl.reward_metric=bleu"])
+
+
 def test_registry_and_row_checks(tokenizer) -> None:
     assert set(TASKS) >= {"proxy", "longqa"}
     config = load_config(None, ["train.task=searchqa"])

@@ -157,6 +157,7 @@ class FakeServerManager:
         self.tokenizer = tokenizer
         self.calls: list[tuple[str, list[int], dict[str, Any]]] = []
         self._seen: dict[tuple[str, str], int] = {}
+        self._per_session: dict[str, int] = {}
 
     async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any],
                        **kwargs: Any) -> Any:
@@ -170,8 +171,12 @@ class FakeServerManager:
         ids = list(self.tokenizer(scripted_responder(text, index), add_special_tokens=False)["input_ids"])
         cap = sampling_params["max_tokens"]
         ids = ids[:cap] if len(ids) >= cap else [*ids, self.tokenizer.eos_token_id]
+        # the policy versions (LLMServerClient adds them to every output): alternating within each session,
+        # counted before the await so that the interleaving of concurrent sessions cannot change them
+        session = request_id.rsplit("-", 1)[0]
+        self._per_session[session] = self._per_session.get(session, 0) + 1
+        step = 3 + self._per_session[session] % 2
         await asyncio.sleep(0)
-        step = 3 + len(self.calls) % 2  # the policy versions (LLMServerClient adds them to every output)
         steps = {"global_steps": step, "min_global_steps": step, "max_global_steps": step}
         return TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids), stop_reason="completed",
                            extra_fields=steps)

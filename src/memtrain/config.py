@@ -103,6 +103,11 @@ class RLConfig(Section):
     loss_agg: Literal["seq_mean_token_mean", "token_mean"] = "seq_mean_token_mean"
     adv_std_norm: bool = False
     dynamic_filter: bool = True
+    reward_metric: Literal["strict_em", "em", "sub_em", "f1"] | None = Field(
+        None,
+        description="answer metric used as the reward (and IMR match); default: the paper's for the task "
+        "(strict boxed EM for proxy and longqa, EM for searchqa). f1 gives tiny models a denser signal",
+    )
     fill_filtered_batches: bool = False
     temperature: float = Field(
         1.0, gt=0.0, description="rollout sampling temperature (log-probs use the raw logits, as engines do)"
@@ -161,6 +166,12 @@ class TrainConfig(Section):
     )
     threads: int | None = Field(
         None, gt=0, description="torch CPU threads; default $MEMTRAIN_THREADS, else all cores"
+    )
+    parallel: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="under torchrun: ddp = a full model per rank, gradients all-reduced; fsdp2 = weights, "
+        "gradients and optimizer state sharded over the ranks (models that do not fit one device; not with "
+        "model.lora); ignored in a single process",
     )
 
 

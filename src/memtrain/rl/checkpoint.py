@@ -8,6 +8,11 @@ Layout::
     RUN/checkpoints/latest         symlink to the newest complete checkpoint directory (relative, so the run
                                    dir can move), usable wherever a model path is expected
 
+Under FSDP2 (``train.parallel=fsdp2``) the weights and optimizer state are sharded over the ranks: every rank
+joins :func:`gather_full_state`, then rank 0 writes the same layout from the gathered state dicts; a resumed
+run loads the full weights on every rank before sharding and the optimizer state through
+:func:`load_full_optimizer_state`.
+
 A checkpoint directory is written as a temp dir and renamed into place (``memtrain.io.atomic_dir``), and only
 then does ``latest`` (replaced atomically) point at it, so a process killed at any moment leaves the previous
 checkpoint usable. Older checkpoints beyond ``keep_last`` are deleted after the new one is in place.
@@ -193,11 +198,14 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int,
     model_name: str,
+    model_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, then keep only the last ``keep_last``.
 
     ``state`` holds the loop's own resume data (data_position, nonfinite_streak, fingerprint, ...); the
-    optimizer/scheduler/RNG states and the step are added here.
+    optimizer/scheduler/RNG states and the step are added here. ``model_state``/``optimizer_state``: full
+    state dicts to write instead of the model's and optimizer's own (FSDP2: from :func:`gather_full_state`).
     """
     if keep_last < 1:
         raise ValueError(f"keep_last={keep_last}: expected >= 1")
@@ -205,13 +213,13 @@ def save_checkpoint(
     final = root / step_dir_name(step)
     lora = is_peft(model)
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
         torch.save(
             {
                 "version": STATE_VERSION,
                 "step": step,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
                 **state,
@@ -234,6 +242,38 @@ def save_checkpoint(
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def gather_full_state(model: Any, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The full (unsharded, CPU) weights and optimizer state of an FSDP2 model, on rank 0 ({} elsewhere).
+
+    A collective: every rank calls it. Tied parameters (e.g. embeddings and LM head) come back as separate
+    copies; they are made one tensor again, so ``save_pretrained`` writes what the unsharded model would.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    if weights:
+        first: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            key = first.setdefault(id(param), name)
+            if key != name and name in weights:
+                weights[name] = weights[key]
+    return weights, optim
+
+
+def load_full_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full optimizer state saved by :func:`gather_full_state` into the sharded optimizer of ``model``
+    (every rank holds the whole ``state`` and keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:

@@ -18,6 +18,12 @@ and joins the process group (NCCL on GPUs, gloo on CPUs). Per step:
 Random draws of the rollouts (sampling seeds, IMR choices) derive from each rank's own rows, so with sampling
 an N-process run draws different (equally distributed) samples than a 1-process run; with a deterministic
 engine the two runs take the same steps (tests/test_distributed.py).
+
+``train.parallel=fsdp2`` shards the weights, gradients and optimizer state over the ranks instead of keeping a
+full copy on each (:func:`shard_model`, PyTorch's ``fully_shard``): the same steps, for models that do not fit
+one device. Every forward/backward then all-gathers and reduce-scatters, so all ranks must run the same
+passes: the rollout runs on weights gathered once for it (:func:`gathered_for_rollout`) and the update pads
+the ranks with fewer micro-batches (``memtrain.rl.update.policy_update``) (tests/test_fsdp.py).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -73,10 +80,16 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: str = "cpu"  # where collective buffers live: NCCL needs them on this rank's GPU
+    parallel: str = "ddp"  # train.parallel: "ddp" or "fsdp2"
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def fsdp(self) -> bool:
+        """Weights sharded with FSDP2 (``train.parallel=fsdp2`` in more than one process)."""
+        return self.enabled and self.parallel == "fsdp2"
 
     @property
     def is_main(self) -> bool:
@@ -99,6 +112,14 @@ class DistContext:
         t = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return dict(zip(keys, t.cpu().tolist(), strict=True))
+
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over ranks."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
     def all_gather_object(self, obj: T) -> list[T]:
         """``obj`` of every rank, in rank order."""
@@ -150,13 +171,16 @@ class DistContext:
 
     def reduce_gradients(self, params: Sequence[torch.nn.Parameter], finite: bool) -> bool:
         """Sum every parameter's gradient over ranks and return whether the loss was finite on every rank.
-        Buckets of flattened gradients keep the number of collectives small."""
+        Buckets of flattened gradients keep the number of collectives small. Under FSDP2 the backward passes
+        already summed them (reduce-scatter into each rank's shard): only the finite flag is agreed on."""
         if not self.enabled:
             return finite
         flag = torch.tensor([1 if finite else 0], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if not bool(flag.item()):
             return False
+        if self.fsdp:
+            return True
         # a parameter no rank has a gradient for stays without one (the optimizer skips it, as it would in
         # one process); one that only some ranks touched counts as zero on the others
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=self.device)
@@ -188,6 +212,55 @@ class DistContext:
             n = g.numel()  # type: ignore[union-attr]
             g.copy_(flat[offset: offset + n].view_as(g))  # type: ignore[union-attr]
             offset += n
+
+
+def shard_model(model: torch.nn.Module, ctx: DistContext, frozen: bool = False) -> None:
+    """Shard ``model`` in place with FSDP2: each transformer block (the classes HF lists in
+    ``model._no_split_modules``), then the root, on a 1-D mesh over all ranks.
+
+    Gradients are SUMMED over ranks (divide factor 1, plain SUM collectives: gloo has no PREMUL_SUM), as
+    :meth:`DistContext.reduce_gradients` does, because the loss is already normalised by the global batch.
+    The root keeps its weights from forward to backward (the usual choice); a ``frozen`` model (the KL
+    reference, never backward) frees them after every forward. Build the optimizer afterwards.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    if not blocks:
+        raise ValueError(f"train.parallel=fsdp2: {type(model).__name__} does not name its transformer blocks "
+                         "(model._no_split_modules), so it cannot be sharded block by block; use ddp")
+    mesh = init_device_mesh("cuda" if ctx.device.startswith("cuda") else "cpu", (ctx.world_size,))
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=frozen)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+@contextmanager
+def gathered_for_rollout(model: torch.nn.Module) -> Iterator[None]:
+    """Hold ``model``'s full weights on every rank for the whole block (no-op unless sharded by FSDP2).
+
+    Ranks generate different numbers of tokens, i.e. run different numbers of forward passes, so per-forward
+    all-gathers would deadlock: all-gather every FSDP module once here (as verl syncs full weights to its
+    rollout engine), keep them through every forward, and free them afterwards.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in modules:  # back to the training setting of shard_model
+            module.reshard()
+            module.set_reshard_after_forward(module is not model, recurse=False)
 
 
 def gather_scored(scored: Scored, ctx: DistContext) -> Scored:
@@ -249,8 +322,9 @@ def reduce_update_stats(stats: dict[str, Any], ctx: DistContext) -> dict[str, An
     return out
 
 
-def init_from_env(device: str) -> DistContext:
+def init_from_env(device: str, parallel: str = "ddp") -> DistContext:
     """Join torchrun's process group when WORLD_SIZE > 1 (NCCL for ``device='cuda'``, else gloo).
+    ``parallel``: ``train.parallel`` (ignored in a single process).
 
     On GPUs each process uses GPU LOCAL_RANK. Ranks other than 0 log warnings only, so the console shows one
     copy of the progress lines.
@@ -273,7 +347,7 @@ def init_from_env(device: str) -> DistContext:
     if rank != 0:
         logger.setLevel(logging.WARNING)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank,
-                       device=f"cuda:{local_rank}" if device == "cuda" else "cpu")
+                       device=f"cuda:{local_rank}" if device == "cuda" else "cpu", parallel=parallel)
 
 
 def shutdown(barrier: bool = True) -> None:

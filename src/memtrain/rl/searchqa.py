@@ -35,7 +35,8 @@ def episode_metrics(ep: SearchEpisode) -> dict[str, float]:
 
 
 class SearchQATask:
-    """Multi-objective search QA with the search agent; reward = mean EM over objectives."""
+    """Multi-objective search QA with the search agent; reward = mean EM over objectives (by default), 0 for
+    malformed or unanswered episodes."""
 
     name = "searchqa"
     required_fields = ("id", "question", "objective_answers")
@@ -47,6 +48,7 @@ class SearchQATask:
                              "(e.g. search.retriever=http://127.0.0.1:8001)")
         self.config = config
         self.tokenizer = tokenizer
+        self.reward_metric = config.rl.reward_metric or "em"
         self.agent_config = SearchAgentConfig.from_config(config)
         self._backend = backend
 
@@ -67,10 +69,11 @@ class SearchQATask:
         out = []
         for ep in episodes:
             sample = samples[ep.sample_index]
+            reward = float(ep.scores.get(self.reward_metric, 0.0)) if ep.outcome == "answer" else 0.0
             out.append(Rollout(
-                group=f"{ep.sample_id}/search", reward=ep.reward, turns=list(ep.turns), kind="search",
+                group=f"{ep.sample_id}/search", reward=reward, turns=list(ep.turns), kind="search",
                 metrics=episode_metrics(ep),
                 record={"sample_id": ep.sample_id, "question": sample["question"],
                         "gold": sample["objective_answers"], "outcome": ep.outcome, "reason": ep.reason,
-                        "trace": ep.trace(), "answer": ep.answer, "scores": ep.scores, "reward": ep.reward}))
+                        "trace": ep.trace(), "answer": ep.answer, "scores": ep.scores, "reward": reward}))
         return out, {f"search_{k}": float(v) for k, v in agent.stats.items()}

@@ -54,6 +54,7 @@ class Rollout:
 class Task(Protocol):
     name: str
     required_fields: tuple[str, ...]  # row keys the task reads; checked on every row before training starts
+    reward_metric: str  # the answer metric its rewards use (``rl.reward_metric`` or the task's default)
 
     def rollout(
         self, samples: list[dict], engine: Engine, params: SamplingParams, group_size: int, rng: random.Random
@@ -63,12 +64,12 @@ class Task(Protocol):
         ...
 
 
-def _trajectory_metrics(traj: Trajectory) -> dict[str, float]:
-    """All answer metrics of a trajectory (``e2e_match`` is the reward metric, strict boxed EM; ``e2e_em``,
-    ``e2e_sub_em``, ``e2e_f1`` are the lenient ones evaluation also reports) plus its shape."""
+def _trajectory_metrics(traj: Trajectory, metric: str) -> dict[str, float]:
+    """All answer metrics of a trajectory (``e2e_match`` is the reward metric, by default strict boxed EM;
+    ``e2e_<metric>`` the others evaluation also reports) plus its shape."""
     scores = traj.scores
-    out = {"e2e_match": float(scores.get(REWARD_METRIC, 0.0))}
-    out.update({f"e2e_{m}": float(scores.get(m, 0.0)) for m in METRICS if m != REWARD_METRIC})
+    out = {"e2e_match": float(scores.get(metric, 0.0))}
+    out.update({f"e2e_{m}": float(scores.get(m, 0.0)) for m in METRICS if m != metric})
     out["num_turns"] = float(len(traj.turns))
     out["num_chunks"] = float(len(traj.chunks))
     return out
@@ -102,6 +103,7 @@ class ProxyTask:
     def __init__(self, config: Config, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.reward_metric = config.rl.reward_metric or REWARD_METRIC
 
     def rollout(
         self, samples: list[dict], engine: Engine, params: SamplingParams, group_size: int, rng: random.Random
@@ -125,7 +127,7 @@ class ProxyTask:
                 matches = []
                 for turn in turns:
                     scores = score(turn.text, prompt.label)
-                    match = float(scores[REWARD_METRIC])
+                    match = float(scores[self.reward_metric])
                     matches.append(match)
                     imr_rollouts.append(
                         Rollout(
@@ -146,11 +148,11 @@ class ProxyTask:
                     "answers": [t.text for t in turns],
                     "matches": matches,
                 }
-        match = [float(t.scores.get(REWARD_METRIC, 0.0)) for t in trajs]
+        match = [float(t.scores.get(self.reward_metric, 0.0)) for t in trajs]
         rewards = e2e_rewards(match, imr_matches if rl.imr else None, rl.imr_lambda).tolist()
         e2e = []
         for i, (traj, reward) in enumerate(zip(trajs, rewards, strict=True)):
-            metrics = _trajectory_metrics(traj)
+            metrics = _trajectory_metrics(traj, self.reward_metric)
             if rl.imr:
                 metrics["imr_bonus"] = reward - match[i]
                 metrics["imr_prompt_found"] = float(imr_info[i] is not None)
@@ -171,7 +173,7 @@ class ProxyTask:
 
 
 class LongQATask:
-    """MemAgent-style long-document QA post-training: final-answer strict EM reward, no IMR."""
+    """MemAgent-style long-document QA post-training: final-answer strict EM reward (by default), no IMR."""
 
     name = "longqa"
     required_fields = ("id", "context", "question", "answers")
@@ -179,6 +181,7 @@ class LongQATask:
     def __init__(self, config: Config, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.reward_metric = config.rl.reward_metric or REWARD_METRIC
 
     def rollout(
         self, samples: list[dict], engine: Engine, params: SamplingParams, group_size: int, rng: random.Random
@@ -189,7 +192,7 @@ class LongQATask:
         trajs = agent.run(samples, params, n=group_size)
         out = []
         for traj in trajs:
-            metrics = _trajectory_metrics(traj)
+            metrics = _trajectory_metrics(traj, self.reward_metric)
             reward = metrics["e2e_match"]
             out.append(
                 Rollout(

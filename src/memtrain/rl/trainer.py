@@ -45,14 +45,15 @@ from memtrain.rl.distributed import (
     DistContext,
     NullRunLogger,
     gather_scored,
+    gathered_for_rollout,
     init_from_env,
     reduce_update_stats,
+    shard_model,
 )
 from memtrain.rl.metrics import RunLogger
 from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler
 from memtrain.rl.tasks import Rollout, Task, check_rows, make_task
 from memtrain.rl.update import TrainSequence, policy_update
-from memtrain.scoring import REWARD_METRIC
 
 CONFIG_FILE = "config.yaml"
 _RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", ckpt_io.CHECKPOINTS_DIR)
@@ -290,6 +291,14 @@ def _check_engine(config: Config) -> None:
         )
 
 
+def _check_parallel(config: Config) -> None:
+    if config.train.parallel == "fsdp2" and config.model.lora is not None:
+        raise ValueError(
+            "train.parallel=fsdp2 with model.lora: sharding is for full fine-tuning of models that do not "
+            "fit one device; LoRA adapters are small, so use train.parallel=ddp (every rank holds the model)"
+        )
+
+
 def _rollout_round(
     task: Task, rows: list[dict], engine: Engine, config: Config, step: int, round_index: int, rank: int = 0
 ) -> tuple[list[Rollout], dict[str, float]]:
@@ -381,13 +390,14 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
     out_dir = Path(out_dir)
     cfg_t = config.train
     _check_engine(config)
+    _check_parallel(config)
     if not config.data.path:
         raise ValueError(
             "data.path is empty: set it to a dataset directory built by `memtrain data ...` "
             "(e.g. data.path=runs/demo-data)"
         )
     threads = set_threads(cfg_t.threads)
-    ctx = init_from_env(_device(config))  # data-parallel under torchrun (memtrain.rl.distributed)
+    ctx = init_from_env(_device(config), cfg_t.parallel)  # torchrun data parallel (memtrain.rl.distributed)
 
     # --- run directory: fresh, or resumed from its latest checkpoint (rank 0 prepares, the others follow) --
     resume_from = ctx.on_main(lambda: prepare_run_dir(out_dir, config, resume))
@@ -421,11 +431,18 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
     device = _device(config)
     model, ref = build_policy(config, device, resume_from)
     ctx.broadcast_parameters(model)
+    if ctx.fsdp:  # FSDP2: shard the policy (and the frozen reference) before the optimizer sees it
+        shard_model(model, ctx)
+        if ref is not None:
+            shard_model(ref, ctx, frozen=True)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim.warmup_steps)
     position, streak = 0, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if ctx.fsdp:
+            ckpt_io.load_full_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt_io.set_rng_state(state["rng"])
         position, streak = int(state["data_position"]), int(state["nonfinite_streak"])
@@ -450,7 +467,8 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
             t_step = time.perf_counter()
 
             # 1-3. rollouts, advantages, DAPO filter (+ refill rounds)
-            batch = collect_rollouts(task, rows, engine, config, step, position, ctx)
+            with gathered_for_rollout(model):  # FSDP2: full weights for generation (else a no-op)
+                batch = collect_rollouts(task, rows, engine, config, step, position, ctx)
             position = batch.position
             time_rollout = time.perf_counter() - t_step
 
@@ -468,7 +486,7 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
             # 5. log, samples, checkpoint
             row = log.log_step({
                 "step": step, **step_metrics(scored, ctx.sum_values(batch.counters)), **stats,
-                "reward_metric": REWARD_METRIC, "samples": batch.samples, "rollout_rounds": batch.rounds,
+                "reward_metric": task.reward_metric, "samples": batch.samples, "rollout_rounds": batch.rounds,
                 "data_position": position, "time_rollout_s": time_rollout, "time_update_s": time_update,
                 "step_time_s": time.perf_counter() - t_step,
             })
@@ -485,9 +503,13 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
                     "resume with --resume")
             if (step % cfg_t.checkpoint_every == 0 or step == cfg_t.steps) and not skipped:
                 saved = {"data_position": position, "nonfinite_streak": streak, "fingerprint": fingerprint}
+                weights, optim_state = None, None
+                if ctx.fsdp:  # every rank joins gathering the full state dicts onto rank 0
+                    weights, optim_state = ckpt_io.gather_full_state(model, optimizer)
                 path = ctx.on_main(partial(  # rank 0 writes, the others wait for it
                     ckpt_io.save_checkpoint, out_dir, step, model, tokenizer, optimizer, scheduler, saved,
-                    keep_last=cfg_t.keep_last, model_name=config.model.name))
+                    keep_last=cfg_t.keep_last, model_name=config.model.name, model_state=weights,
+                    optimizer_state=optim_state))
                 logger.info("checkpoint %s", path)
     finally:
         log.close()

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from memtrain.config import RLConfig
 from memtrain.log import logger
@@ -279,9 +280,13 @@ def _warn_low_precision(params: list[torch.nn.Parameter], lr: float) -> None:
                        "bf16 autocast is applied on GPU automatically", "/".join(sorted(low)), lr)
 
 
+# What a rank with fewer micro-batches than the others trains on under FSDP2, with zero weight.
+_PADDING = (TrainSequence(prompt_ids=[0], completion_ids=[0], advantage=0.0),)
+
+
 def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequence], cfg: RLConfig,
-                                ref: torch.nn.Module | None = None,
-                                totals: tuple[int, int] | None = None) -> dict[str, float | str]:
+                                ref: torch.nn.Module | None = None, totals: tuple[int, int] | None = None,
+                                passes: int | None = None) -> dict[str, float | str]:
     """Forward/backward every micro-batch, accumulating into ``.grad`` the gradient of the full-batch loss.
 
     Does not zero existing gradients and does not step. Loss per token = clipped pg term + kl_coef * k3 KL,
@@ -289,7 +294,10 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
     micro-batches is the full-batch loss whatever the micro-batch plan. Returns the stats described in
     ``policy_update`` (without grad_norm/lr/skipped); stops early with loss=nan when a micro-batch loss is
     not finite. ``totals``: the (sequences, tokens) to normalise by when ``seqs`` is one rank's share of a
-    data-parallel batch (``memtrain.rl.distributed``); default: this batch's own.
+    data-parallel batch (``memtrain.rl.distributed``); default: this batch's own. ``passes`` (FSDP2, where
+    every forward/backward is a collective that all ranks must join): run exactly this many forward/backward
+    passes, those beyond this rank's micro-batches on a one-token dummy sequence with a zero-weight loss, and
+    do not stop at a non-finite loss (loss=nan all the same; the caller skips the step).
     """
     if cfg.old_logprobs == "sampler":
         missing = [i for i, s in enumerate(seqs) if s.old_logprobs is None]
@@ -302,6 +310,10 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
     num_seqs = len(seqs)
     num_tokens = sum(len(s.completion_ids) for s in seqs)
     plan = plan_micro_batches([s.length for s in seqs], cfg.micro_batch_tokens)
+    if passes is not None and passes < len(plan):
+        raise ValueError(f"passes={passes} is fewer than the {len(plan)} micro-batches of this batch")
+    work: list[tuple[Sequence[TrainSequence], list[int]]] = [(seqs, rows) for rows in plan]
+    work += [(_PADDING, [0])] * ((passes or 0) - len(plan))
     norm_seqs, norm_tokens = totals if totals is not None else (num_seqs, num_tokens)
 
     def agg(x: Tensor, mask: Tensor) -> Tensor:
@@ -312,8 +324,9 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
     ratio_min, ratio_max = math.inf, -math.inf
     max_diff, diff_sum, diff_tokens, sampler_seqs = 0.0, 0.0, 0, 0
     finite = True
-    for rows in plan:
-        batch = _collate(seqs, rows, device)
+    for items, rows in work:
+        padding = items is _PADDING
+        batch = _collate(items, rows, device)
         mask_f = batch.mask.float()
         ref_logp = None
         if ref_model is not None:
@@ -323,7 +336,7 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
         logp, entropy = _forward_logprobs(model, batch, with_entropy=True)
         current = logp.detach()
         old = current
-        sampler = [seqs[i].old_logprobs for i in rows]
+        sampler = [items[i].old_logprobs for i in rows]
         if all(s is not None for s in sampler):
             sampler_logp = batch.scatter(sampler, device)  # type: ignore[arg-type]
             diff = ((sampler_logp - current).abs() * mask_f)
@@ -335,7 +348,7 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
             if cfg.old_logprobs == "sampler" or verified:
                 old = sampler_logp
                 sampler_seqs += len(rows)
-        adv = torch.tensor([seqs[i].advantage for i in rows], dtype=torch.float32, device=device)
+        adv = torch.tensor([items[i].advantage for i in rows], dtype=torch.float32, device=device)
         pg_tok, st = clipped_policy_loss(logp, old, adv, batch.mask, cfg.clip_low, cfg.clip_high)
         pg = agg(pg_tok, batch.mask)
         loss = pg
@@ -343,12 +356,17 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
         if ref_logp is not None:
             kl = agg(k3_kl(logp, ref_logp) * mask_f, batch.mask)
             loss = pg + cfg.kl_coef * kl
+        if padding:
+            loss = loss * 0.0  # the collectives of a real pass, nothing added to the gradient
         if not torch.isfinite(loss):
             finite = False
             logger.warning("non-finite policy loss in a micro-batch of %d sequence(s) (groups %s); skipping "
-                           "this update", len(rows), sorted({seqs[i].group for i in rows})[:5])
-            break
+                           "this update", len(rows), sorted({items[i].group for i in rows})[:5])
+            if passes is None:
+                break
         loss.backward()
+        if padding or not finite:
+            continue
         n_tok = float(st["num_tokens"])
         tot["loss"] += float(loss.detach())
         tot["pg_loss"] += float(pg.detach())
@@ -423,7 +441,8 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs
 
     ``dp`` (data-parallel training, ``memtrain.rl.distributed``): ``seqs`` is this rank's share; the loss is
     normalised by the whole batch's totals and the gradients are summed over ranks before clipping, so all
-    ranks take the same step (the stats stay this rank's; ``reduce_update_stats`` combines them).
+    ranks take the same step (the stats stay this rank's; ``reduce_update_stats`` combines them). Under FSDP2
+    every rank runs as many forward/backward passes as the rank with the most micro-batches.
     """
     params = _optimizer_params(optimizer)
     lr = float(optimizer.param_groups[0]["lr"])
@@ -432,17 +451,21 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs
     if (not seqs and dp is None) or (totals is not None and totals[0] == 0):
         return {"loss": 0.0, "num_seqs": 0.0, "num_tokens": 0.0, "skipped_empty": 1.0,
                 "skipped_nonfinite": 0.0, "lr": lr, "old_logprob_source": "none"}
+    passes = None
+    if dp is not None and dp.fsdp:
+        passes = dp.max_int(len(plan_micro_batches([s.length for s in seqs], cfg.micro_batch_tokens)))
     _warn_low_precision(params, lr)
     optimizer.zero_grad(set_to_none=True)
     with _mode(model, True):
-        stats = accumulate_policy_gradients(model, seqs, cfg, ref, totals=totals)
+        stats = accumulate_policy_gradients(model, seqs, cfg, ref, totals=totals, passes=passes)
     grad_norm = math.nan
     skipped = stats.pop("nonfinite_loss") == 1.0
     if dp is not None:  # --- data-parallel: sum the gradients; a non-finite loss on any rank skips everywhere
         skipped = not dp.reduce_gradients(params, finite=not skipped)
     if not skipped:
         max_norm = grad_clip if grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm))
+        norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP2: a DTensor
         skipped = not math.isfinite(grad_norm)
         if skipped:
             logger.warning("non-finite gradient norm (%s); skipping this update", grad_norm)
