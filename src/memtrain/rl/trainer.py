@@ -446,6 +446,7 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         ckpt_io.set_rng_state(state["rng"])
         position, streak = int(state["data_position"]), int(state["nonfinite_streak"])
+        del state  # not kept for the run: on GPUs / FSDP2 its optimizer state is a second, full copy
     engine = make_engine(config.engine, config.model.name, model=model, tokenizer=tokenizer)
     log = RunLogger(out_dir, start_step, tensorboard=cfg_t.tensorboard) if ctx.is_main else NullRunLogger()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
