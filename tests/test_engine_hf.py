@@ -12,7 +12,7 @@ import torch
 from memtrain.config import EngineConfig
 from memtrain.engines import make_engine
 from memtrain.engines.base import Completion, GenerationRequest, SamplingParams
-from memtrain.engines.hf import HFEngine, sample_tokens, sequence_seed
+from memtrain.engines.hf import HFEngine, join_caches, prefill_groups, sample_tokens, sequence_seed
 from memtrain.models import load_policy, load_tokenizer
 
 TOL = 1e-4
@@ -87,6 +87,53 @@ def test_logprobs_equal_full_forward_for_mixed_batch(tiny: tuple[Any, Any]) -> N
         logits = model(torch.tensor([requests[0].prompt_ids])).logits[0, -1].float()
     tempered = torch.log_softmax(logits / 0.7, dim=-1)[c.token_ids[0]].item()
     assert abs(tempered - c.logprobs[0]) > 1e-3
+
+
+def test_prefill_groups_fit_the_budget() -> None:
+    assert prefill_groups([3, 4, 5, 9, 20], None) == [[0, 1, 2, 3, 4]]
+    # rows x longest <= 12: [3, 4] = 8 fits, + 5 would be 15; [5, 9] would be 18; 20 > 12 stays alone
+    assert prefill_groups([3, 4, 5, 9, 20], 12) == [[0, 1], [2], [3], [4]]
+    assert prefill_groups([2, 2, 2, 2], 8) == [[0, 1, 2, 3]]
+    assert prefill_groups([], 8) == []
+
+
+def test_grouped_prefill_gives_the_same_completions(tiny: tuple[Any, Any]) -> None:
+    """Prefill in groups whose caches are joined (left-padded to the widest): the same greedy tokens and
+    log-probs as one batched prefill, still equal to a full forward; n > 1 rows share their group's row."""
+    model, tok = tiny
+    requests = [GenerationRequest(_ids(tok, p), SamplingParams(n=1 + i % 2, temperature=0.0, max_tokens=8))
+                for i, p in enumerate(PROMPTS)]
+    lengths = sorted(len(r.prompt_ids) for r in requests)
+    assert len(prefill_groups(lengths, 2 * lengths[1])) >= 3  # really split
+    one = HFEngine(model, tok, prefill_tokens=None)
+    one.prefill_tokens = None  # one prefill even on CPU
+    split = HFEngine(model, tok, prefill_tokens=2 * lengths[1])
+    a, b = one.generate(requests), split.generate(requests)
+    assert split._split_prefill  # the tiny Llama's cache was joined, not re-run as one batch
+    for ca, cb in zip(a, b, strict=True):
+        assert [c.token_ids for c in ca] == [c.token_ids for c in cb]
+        for x, y in zip(ca, cb, strict=True):
+            assert max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs, strict=True)) < TOL
+    assert_exact_logprobs(model, requests, b)
+    assert HFEngine(model, tok).prefill_tokens == 2048  # the CPU default
+    with pytest.raises(ValueError, match="prefill_tokens=0"):
+        HFEngine(model, tok, prefill_tokens=0)
+
+
+def test_caches_that_cannot_be_joined_fall_back_to_one_prefill(tiny: tuple[Any, Any],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import memtrain.engines.hf as hf
+
+    model, tok = tiny
+    assert join_caches([object(), object()], [3, 4]) is None
+    params = SamplingParams(temperature=0.0, max_tokens=5)
+    requests = [GenerationRequest(_ids(tok, p), params) for p in PROMPTS]
+    expected = HFEngine(model, tok, prefill_tokens=10_000).generate(requests)
+    engine = HFEngine(model, tok, prefill_tokens=1)  # every prompt its own group
+    monkeypatch.setattr(hf, "join_caches", lambda caches, widths: None)  # as for a sliding-window cache
+    got = engine.generate(requests)
+    assert not engine._split_prefill  # remembered: later batches prefill in one forward
+    assert [[c.token_ids for c in cs] for cs in got] == [[c.token_ids for c in cs] for cs in expected]
 
 
 def test_greedy_is_argmax_of_full_forward(tiny: tuple[Any, Any]) -> None:

@@ -81,6 +81,12 @@ class EngineConfig(Section):
     served_model: str | None = None
     max_concurrency: int = Field(32, gt=0)
     batch_size: int = Field(64, gt=0)
+    prefill_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="hf: padded tokens per prefill forward (prompts are prefilled in groups, then decoded "
+        "together); default 2048 on CPU, where big prefills run slower, and one prefill per batch on GPU",
+    )
     timeout_s: float = Field(600.0, gt=0)
     max_retries: int = Field(5, ge=0, description="openai: retries on 429/5xx/timeouts/connection errors")
     vllm_extras: bool = Field(

@@ -25,7 +25,7 @@ def make_engine(cfg: EngineConfig, model_name: str, model: Any = None, tokenizer
             tokenizer = load_tokenizer(model_name)
         if model is None:
             model = load_policy(model_name)
-        return HFEngine(model, tokenizer, batch_size=cfg.batch_size)
+        return HFEngine(model, tokenizer, batch_size=cfg.batch_size, prefill_tokens=cfg.prefill_tokens)
     if cfg.kind == "openai":
         from memtrain.engines.openai import OpenAIEngine
 
