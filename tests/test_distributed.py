@@ -72,21 +72,49 @@ def _collectives(ctx: DistContext) -> dict[str, Any]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, out_dir: str,
-            report: str) -> None:
+def join_as_rank(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives rank ``rank`` of ``world`` on this host, one torch thread each."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from memtrain.rl.distributed import init_from_env, shutdown
+
+
+def train_then_resume(model_dir: str, data_dir: str, out_dir: str, overrides: list[str]) -> None:
+    """Step 1, then a resumed run (same world size) for step 2."""
     from memtrain.rl.trainer import train
+
+    for steps, resume in ((1, False), (2, True)):
+        over = [*overrides, "train.threads=1", f"train.steps={steps}"]
+        train(tiny_config(Path(model_dir), Path(data_dir), over), Path(out_dir), resume=resume)
+
+
+def assert_same_run(single: Path, double: Path, initial_dir: Path,
+                    keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Both runs really trained and end with the same step-2 parameters and per-step ``keys`` (rank 0
+    alone wrote the 2-process run's); returns both step-2 state dicts."""
+    a = load_file(str(single / "checkpoints" / "step_000002" / "model.safetensors"))
+    b = load_file(str(double / "checkpoints" / "step_000002" / "model.safetensors"))
+    initial = load_file(str(initial_dir / "model.safetensors"))
+    assert max(float((a[k] - initial[k]).abs().max()) for k in a) > 1e-3  # both really trained
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+    rows_a, rows_b = read_jsonl(single / "metrics.jsonl"), read_jsonl(double / "metrics.jsonl")
+    assert [r["step"] for r in rows_b] == [1, 2]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for key in keys:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+    return a, b
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, out_dir: str,
+            report: str) -> None:
+    join_as_rank(rank, world, port)
+    from memtrain.rl.distributed import init_from_env, shutdown
 
     TASKS["proxy"] = ScriptedProxyTask
     ctx = init_from_env("cpu")
     Path(f"{report}.{rank}").write_text(json.dumps(_collectives(ctx)), encoding="utf-8")
-    # step 1, then a resumed run (same world size) for step 2
-    for steps, resume in ((1, False), (2, True)):
-        over = [*OVERRIDES, "train.threads=1", f"train.steps={steps}"]
-        train(tiny_config(Path(model_dir), Path(data_dir), over), Path(out_dir), resume=resume)
+    train_then_resume(model_dir, data_dir, out_dir, OVERRIDES)
     shutdown()
 
 
@@ -115,19 +143,10 @@ def test_two_processes_take_the_same_steps_as_one(tiny_model_dir: Path, tmp_path
     assert r0["main"] == r1["main"] == "from rank 0"
 
     # the same parameters after 2 steps, and the same step statistics (rank 0 alone wrote them)
-    a = load_file(str(single / "checkpoints" / "step_000002" / "model.safetensors"))
-    b = load_file(str(double / "checkpoints" / "step_000002" / "model.safetensors"))
-    initial = load_file(str(tiny_model_dir / "model.safetensors"))
-    assert max(float((a[k] - initial[k]).abs().max()) for k in a) > 1e-3  # both really trained
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
-    rows_a, rows_b = read_jsonl(single / "metrics.jsonl"), read_jsonl(double / "metrics.jsonl")
-    assert [r["step"] for r in rows_b] == [1, 2]
-    for ra, rb in zip(rows_a, rows_b, strict=True):
-        for key in ("e2e_reward", "imr_match", "groups", "filtered_groups", "kept_rollouts", "num_seqs",
-                    "num_tokens", "tokens_generated", "documents", "samples", "data_position", "loss", "kl",
-                    "grad_norm", "entropy", "adv_abs_mean"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+    assert_same_run(single, double, tiny_model_dir, (
+        "e2e_reward", "imr_match", "groups", "filtered_groups", "kept_rollouts", "num_seqs", "num_tokens",
+        "tokens_generated", "documents", "samples", "data_position", "loss", "kl", "grad_norm", "entropy",
+        "adv_abs_mean"))
     assert len(read_jsonl(double / "samples.jsonl")) == len(read_jsonl(single / "samples.jsonl"))
 
 

@@ -214,9 +214,7 @@ class HFEngine:
             if s.request not in prompt_rows:
                 prompt_rows[s.request] = len(prompts)
                 prompts.append(s.prompt_ids)
-        width = max(len(p) for p in prompts)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        logits, cache = self._prefill(prompts)
+        logits, cache, mask = self._prefill(prompts)
         rows = torch.tensor([prompt_rows[s.request] for s in active], device=device)
         cache.batch_select_indices(rows)  # one cache row per sequence (n > 1 samples share a prefill)
         logits = logits[rows]
@@ -256,29 +254,35 @@ class HFEngine:
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
 
-    def _forward_prompts(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any]:
-        """One left-padded forward over ``prompts``: the last position's logits and the KV cache."""
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``prompts`` left-padded to the longest, and their attention mask."""
         width = max(len(p) for p in prompts)
         pad = self._pad_id()
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        return input_ids, mask
+
+    def _forward_prompts(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """One left-padded forward over ``prompts``: the last position's logits, the KV cache, the mask."""
+        input_ids, mask = self._left_padded(prompts)
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
-        return out.logits[:, -1, :], out.past_key_values
+        return out.logits[:, -1, :], out.past_key_values, mask
 
-    def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any]:
-        """The prompts' last logits and their joined cache, prefilled in groups of ``prefill_tokens``."""
+    def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """:meth:`_forward_prompts` over all ``prompts``, run in groups of ``prefill_tokens`` whose caches are
+        joined (left-padded to the longest prompt, as the returned mask says)."""
         budget = self.prefill_tokens if self._split_prefill else None
         groups = prefill_groups([len(p) for p in prompts], budget)
         if len(groups) == 1:
             return self._forward_prompts(prompts)
         parts = [self._forward_prompts([prompts[i] for i in g]) for g in groups]
-        cache = join_caches([c for _, c in parts], [max(len(prompts[i]) for i in g) for g in groups])
+        cache = join_caches([c for _, c, _ in parts], [m.shape[1] for _, _, m in parts])
         if cache is None:
             self._split_prefill = False
             return self._forward_prompts(prompts)
-        return torch.cat([logits for logits, _ in parts]), cache
+        return torch.cat([logits for logits, _, _ in parts]), cache, self._left_padded(prompts)[1]
 
     @staticmethod
     def _generator(s: _Seq, device: torch.device) -> torch.Generator | None:

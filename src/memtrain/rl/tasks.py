@@ -94,16 +94,21 @@ def _golds(sample: dict) -> None:
         raise ValueError(f"sample {sample.get('id')!r}: no gold 'answers'; training needs a non-empty list")
 
 
-class ProxyTask:
-    """E2E masked-entity reconstruction + intermediate memory recall (the MemTrain proxy objective)."""
-
-    name = "proxy"
-    required_fields = ("id", "context", "question", "answers", "entity_spans")
+class MemoryAgentTask:
+    """What the memory-agent tasks share: the run's config, the tokenizer and the reward metric
+    (``rl.reward_metric``, else strict boxed EM as in the paper)."""
 
     def __init__(self, config: Config, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.reward_metric = config.rl.reward_metric or REWARD_METRIC
+
+
+class ProxyTask(MemoryAgentTask):
+    """E2E masked-entity reconstruction + intermediate memory recall (the MemTrain proxy objective)."""
+
+    name = "proxy"
+    required_fields = ("id", "context", "question", "answers", "entity_spans")
 
     def rollout(
         self, samples: list[dict], engine: Engine, params: SamplingParams, group_size: int, rng: random.Random
@@ -172,16 +177,11 @@ class ProxyTask:
         return e2e + imr_rollouts, counters
 
 
-class LongQATask:
+class LongQATask(MemoryAgentTask):
     """MemAgent-style long-document QA post-training: final-answer strict EM reward (by default), no IMR."""
 
     name = "longqa"
     required_fields = ("id", "context", "question", "answers")
-
-    def __init__(self, config: Config, tokenizer: Any) -> None:
-        self.config = config
-        self.tokenizer = tokenizer
-        self.reward_metric = config.rl.reward_metric or REWARD_METRIC
 
     def rollout(
         self, samples: list[dict], engine: Engine, params: SamplingParams, group_size: int, rng: random.Random
