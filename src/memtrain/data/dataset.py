@@ -128,6 +128,34 @@ def write_dataset(
     return manifest
 
 
+def check_eval_out(out: Path, index_file: str, overwrite: bool) -> None:
+    """An eval set directory may replace only an eval set of the same kind, and only with ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / index_file).is_file():
+            raise ValueError(f"--out {out}: directory is not empty and holds no {index_file}; refusing to "
+                             "replace it (choose a new or empty directory)")
+        if not overwrite:
+            raise ValueError(f"--out {out} already holds a built set; pass --overwrite to replace it")
+
+
+# one dataset of an eval set: its rows and its manifest info
+EvalPart = tuple[Iterable[Mapping[str, Any]], Mapping[str, Any]]
+
+
+def write_eval_set(out: Path, index_file: str, parts: Mapping[str, EvalPart], schema: pa.Schema, task: str,
+                   index: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """An eval set: one dataset per part (``out/NAME`` from its rows and manifest info) plus ``index_file``,
+    all or nothing; it replaces only an eval set of the same kind, and only with ``overwrite``."""
+    check_eval_out(out, index_file, overwrite)
+    with atomic_dir(out) as tmp:
+        for name, (rows, info) in parts.items():
+            write_dataset(tmp / name, rows, schema, task, info=info)
+        atomic_write_json(tmp / index_file, index)
+    return index
+
+
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     """The manifest of a dataset directory, with its shard list checked against the files present."""
     d = Path(data_dir)

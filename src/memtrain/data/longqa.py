@@ -27,9 +27,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from memtrain.data.dataset import read_manifest, write_dataset
+from memtrain.data.dataset import read_manifest, write_dataset, write_eval_set
 from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
-from memtrain.io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
+from memtrain.io import append_jsonl, read_jsonl
 from memtrain.scoring import score
 
 
@@ -367,18 +367,6 @@ def _schema(with_tokens: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-def check_eval_out(out: Path, index_file: str, overwrite: bool) -> None:
-    """An eval set directory may replace only an eval set of the same kind, and only with ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; expected a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / index_file).is_file():
-            raise ValueError(f"--out {out}: directory is not empty and holds no {index_file}; refusing to "
-                             "replace it (choose a new or empty directory)")
-        if not overwrite:
-            raise ValueError(f"--out {out} already holds a built set; pass --overwrite to replace it")
-
-
 def write_longqa(out: str | Path, rows_by_size: Mapping[int, list[dict[str, Any]]], info: Mapping[str, Any],
                  train: bool = False, tokenizer: Any = None, overwrite: bool = False) -> dict[str, Any]:
     """Write the built rows: ``--train`` -> one dataset in ``out``; else one dataset per size in
@@ -399,16 +387,11 @@ def write_longqa(out: str | Path, rows_by_size: Mapping[int, list[dict[str, Any]
         (size,) = rows_by_size
         return write_dataset(out, rows(size), _schema(with_tokens), "longqa", info={**info, "num_docs": size},
                              overwrite=overwrite)
-    check_eval_out(out, INDEX_FILE, overwrite)
     sizes = sorted(rows_by_size)
     index = {"task": "longqa", "sizes": sizes, "dirs": {str(n): size_dir(n) for n in sizes},
              "question_ids": [r["id"] for r in rows_by_size[sizes[0]]], **info}
-    with atomic_dir(out) as tmp:
-        for n in sizes:
-            write_dataset(tmp / size_dir(n), rows(n), _schema(with_tokens), "longqa",
-                          info={**info, "num_docs": n})
-        atomic_write_json(tmp / INDEX_FILE, index)
-    return index
+    parts = {size_dir(n): (rows(n), {**info, "num_docs": n}) for n in sizes}
+    return write_eval_set(out, INDEX_FILE, parts, _schema(with_tokens), "longqa", index, overwrite)
 
 
 def eval_sets(data_dir: str | Path) -> list[tuple[int, Path]]:

@@ -18,8 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from memtrain.data.dataset import read_manifest, write_dataset
-from memtrain.io import atomic_dir, atomic_write_json
+from memtrain.data.dataset import read_manifest, write_dataset, write_eval_set
 from memtrain.log import logger
 
 ANSWER_SEP = ";"
@@ -172,22 +171,15 @@ def write_searchqa(out: str | Path, tasks: Mapping[str, list[dict[str, Any]]], i
                    train: bool = False, seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """``train`` -> one dataset in ``out`` mixing all data sets; else one dataset per data set in
     ``out/NAME`` plus ``out/searchqa.json``. All or nothing."""
-    from memtrain.data.longqa import check_eval_out
-
     out = Path(out)
     if train:
         return write_dataset(out, (to_row(t) for t in mix(dict(tasks), seed)), SCHEMA, "searchqa",
                              info={**info, "datasets": {k: len(v) for k, v in tasks.items()}},
                              overwrite=overwrite)
-    check_eval_out(out, INDEX_FILE, overwrite)
     index = {"task": "searchqa", "datasets": {name: len(rows) for name, rows in tasks.items()},
              "dirs": {name: name for name in tasks}, **info}
-    with atomic_dir(out) as tmp:
-        for name, rows in tasks.items():
-            write_dataset(tmp / name, (to_row(t) for t in rows), SCHEMA, "searchqa",
-                          info={**info, "dataset": name})
-        atomic_write_json(tmp / INDEX_FILE, index)
-    return index
+    parts = {name: ((to_row(t) for t in rows), {**info, "dataset": name}) for name, rows in tasks.items()}
+    return write_eval_set(out, INDEX_FILE, parts, SCHEMA, "searchqa", index, overwrite)
 
 
 def eval_sets(data_dir: str | Path) -> list[tuple[str, Path]]:
