@@ -272,7 +272,16 @@ def status(name: str) -> dict[str, object]:
         "sha256_verified": False,
     }
     if is_present(name):
-        meta = json.loads((d / MARKER).read_text(encoding="utf-8"))
+        try:
+            meta = json.loads((d / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise AssetError(
+                f"{d / MARKER}: damaged asset cache file ({exc.__class__.__name__}: {exc}); delete {d} "
+                f"(or run `memtrain assets fetch {name} --force`) to fetch it again"
+            ) from exc
+        if not isinstance(meta, dict):
+            raise AssetError(f"{d / MARKER}: damaged asset cache file (not a JSON object); delete {d} "
+                             f"(or run `memtrain assets fetch {name} --force`) to fetch it again")
         row.update(
             status="present",
             size_mb=round(_dir_size(d) / (1 << 20), 1),
@@ -281,8 +290,22 @@ def status(name: str) -> dict[str, object]:
     return row
 
 
+def looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` can only mean a local path, never a hub name: it starts with ``/ . ~``, exists here,
+    or has more separators than a hub ``org/name`` (``runs/x/checkpoints/latest``)."""
+    seps = [os.sep, *([os.altsep] if os.altsep else [])]
+    return (
+        spec.startswith(("/", ".", "~", *seps))
+        or os.path.exists(os.path.expanduser(spec))
+        or sum(spec.count(sep) for sep in seps) > 1
+        or ("\\" in spec)
+    )
+
+
 def resolve(spec: str, kind: str | None = None) -> str:
-    """Short embedded name -> local path (fetched on first use); anything else is returned unchanged."""
+    """Short embedded name -> local path (fetched on first use); anything else is returned unchanged, except
+    that with a ``kind`` a path-like spec (:func:`looks_like_path`) must exist: a typo in a path must be a
+    one-line error, not a hub lookup and its traceback."""
     if spec in ASSETS:
         asset = ASSETS[spec]
         if kind is not None and asset.kind != kind:
@@ -290,4 +313,12 @@ def resolve(spec: str, kind: str | None = None) -> str:
         if not is_present(spec):
             logger.warning("embedded asset %r is missing; fetching it now", spec)
         return str(fetch(spec))
+    if kind is not None and looks_like_path(spec):
+        path = os.path.expanduser(spec)
+        if not os.path.exists(path):
+            raise AssetError(
+                f"{kind} path {spec!r} does not exist; expected a local {kind} directory/file, an embedded "
+                f"name ({', '.join(n for n, a in ASSETS.items() if a.kind == kind)}) or a hub name org/name"
+            )
+        return path
     return spec

@@ -2,19 +2,113 @@
 
 Long jobs (asset fetches, data builds, training, evaluation) must never leave a half-written file that a
 later run mistakes for a finished one, so everything that marks progress goes through these helpers.
+
+Temp files and dirs get the permissions the process umask gives a normal file/dir (``mkstemp``/``mkdtemp``
+would leave them 0600/0700, unreadable to the other users of a shared cluster). Temp dirs carry their
+writer's host and pid in their name (``.tmp-NAME-pPID@HOST.XXXX``), so a later writer of the same target can
+delete those a dead process left behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from memtrain.log import logger
+
+# A leaked temp dir whose writer cannot be checked (another host, an old name) is removed after this long.
+STALE_TMP_AGE_S = 24 * 3600
+_TMP_OWNER = re.compile(r"-p(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]*)\.[^.]*$")
+
+
+def process_umask() -> int:
+    """The current umask, read without changing it where possible (os.umask alone must set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename/creation in directory ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (before renaming it into place)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0])[:40]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_tmp(final: Path, max_age_s: float = STALE_TMP_AGE_S) -> list[Path]:
+    """Remove ``.tmp-NAME-*`` dirs next to ``final`` left by dead writers: on this host when their pid is
+    gone, otherwise (another host, or no owner in the name) only when untouched for ``max_age_s``."""
+    final = Path(final)
+    removed: list[Path] = []
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for p in entries:
+        if not p.name.startswith(f".tmp-{final.name}-") or p.is_symlink() or not p.is_dir():
+            continue
+        owner = _TMP_OWNER.search(p.name[len(f".tmp-{final.name}") :])
+        try:
+            age = now - p.stat().st_mtime
+        except OSError:
+            continue
+        same_host = owner is not None and owner["host"] == _host()
+        stale = not _pid_alive(int(owner["pid"])) if owner is not None and same_host else age > max_age_s
+        if stale:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+            logger.info("removed %s, a temp dir left by an interrupted writer", p)
+    return removed
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Write to a temp file in the same directory, fsync, then rename over ``path``."""
@@ -22,6 +116,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -42,16 +137,23 @@ def atomic_write_json(path: Path, obj: Any) -> Path:
 
 
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, durable: bool = False) -> Iterator[Path]:
     """Yield a temp directory next to ``final``; on success it replaces ``final`` in one rename.
 
-    An interrupted writer leaves only a ``.tmp-*`` directory behind, never a half-filled ``final``.
+    An interrupted writer leaves only a ``.tmp-*`` directory behind, never a half-filled ``final``; the
+    next writer of ``final`` removes those of dead writers (:func:`clean_stale_tmp`). ``durable``: fsync
+    every file before the rename and the parent after it, so a power loss cannot leave a renamed but empty
+    directory (checkpoints, datasets).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    clean_stale_tmp(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-p{os.getpid()}@{_host()}.", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes it 0700
     try:
         yield tmp
+        if durable:
+            fsync_tree(tmp)
         if final.exists():
             old = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.replace(final, old)
@@ -59,6 +161,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        if durable:
+            fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,10 +8,11 @@ template and generation paths without any download.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from memtrain.assets import resolve
+from memtrain.assets import ASSETS, resolve
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -46,11 +47,68 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded: one line naming the path/name and what was expected."""
+
+
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{exc.__class__.__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _local_source(name: str, what: str) -> str:
+    """Resolve ``name``; for a local directory check it holds a ``what`` ("model" or "tokenizer") before
+    transformers sees it (its errors for an empty dir are long tracebacks)."""
+    try:
+        path = resolve(name, kind="model")
+    except Exception as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if not os.path.exists(path):
+        return path  # a hub name (resolve refuses path-like names that do not exist)
+    d = Path(path)
+    if not d.is_dir():
+        raise ModelLoadError(f"model path {path}: is a file; expected a checkpoint directory (config.json + "
+                             "weights + tokenizer files, as save_pretrained writes)")
+    if what == "model":
+        if not (d / "config.json").is_file() and not (d / "adapter_config.json").is_file():
+            raise ModelLoadError(f"model path {path}: no config.json; expected a Hugging Face checkpoint "
+                                 "directory (as save_pretrained writes)")
+        if not any((d / w).is_file() for w in _WEIGHTS):
+            raise ModelLoadError(f"model path {path}: no weights; expected one of {', '.join(_WEIGHTS)}")
+    elif not any((d / t).is_file() for t in _TOKENIZER_FILES):
+        raise ModelLoadError(f"model path {path}: no tokenizer files; expected one of "
+                             f"{', '.join(_TOKENIZER_FILES)}")
+    return path
+
+
+def _load_failed(name: str, path: str, what: str, exc: BaseException) -> ModelLoadError:
+    """One line for a from_pretrained failure: a damaged local checkpoint, or a hub name not cached."""
+    if os.path.exists(path):
+        hint = (f"; run `memtrain assets fetch {name} --force` to fetch it again" if name in ASSETS
+                else "; the files may be damaged or half-copied")
+        return ModelLoadError(f"model path {path}: cannot load the {what} ({_first_line(exc)}){hint}")
+    offline = os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0")
+    return ModelLoadError(
+        f"model {name!r}: not a local directory, and the Hugging Face hub could not provide its {what}"
+        f"{' (HF_HUB_OFFLINE is set)' if offline else ''} ({_first_line(exc)}); expected an embedded name "
+        f"({', '.join(n for n, a in ASSETS.items() if a.kind == 'model')}), a checkpoint directory, or a "
+        "hub name that is cached or reachable"
+    )
+
+
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
-    path = resolve(name, kind="model")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path = _local_source(name, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # OSError (hub/offline), ValueError/JSON errors (damaged files), ...
+        raise _load_failed(name, path, "tokenizer", exc) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
@@ -61,14 +119,28 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
-def load_policy(name: str, dtype: str = "auto", device: str | None = None) -> Any:
-    """A causal LM ready for generation/training on ``device`` (default: CUDA if present, else CPU)."""
+def load_policy(name: str, dtype: str = "auto", device: str | None = None,
+                inference_compute_dtype: str | None = None) -> Any:
+    """A causal LM ready for generation/training on ``device`` (default: CUDA if present, else CPU).
+
+    ``inference_compute_dtype`` (``model.compute_dtype``, for evaluation and ``memtrain answer``): with
+    ``dtype="auto"`` the weights are loaded directly in the compute dtype it resolves to (bf16 where the
+    device runs it fast): nothing trains, so no float32 master copy is needed.
+    """
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve(name, kind="model"), dtype=resolve_dtype(dtype, device)
-    )
+    path = _local_source(name, "model")
+    if dtype == "auto" and inference_compute_dtype is not None:
+        from memtrain.precision import resolve_compute_dtype
+
+        weights = resolve_compute_dtype(inference_compute_dtype, device)
+    else:
+        weights = resolve_dtype(dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=weights)
+    except Exception as exc:  # OSError (hub/offline), SafetensorError (damaged weights), ...
+        raise _load_failed(name, path, "model", exc) from exc
     return model.to(device)
 
 

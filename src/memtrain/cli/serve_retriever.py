@@ -2,11 +2,15 @@
 
 The index is built on first use (BM25 by default, dense with ``--kind dense``) and saved in ``--index``;
 later starts memory-map it. API: ``GET /health``, ``POST /search {"queries": [...], "k": 3}``.
+
+Bound beyond localhost, set a token (``MEMTRAIN_RETRIEVER_TOKEN``, or ``--token``): requests then need
+``Authorization: Bearer TOKEN``, which memtrain's client sends from the same variable.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -26,21 +30,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8001, help="port (default 8001; 0 = any free port)")
     p.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES",
                    help="largest request body accepted (default 1 MiB)")
+    p.add_argument("--token", default=None,
+                   help="bearer token every request must carry (default: $MEMTRAIN_RETRIEVER_TOKEN; prefer "
+                   "the variable, a command line is visible to other users); set one when --host is not "
+                   "loopback")
+    p.add_argument("--threads", type=int, default=8, help="worker threads serving connections (default 8)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request must arrive within this long, else its connection is closed (default 30)")
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from memtrain.retrieval.service import RETRIEVER_META, Retriever, RetrieverServer
+    from memtrain.log import logger
+    from memtrain.retrieval.service import RETRIEVER_META, TOKEN_ENV, Retriever, RetrieverServer, is_loopback
 
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(args.host) and not token:
+        logger.warning("serve-retriever: --host %s is reachable from other machines and no token is set: "
+                       "anyone who can connect can query it; set %s (or --token)", args.host, TOKEN_ENV)
     if args.corpus is not None:
         retriever = Retriever.for_corpus(args.corpus, args.index, args.kind, args.embedder)
     elif (args.index / RETRIEVER_META).is_file():
         retriever = Retriever.open(args.index)
     else:
         raise ValueError(f"--index {args.index} holds no index yet; pass --corpus FILE to build it")
-    server = RetrieverServer(retriever, args.host, args.port, max_body_bytes=args.max_body)
+    server = RetrieverServer(retriever, args.host, args.port, max_body_bytes=args.max_body, token=token,
+                             threads=args.threads, timeout_s=args.timeout)
     print(f"retriever: {retriever.kind} index of {len(retriever)} passages serving on {server.url} "
-          "(GET /health, POST /search); Ctrl-C stops it", flush=True)
+          f"(GET /health, POST /search{'; bearer token required' if token else ''}); Ctrl-C stops it",
+          flush=True)
     try:
         server.serve_forever()
     finally:

@@ -3,21 +3,28 @@
 Layout of a dataset directory::
 
     manifest.json          {"format": "memtrain-dataset", "task": ..., "num_rows": ..., "columns": {...},
-                            "shards": [{"file", "num_rows", "sha256"}], ...task-specific build info}
+                            "shards": [{"file", "num_rows", "sha256", "size", "footer_sha256"}],
+                            ...task-specific build info}
     shard-00000.parquet    rows; every task has at least id (string, unique), question (string) and
     shard-00001.parquet    answers (list of strings, non-empty)
 
 ``write_dataset`` is what builders call (``memtrain data proxy`` and the other ``data`` commands);
 ``load_rows``/``iter_rows`` are what training and evaluation call, validating as they read.
+
+Integrity: every read checks each shard's size and the sha256 of its parquet footer (the schema, row groups
+and statistics: a replaced or truncated shard) against the manifest, and parquet page CRCs (written with the
+shards) catch flipped bytes in the data as rows are read; ``verify="full"`` (or ``MEMTRAIN_VERIFY_DATA=full``)
+also checks the whole-file sha256. Manifests written before the size/footer fields existed still load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,6 +35,8 @@ from memtrain.io import atomic_dir, atomic_write_json
 MANIFEST = "manifest.json"
 FORMAT = "memtrain-dataset"
 FORMAT_VERSION = 1
+VERIFY_ENV = "MEMTRAIN_VERIFY_DATA"  # "full": also hash every shard completely on load
+Verify = Literal["fast", "full", "none"]
 
 
 class DatasetError(ValueError):
@@ -55,6 +64,46 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def footer_sha256(path: Path) -> str:
+    """sha256 of a parquet file's footer (metadata + length + magic): cheap, and it changes with the schema,
+    the row groups, their offsets and statistics, so a replaced or truncated shard is noticed."""
+    with path.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        if size < 12:
+            raise DatasetError(f"{path}: {size} bytes, too short to be a parquet file")
+        fh.seek(size - 8)
+        tail = fh.read(8)
+        if tail[4:] != b"PAR1":
+            raise DatasetError(f"{path}: no parquet footer (the file is truncated or not parquet)")
+        length = int.from_bytes(tail[:4], "little") + 8
+        if length > size - 4:
+            raise DatasetError(f"{path}: parquet footer length {length} exceeds the file size {size}")
+        fh.seek(size - length)
+        return hashlib.sha256(fh.read(length)).hexdigest()
+
+
+def _verify_mode(verify: Verify | None) -> Verify:
+    mode = verify or os.environ.get(VERIFY_ENV, "").strip().lower() or "fast"
+    if mode not in ("fast", "full", "none"):
+        raise ValueError(f"{VERIFY_ENV}={mode!r}: expected fast, full or none")
+    return mode  # type: ignore[return-value]
+
+
+def verify_shard(path: Path, shard: Mapping[str, Any], verify: Verify = "fast") -> None:
+    """Check one shard against its manifest entry (fields an older manifest lacks are not checked)."""
+    if verify == "none":
+        return
+    rebuild = "; the shard was modified or damaged after the build: rebuild the dataset"
+    size = path.stat().st_size
+    if "size" in shard and size != shard["size"]:
+        raise DatasetError(f"{path}: {size} bytes, but the manifest says {shard['size']}{rebuild}")
+    if "footer_sha256" in shard and footer_sha256(path) != shard["footer_sha256"]:
+        raise DatasetError(f"{path}: parquet footer does not match the manifest's footer_sha256{rebuild}")
+    if verify == "full" and "sha256" in shard and _sha256(path) != shard["sha256"]:
+        raise DatasetError(f"{path}: sha256 does not match the manifest{rebuild}")
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
@@ -95,14 +144,16 @@ def write_dataset(
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}: expected a positive number of rows per shard")
     check_output_dir(out, overwrite)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, durable=True) as tmp:
         shards: list[dict[str, Any]] = []
         buf: list[Mapping[str, Any]] = []
 
         def flush() -> None:
             name = f"shard-{len(shards):05d}.parquet"
-            pq.write_table(pa.Table.from_pylist(list(buf), schema=schema), tmp / name, compression="zstd")
-            shards.append({"file": name, "num_rows": len(buf), "sha256": _sha256(tmp / name)})
+            pq.write_table(pa.Table.from_pylist(list(buf), schema=schema), tmp / name, compression="zstd",
+                           write_page_checksum=True)
+            shards.append({"file": name, "num_rows": len(buf), "sha256": _sha256(tmp / name),
+                           "size": (tmp / name).stat().st_size, "footer_sha256": footer_sha256(tmp / name)})
             buf.clear()
 
         for row in rows:
@@ -197,21 +248,53 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
             )
 
 
-def iter_rows(
-    data_dir: str | Path, columns: list[str] | None = None, batch_size: int = 256
-) -> Iterator[dict[str, Any]]:
-    """Rows of a dataset directory, shard by shard, validating schema, row counts and answers as it goes.
+def require_columns(data_dir: str | Path, columns: Iterable[str], task: str) -> None:
+    """Check, from the manifest (or a shard's footer) and without reading rows, that the dataset has every
+    column ``task`` needs, so a wrong ``data.path`` fails before any model is loaded."""
+    d = Path(data_dir)
+    manifest = read_manifest(d)
+    have = manifest.get("columns")
+    if isinstance(have, dict) and have:
+        names = list(have)
+    else:  # a manifest without its column list: the first shard's schema (footer only)
+        path = d / manifest["shards"][0]["file"]
+        try:
+            names = list(pq.read_schema(path).names)
+        except (pa.ArrowException, OSError) as exc:
+            raise DatasetError(f"{path}: not a readable parquet file ({exc})") from None
+    missing = [c for c in columns if c not in names]
+    if missing:
+        built = manifest.get("task", "?")
+        also = f" (also missing: {', '.join(missing[1:])})" if missing[1:] else ""
+        raise DatasetError(
+            f"dataset {d} (built for task {built!r}) has no column {missing[0]!r}, which task {task!r} needs"
+            f"{also}; columns: {', '.join(names)}"
+        )
 
-    ``columns`` limits what is read (``id`` is always included, to name rows in errors).
+
+def iter_rows(
+    data_dir: str | Path,
+    columns: list[str] | None = None,
+    batch_size: int = 256,
+    verify: Verify | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Rows of a dataset directory, shard by shard, validating integrity (:func:`verify_shard`), schema, row
+    counts and answers as it goes.
+
+    ``columns`` limits what is read (``id`` is always included, to name rows in errors). ``verify``: "fast"
+    (default: size + footer hash + page CRCs), "full" (also the whole-file sha256; default from
+    ``MEMTRAIN_VERIFY_DATA``) or "none".
     """
     d = Path(data_dir)
     manifest = read_manifest(d)
+    mode = _verify_mode(verify)
     if columns is not None:
         columns = list(dict.fromkeys(["id", *columns]))
     for shard in manifest["shards"]:
         path = d / shard["file"]
+        verify_shard(path, shard, mode)
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(path, page_checksum_verification=mode != "none")
         except (pa.ArrowException, OSError) as exc:
             raise DatasetError(f"{path}: not a readable parquet file ({exc})") from None
         _check_schema(path, pf.schema_arrow)
@@ -226,8 +309,20 @@ def iter_rows(
                 f"{path}: {pf.metadata.num_rows} rows, but the manifest says {shard['num_rows']}"
             )
         index = 0
-        for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-            for row in batch.to_pylist():
+        batches = pf.iter_batches(batch_size=batch_size, columns=columns)
+        while True:
+            try:
+                batch = next(batches, None)
+                rows = batch.to_pylist() if batch is not None else []
+            except (pa.ArrowException, OSError) as exc:  # damaged pages: ZSTD/CRC/decoding errors
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+                raise DatasetError(
+                    f"{path}: cannot read rows after row {index} ({first}); the shard is damaged: rebuild "
+                    "the dataset"
+                ) from exc
+            if batch is None:
+                break
+            for row in rows:
                 if "answers" in row and not row["answers"]:
                     raise DatasetError(
                         f"{path}: row {index} (id {row.get('id')!r}) has no answers; expected a "
@@ -237,9 +332,11 @@ def iter_rows(
                 yield row
 
 
-def load_rows(data_dir: str | Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
-    """All rows of a dataset directory as dicts (validated; ids must be unique)."""
-    rows = list(iter_rows(data_dir, columns))
+def load_rows(
+    data_dir: str | Path, columns: list[str] | None = None, verify: Verify | None = None
+) -> list[dict[str, Any]]:
+    """All rows of a dataset directory as dicts (validated; ids must be unique; ``verify``: see iter_rows)."""
+    rows = list(iter_rows(data_dir, columns, verify=verify))
     seen: set[str] = set()
     for row in rows:
         if row["id"] in seen:

@@ -15,16 +15,29 @@ HTTP API (JSON in, JSON out; every error is a 4xx/5xx with ``{"error": "..."}``)
 
     GET  /health                         -> {"status": "ok", "kind": "bm25", "passages": N, "max_k": ...}
     POST /search {"queries": [..], "k": 3} -> {"results": [[{"id", "title", "text", "score"}, ...], ...]}
+
+The server is safe to leave running: a fixed pool of worker threads serves connections (more waiting ones
+than ``backlog`` get 503), every request must arrive within ``timeout_s`` of the server starting to wait for
+it (idle and slow sockets are closed), malformed input of any kind is a JSON 4xx, and with a token
+(``--token`` or ``MEMTRAIN_RETRIEVER_TOKEN``) every request needs ``Authorization: Bearer TOKEN``; the client
+sends the token from that variable.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import io
+import ipaddress
 import json
+import os
+import queue
+import socket
 import threading
+import time
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -38,6 +51,10 @@ MAX_K = 100
 MAX_QUERIES = 256
 MAX_QUERY_CHARS = 4096
 MAX_BODY_BYTES = 1 << 20
+TOKEN_ENV = "MEMTRAIN_RETRIEVER_TOKEN"
+DEFAULT_THREADS = 8
+DEFAULT_BACKLOG = 64
+DEFAULT_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -122,9 +139,20 @@ class Retriever:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{index_dir}: no {RETRIEVER_META}; not a retriever index dir (build "
                                     "one with `memtrain serve-retriever --corpus FILE --index DIR`)")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            kind = str(meta["kind"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{meta_path}: damaged retriever index ({exc.__class__.__name__}: {exc}); "
+                             f"delete {index_dir} to rebuild it") from exc
         store = PassageStore.load(index_dir, corpus)
-        return cls(load_index(index_dir / INDEX_SUBDIR), store, str(meta["kind"]))
+        try:
+            index = load_index(index_dir / INDEX_SUBDIR)
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise ValueError(f"{index_dir / INDEX_SUBDIR}: damaged retriever index "
+                             f"({exc.__class__.__name__}: {str(exc)[:200]}); delete {index_dir} to rebuild it"
+                             ) from exc
+        return cls(index, store, kind)
 
     @classmethod
     def for_corpus(cls, corpus: str | Path, index_dir: str | Path | None = None,
@@ -135,7 +163,14 @@ class Retriever:
             index_dir = default_index_dir(corpus, kind, embedder)
         index_dir = Path(index_dir)
         if (index_dir / RETRIEVER_META).is_file():
-            meta = json.loads((index_dir / RETRIEVER_META).read_text(encoding="utf-8"))
+            try:
+                meta = json.loads((index_dir / RETRIEVER_META).read_text(encoding="utf-8"))
+                if not isinstance(meta, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{index_dir / RETRIEVER_META}: damaged retriever index cache "
+                                 f"({exc.__class__.__name__}: {exc}); delete {index_dir} to rebuild it"
+                                 ) from exc
             if meta.get("kind") != kind:
                 raise ValueError(f"{index_dir} holds a {meta.get('kind')!r} index, not {kind!r}; choose "
                                  "another --index directory")
@@ -171,11 +206,14 @@ def default_index_dir(corpus: Path, kind: str, embedder: str = "minilm") -> Path
 class RetrieverClient:
     """The HTTP retriever service, behind the same ``search`` as ``Retriever``."""
 
-    def __init__(self, url: str, timeout_s: float = 60.0):
+    def __init__(self, url: str, timeout_s: float = 60.0, token: str | None = None):
+        """``token``: the service's bearer token (default: ``$MEMTRAIN_RETRIEVER_TOKEN``, when set)."""
         import httpx
 
         self.url = url.rstrip("/")
-        self._client = httpx.Client(timeout=timeout_s)
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(timeout=timeout_s, headers=headers)
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         import httpx
@@ -190,8 +228,9 @@ class RetrieverClient:
         except ValueError:
             data = {"error": resp.text[:200]}
         if resp.status_code != 200:
+            hint = f" (set {TOKEN_ENV} to the server's token)" if resp.status_code == 401 else ""
             raise RetrieverError(f"retriever {self.url}{path}: HTTP {resp.status_code}: "
-                                 f"{data.get('error', data)}")
+                                 f"{data.get('error', data) if isinstance(data, dict) else data}{hint}")
         return data
 
     def health(self) -> dict[str, Any]:
@@ -225,16 +264,70 @@ def open_retriever(spec: str | Path, index_dir: str | Path | None = None,
 # ------------------------------------------------------------------------------------------------- server
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` exposes the service to this machine only."""
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that fail once ``deadline`` (monotonic) has passed, however slowly bytes trickle in: a
+    plain socket timeout restarts with every byte, so one client could hold a worker forever."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.deadline = float("inf")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not received in time")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: RetrieverServer
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
 
+    def setup(self) -> None:
+        super().setup()
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        # the whole next request (idle wait, request line, headers, body) must arrive within timeout_s
+        self._reader.deadline = time.monotonic() + self.server.timeout_s
+        super().handle_one_request()
+
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("retriever %s - %s", self.address_string(), format % args)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, unsupported method, ...) as JSON, never HTML."""
+        if code == HTTPStatus.NOT_IMPLEMENTED:  # an HTTP method the service does not have
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command!r} not allowed; expected " \
+                "GET /health or POST /search"
+        short = self.responses.get(code, ("error", ""))[0]
+        self.log_error("code %d, message %s", code, message or short)
+        if self.request_version == "HTTP/0.9":  # an unparsable request line: still answer with a status line
+            self.request_version = "HTTP/1.0"
+        try:
+            self._reply(int(code), {"error": message or short}, close=True)
+        except OSError:
+            self.close_connection = True
+
     def _reply(self, status: int, payload: dict[str, Any], close: bool = False) -> None:
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.connection.settimeout(self.server.timeout_s)  # the read deadline may have left little time
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
@@ -247,7 +340,43 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: HTTPStatus, message: str, close: bool = False) -> None:
         self._reply(status.value, {"error": message}, close=close)
 
+    def _authorized(self) -> bool:
+        """With a server token, every request must carry it (constant-time comparison); else 401."""
+        token = self.server.token
+        if not token:
+            return True
+        given = self.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
+            return True
+        self._error(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token: send 'Authorization: Bearer "
+                    f"TOKEN' (the client reads it from {TOKEN_ENV})", close=True)
+        return False
+
+    def _guarded(self, handler: Any) -> None:
+        """Run one endpoint; anything it raises becomes a JSON 500, never a dropped connection."""
+        if not self._authorized():
+            return
+        try:
+            handler()
+        except TimeoutError:
+            raise  # http.server closes the connection
+        except Exception as exc:
+            logger.warning("retriever: %s %s failed: %s: %s", self.command, self.path, exc.__class__.__name__,
+                           exc)
+            try:
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{exc.__class__.__name__}: {exc}"[:300],
+                            close=True)
+            except OSError:
+                self.close_connection = True
+
     def do_GET(self) -> None:
+        self._guarded(self._get)
+
+    def do_POST(self) -> None:
+        self._guarded(self._post)
+
+    def _get(self) -> None:
         if self.path.split("?")[0] == "/health":
             self._reply(200, self.server.retriever.health())
         elif self.path.split("?")[0] == "/search":
@@ -257,7 +386,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND,
                         f"no endpoint {self.path!r}; expected GET /health or POST /search")
 
-    def do_POST(self) -> None:
+    def _post(self) -> None:
         if self.path.split("?")[0] != "/search":
             self._error(HTTPStatus.NOT_FOUND, f"no endpoint {self.path!r}; expected POST /search", close=True)
             return
@@ -276,10 +405,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                         f"request body of {length} bytes; at most {limit}", close=True)
             return
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            self._error(HTTPStatus.BAD_REQUEST, f"body ended after {len(raw)} of {length} bytes", close=True)
+            return
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            self._error(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({exc})")
+            body = json.loads(raw or b"null")
+        except RecursionError:
+            self._error(HTTPStatus.BAD_REQUEST, "body is not valid JSON (nested too deeply)")
+            return
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and ints of over 4300 digits
+            self._error(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({str(exc)[:200]})")
             return
         if not isinstance(body, dict):
             self._error(HTTPStatus.BAD_REQUEST, "body: expected a JSON object {\"queries\": [...], \"k\": 3}")
@@ -310,14 +446,72 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, {"results": [[h.as_dict() for h in row] for row in results]})
 
 
-class RetrieverServer(ThreadingHTTPServer):
-    daemon_threads = True
+class RetrieverServer(HTTPServer):
+    """HTTP server over a retriever with a fixed pool of ``threads`` workers (connections beyond ``backlog``
+    waiting for one get an immediate 503), a per-request deadline ``timeout_s`` and an optional bearer
+    ``token``."""
 
     def __init__(self, retriever: Retriever, host: str = "127.0.0.1", port: int = 8001,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, token: str | None = None,
+                 threads: int = DEFAULT_THREADS, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 backlog: int = DEFAULT_BACKLOG):
+        if threads < 1 or backlog < 1 or timeout_s <= 0:
+            raise ValueError(f"threads={threads}, backlog={backlog}, timeout_s={timeout_s}: expected "
+                             "positive values")
         self.retriever = retriever
         self.max_body_bytes = max_body_bytes
+        self.token = token or None
+        self.timeout_s = timeout_s
+        self._queue: queue.Queue[tuple[Any, Any] | None] = queue.Queue(maxsize=backlog)
         super().__init__((host, port), _Handler)
+        self._workers = [threading.Thread(target=self._work, name=f"retriever-worker-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._workers:
+            t.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to the pool; when too many are waiting, answer 503 and close at once."""
+        try:
+            self._queue.put_nowait((request, client_address))
+        except queue.Full:
+            body = json.dumps({"error": "server busy: too many open connections; retry later"}).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: " + str(len(body)).encode()
+                                + b"\r\n\r\n" + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line instead of socketserver's traceback on stderr."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        logger.warning("retriever: connection from %s failed: %s: %s", client_address,
+                       exc.__class__.__name__, exc)
+
+    def server_close(self) -> None:
+        super().server_close()
+        for _ in self._workers:
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                break
 
     @property
     def url(self) -> str:

@@ -8,14 +8,20 @@ Layout::
     RUN/checkpoints/latest         symlink to the newest complete checkpoint directory (relative, so the run
                                    dir can move), usable wherever a model path is expected
 
+``meta.json`` (written last) records the size of every other file of the checkpoint, so a directory that
+arrived half-copied (an interrupted ``rsync``, an object-store sync) is not mistaken for a complete one.
+Resume takes the newest *complete* ``step_*`` directory, found from the directories themselves: ``latest``
+is only a convenience and may be missing, a plain file or a real directory after ``cp -rL``/``rsync -r``.
+
 Under FSDP2 (``train.parallel=fsdp2``) the weights and optimizer state are sharded over the ranks: every rank
 joins :func:`gather_full_state`, then rank 0 writes the same layout from the gathered state dicts; a resumed
 run loads the full weights on every rank before sharding and the optimizer state through
 :func:`load_full_optimizer_state`.
 
-A checkpoint directory is written as a temp dir and renamed into place (``memtrain.io.atomic_dir``), and only
-then does ``latest`` (replaced atomically) point at it, so a process killed at any moment leaves the previous
-checkpoint usable. Older checkpoints beyond ``keep_last`` are deleted after the new one is in place.
+A checkpoint directory is written as a temp dir, fsynced and renamed into place (``memtrain.io.atomic_dir``),
+and only then does ``latest`` (replaced atomically) point at it, so a process killed at any moment leaves
+the previous checkpoint usable. Older checkpoints beyond ``keep_last`` are deleted after the new one is in
+place (never newer ones: a run resumed from an older step leaves them until it redoes those steps).
 
 A run may only be resumed with the config it started with, apart from ``RESUMABLE_KEYS`` (run length,
 logging, checkpoint cadence and pure performance knobs): :func:`config_differences` names every other key
@@ -37,7 +43,7 @@ import numpy as np
 import torch
 
 from memtrain.config import Config
-from memtrain.io import atomic_dir, atomic_write_json
+from memtrain.io import atomic_dir, atomic_write_json, fsync_dir
 from memtrain.log import logger
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -46,6 +52,9 @@ STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 STATE_VERSION = 1
 _STEP_DIR = re.compile(r"step_(\d+)")
+# Weight files of a checkpoint written before meta.json listed its files (any one of them is enough).
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                 "pytorch_model.bin")
 
 # Keys that may change when a run is resumed: they change how long it runs, what it logs, how often it saves,
 # and how work is batched for speed - never what is learned from which data.
@@ -114,9 +123,19 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def _safe_rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The RNG states with numpy's key array as a tensor, so ``torch.load(weights_only=True)`` reads them."""
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    return {**state, "numpy": (str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
+                               int(has_gauss), float(cached))}
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    if isinstance(keys, torch.Tensor):  # stored by _safe_rng_state
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((name, keys, pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -130,17 +149,56 @@ def checkpoints_root(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
 
 
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoint directories of a run as (step, path), oldest first (temp dirs are ignored)."""
+def incomplete_reason(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint (None when it is): a missing file, or one whose size differs
+    from the size meta.json recorded (a half-finished copy)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    for name in (STATE_FILE, META_FILE):
+        if not (path / name).is_file():
+            return f"no {name}"
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"unreadable {META_FILE} ({exc.__class__.__name__})"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict):  # written before meta.json listed its files
+        return None if any((path / w).is_file() for w in _WEIGHT_FILES) else "no model weights"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"no {name}"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} expected"
+    return None
+
+
+def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     root = checkpoints_root(run_dir)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.fullmatch(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)))
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_DIR.fullmatch(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoint directories of a run as (step, path), oldest first (temp dirs are ignored)."""
+    return [(step, p) for step, p in _step_dirs(run_dir) if incomplete_reason(p) is None]
+
+
+def incomplete_checkpoints(run_dir: Path) -> list[tuple[Path, str]]:
+    """``step_*`` directories that are not complete checkpoints, with the reason (oldest first)."""
+    out = []
+    for _, p in _step_dirs(run_dir):
+        reason = incomplete_reason(p)
+        if reason is not None:
+            out.append((p, reason))
+    return out
 
 
 def point_latest(root: Path, name: str) -> None:
@@ -148,30 +206,91 @@ def point_latest(root: Path, name: str) -> None:
     tmp = root / f".latest-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     os.symlink(name, tmp)
-    os.replace(tmp, root / LATEST_FILE)
+    pointer = root / LATEST_FILE
+    if pointer.is_dir() and not pointer.is_symlink():  # a copy left by `cp -rL`: a symlink cannot replace it
+        aside = root / f".old-{LATEST_FILE}-{os.getpid()}"
+        os.replace(pointer, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.replace(tmp, pointer)
+    fsync_dir(root)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``latest`` points at; None when the run has none yet.
+    """The newest complete ``step_*`` checkpoint directory; None when the run has none.
 
-    A ``latest`` naming a missing directory means the run dir was edited by hand: that is an error, not a
-    silent restart from scratch. (A plain file holding the directory name is accepted too.)
+    Found from the step directories themselves, since ``latest`` does not survive every copy (``rsync -r``
+    drops symlinks, ``cp -rL`` turns it into a directory). A ``latest`` symlink (or plain file holding a
+    name) that names an incomplete or missing checkpoint means the run dir was edited or half-copied: that
+    is an error, not a silent restart from an older step.
     """
     root = checkpoints_root(run_dir)
     pointer = root / LATEST_FILE
+    name = None
     if pointer.is_symlink():
         name = os.readlink(pointer)
     elif pointer.is_file():
         name = pointer.read_text(encoding="utf-8").strip()
-    else:
-        return None
-    path = root / name
-    if not _STEP_DIR.fullmatch(name) or not (path / STATE_FILE).is_file():
+    complete = list_checkpoints(run_dir)
+    if name is not None and not (_STEP_DIR.fullmatch(name) and incomplete_reason(root / name) is None):
+        why = incomplete_reason(root / name) if _STEP_DIR.fullmatch(name) else "not a step_* directory"
         raise FileNotFoundError(
-            f"{pointer} points at {name!r}, which is not a complete checkpoint in {root}; "
-            f"complete ones: {[p.name for _, p in list_checkpoints(run_dir)] or 'none'}"
+            f"{pointer} points at {name!r}, which is not a complete checkpoint in {root} ({why}); "
+            f"complete ones: {[p.name for _, p in complete] or 'none'}"
         )
-    return path
+    return complete[-1][1] if complete else None
+
+
+def _checkpointed_metric_steps(run_dir: Path, checkpoint_every: int) -> list[int]:
+    """Steps in metrics.jsonl after which a checkpoint was due (a multiple of ``checkpoint_every`` whose
+    update was not skipped)."""
+    from memtrain.io import read_jsonl
+    from memtrain.rl.metrics import METRICS_FILE
+
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    steps = []
+    for row in read_jsonl(path):
+        step = row.get("step")
+        if isinstance(step, int) and step > 0 and step % checkpoint_every == 0 and row.get(
+            "skipped_nonfinite"
+        ) != 1.0:
+            steps.append(step)
+    return steps
+
+
+def resume_checkpoint(run_dir: Path, checkpoint_every: int | None = None) -> Path | None:
+    """The checkpoint to resume ``run_dir`` from, or None for a run killed before its first checkpoint.
+
+    Refuses (FileNotFoundError) when checkpoints were written but none is complete now (lost or half-copied
+    files, or metrics.jsonl has a step at which one was due): restarting from step 1 would overwrite history
+    it cannot account for. Newer incomplete step directories than the one chosen are named in a warning.
+    """
+    found = latest_checkpoint(run_dir)
+    root = checkpoints_root(run_dir)
+    if found is None and checkpoint_every:
+        due = _checkpointed_metric_steps(run_dir, checkpoint_every)
+        if due:
+            raise FileNotFoundError(
+                f"cannot resume {run_dir}: metrics.jsonl records step {due[-1]}, after which a checkpoint "
+                f"was written, but {root} holds no complete checkpoint; copy the checkpoints/ directory "
+                "along with the run (or start a new run with another --out)"
+            )
+    found_step = -1 if found is None else _step_of(found)
+    newer = [(p, why) for p, why in incomplete_checkpoints(run_dir) if _step_of(p) > found_step]
+    if found is None:
+        copy = root / LATEST_FILE
+        if newer or (copy.is_dir() and not copy.is_symlink()):
+            what = "; ".join(f"{p.name}: {why}" for p, why in newer) or f"only {copy} (a directory copy)"
+            raise FileNotFoundError(
+                f"cannot resume {run_dir}: no complete checkpoint in {root} ({what}); finish copying the "
+                "run directory (or rename a complete copy to step_NNNNNN), or start a new run with "
+                "another --out"
+            )
+        return None
+    for p, why in newer:
+        logger.warning("resume: skipping incomplete checkpoint %s (%s); resuming from %s", p, why, found.name)
+    return found
 
 
 def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
@@ -212,7 +331,7 @@ def save_checkpoint(
     root = checkpoints_root(run_dir)
     final = root / step_dir_name(step)
     lora = is_peft(model)
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, durable=True) as tmp:
         model.save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
         torch.save(
@@ -221,7 +340,7 @@ def save_checkpoint(
                 "step": step,
                 "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
                 "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
+                "rng": _safe_rng_state(rng_state()),
                 **state,
             },
             tmp / STATE_FILE,
@@ -231,6 +350,10 @@ def save_checkpoint(
             "model_name": model_name,
             "weights": "lora_adapter" if lora else "full",
             **{k: v for k, v in state.items() if isinstance(v, (int, float, str))},
+            # sizes of everything else, so a half-copied checkpoint is recognised (incomplete_reason)
+            "files": {
+                str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()
+            },
         }
         if lora:
             meta["merge_command"] = (
@@ -238,7 +361,8 @@ def save_checkpoint(
             )
         atomic_write_json(tmp / META_FILE, meta)
     point_latest(root, final.name)
-    for _, old in list_checkpoints(run_dir)[:-keep_last]:
+    # prune only older checkpoints than this one: never one of a step this (resumed) run has not redone yet
+    for _, old in [c for c in list_checkpoints(run_dir) if c[0] <= step][:-keep_last]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
@@ -276,10 +400,29 @@ def load_full_optimizer_state(model: Any, optimizer: torch.optim.Optimizer, stat
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
+def _numpy_safe_globals() -> list[Any]:
+    """What numpy's RNG key array needs under ``weights_only=True`` (checkpoints written before the key array
+    was stored as a tensor)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return [np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]
+
+
 def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
-    """The resume data of a checkpoint (our own file: optimizer/RNG states need full unpickling)."""
+    """The resume data of a checkpoint, unpickled safely (``weights_only``: tensors and plain containers,
+    never arbitrary code, even from a run directory someone else wrote)."""
     path = Path(ckpt_dir) / STATE_FILE
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors of a damaged or foreign file
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ValueError(
+            f"{path}: cannot load the trainer state ({exc.__class__.__name__}: {first}); the checkpoint is "
+            "damaged or was not written by memtrain: delete that step directory to resume from an older one"
+        ) from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: not a memtrain trainer state of version {STATE_VERSION}")
     return state

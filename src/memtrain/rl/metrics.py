@@ -3,7 +3,8 @@ trajectories, a summary table, and PNG curves (``memtrain plot``).
 
 ``metrics.jsonl`` is the source of truth: plain JSON (non-finite numbers are written as null), appended and
 flushed once per step. On resume, rows after the checkpoint's step are dropped (they belong to steps that are
-about to be redone) and TensorBoard is told to purge them too, so every step appears exactly once.
+about to be redone) and TensorBoard is told to purge them too, so every step appears exactly once. Dropped
+rows are never lost: they are appended to ``metrics.dropped.jsonl`` (``samples.dropped.jsonl``) first.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from memtrain.io import append_jsonl, atomic_write_text, read_jsonl
+from memtrain.log import logger
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -92,10 +94,18 @@ def clean_value(value: Any) -> Any:
     return f if math.isfinite(f) else None
 
 
+def dropped_path(path: Path) -> Path:
+    """Where rows removed from ``path`` on resume are kept (metrics.jsonl -> metrics.dropped.jsonl)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.dropped{path.suffix}")
+
+
 def truncate_after(path: Path, step: int) -> int:
     """Keep only rows with ``row['step'] <= step`` (atomic rewrite); returns how many rows were dropped.
 
-    Also drops a half-written last line (a killed writer), so the next append starts on a fresh line.
+    The dropped rows are appended to :func:`dropped_path` before the rewrite, so history is moved, never
+    erased (a resume from an older checkpoint than expected stays recoverable). Also drops a half-written
+    last line (a killed writer), so the next append starts on a fresh line.
     """
     path = Path(path)
     if not path.is_file():
@@ -103,9 +113,14 @@ def truncate_after(path: Path, step: int) -> int:
     text = path.read_text(encoding="utf-8")
     rows = read_jsonl(path)
     kept = [r for r in rows if int(r.get("step", 0)) <= step]
+    dropped = [r for r in rows if int(r.get("step", 0)) > step]
+    if dropped:
+        append_jsonl(dropped_path(path), [{**r, "dropped_on_resume_from_step": step} for r in dropped])
+        logger.warning("%s: moved %d row(s) after step %d (redone now) to %s", path, len(dropped), step,
+                       dropped_path(path).name)
     if len(kept) != len(rows) or (text and not text.endswith("\n")):
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    return len(rows) - len(kept)
+    return len(dropped)
 
 
 class RunLogger:
