@@ -1,0 +1,383 @@
+"""``memtrain eval proxy``: any model or checkpoint on a proxy set - E2E reconstruction and IMR recall.
+
+Per document (MEMTRAIN.md sections 2-3):
+
+* E2E: one trajectory of the memory agent (the config's budgets and prompts, as in training, including
+  ``agent.max_chunks``), scored against the masked entity with every metric. The memory prompts after step
+  0 hold the model's own memories, so they differ between models: that is what is being measured.
+* IMR: ONE question per trajectory. Its (step k, chunk l, entity) is drawn from the DATA alone - the chunks
+  and their entities, never the memories (:func:`memtrain.agent.imr.draw_imr_choice`) - with a
+  ``random.Random`` seeded from (seed, document id) only. Two models that chunk a document the same way
+  (same tokenizer and budgets) therefore get the same question and label for it, whatever their memories,
+  batch sizes or resumes; the memory inside the prompt is the model's own ``m_k`` (what IMR measures). Unlike
+  training (:func:`~memtrain.agent.imr.build_imr_prompt`), a step whose memory the model left empty stays
+  eligible: such a question is not asked and scores 0 on every metric (``memory_empty`` in its record), so
+  that both models are scored on the same questions and forgetting everything is not rewarded by skipping.
+  A document with no usable entity in any chunk has no IMR question (for every model).
+
+Decoding is greedy by default (a deterministic comparison); ``temperature > 0`` samples with per-batch seeds
+derived from ``seed``. Documents are batched by their position in the set, and a batch with any missing
+record is re-run whole, so a resumed run - even a sampled one - gives exactly the records of an
+uninterrupted one. ``examples.jsonl`` grows batch by batch; ``summary.json`` holds the mean of every metric
+with a percentile bootstrap 95% interval over documents (:mod:`memtrain.eval.stats`); ``memtrain report A
+B`` (:func:`compare_proxy`) adds the paired difference B - A with its interval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from memtrain.agent.imr import ImrChoice, ImrPrompt, draw_imr_choice, run_imr
+from memtrain.agent.loop import MemoryAgent
+from memtrain.agent.seeding import derive_seed
+from memtrain.agent.types import Trajectory, Turn
+from memtrain.config import Config
+from memtrain.data.dataset import load_rows, require_columns
+from memtrain.engines.base import Engine, SamplingParams
+from memtrain.eval.longqa import load_engine
+from memtrain.eval.report import EXAMPLES, PLOT, SUMMARY, TABLE, check_resume, done_keys, load_summary
+from memtrain.eval.stats import CONFIDENCE, RESAMPLES, bootstrap_ci, paired_difference_ci
+from memtrain.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from memtrain.log import logger
+from memtrain.prompts import render, template
+from memtrain.scoring import METRICS, REWARD_METRIC, extract_answer, score
+
+TASK = "proxy"
+PARTS = ("e2e", "imr")
+TEMPERATURE = 0.0  # greedy: two models are compared on their most likely outputs, run to run identical
+TOP_P = 1.0
+SEED = 0
+BOOTSTRAP_SEED = 0
+COLUMNS = ("id", "context", "question", "answers", "entity_spans")
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".json")
+
+
+def imr_rng(seed: int, doc_id: str) -> random.Random:
+    """The IMR draw's generator for one document: (seed, id) only, so batching and resumes cannot move it.
+
+    A string seed is hashed with SHA-512 by ``random`` (not ``hash()``), so it is stable across processes.
+    """
+    return random.Random(f"memtrain-imr/{seed}/{doc_id}")
+
+
+def model_identity(name: str) -> dict[str, Any]:
+    """What the resume check compares for the model: the name, and for a local checkpoint directory its
+    absolute path and a cheap content fingerprint of its weight / config files (size + first and last
+    64 KiB), so a retrained checkpoint in the same place is never mixed with the old one's records."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return {"name": name}
+    digest = hashlib.blake2b(digest_size=12)
+    for f in sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_WEIGHTS)):
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            head = fh.read(65536)
+            fh.seek(max(size - 65536, 0))
+            tail = fh.read(65536)
+        digest.update(json.dumps([f.name, size]).encode() + head + tail)
+    return {"name": name, "path": str(path.resolve()), "fingerprint": digest.hexdigest()}
+
+
+def _imr_record(choice: ImrChoice | None, memory_empty: bool, text: str | None,
+                hit_cap: bool) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    rec: dict[str, Any] = {"step_k": choice.step_k, "chunk_l": choice.chunk_l, "entity": choice.entity,
+                           "label": choice.entity, "entity_label": choice.entity_label,
+                           "memory_empty": memory_empty}
+    if memory_empty or text is None:  # not asked: the memory holds nothing to recall from
+        return {**rec, "prediction": None, "extracted": None, "metrics": dict.fromkeys(METRICS, 0.0),
+                "hit_cap": False}
+    return {**rec, "prediction": text, "extracted": extract_answer(text),
+            "metrics": score(text, choice.entity), "hit_cap": hit_cap}
+
+
+def _batch_records(agent: MemoryAgent, engine: Engine, rows: list[dict[str, Any]], params: SamplingParams,
+                   seed: int) -> list[dict[str, Any]]:
+    """E2E trajectory + one IMR question per document of one batch, as records."""
+    cfg = agent.config
+    samples = [{k: r[k] for k in COLUMNS} | {"answers": list(r["answers"])} for r in rows]
+    trajs = agent.run(samples, params, n=1)
+    initial = template("initial_memory", cfg.templates)
+    question = template("imr_question", cfg.templates)
+    choices: list[ImrChoice | None] = []
+    asked: list[tuple[int, ImrPrompt]] = []
+    for i, (sample, traj) in enumerate(zip(samples, trajs, strict=True)):
+        choice = draw_imr_choice(traj, sample, imr_rng(seed, str(sample["id"])))
+        choices.append(choice)
+        if choice is not None and traj.memories[choice.step_k] != initial:
+            text, ids = render(agent.tokenizer, "imr", cfg.templates, problem=question,
+                               memory=traj.memories[choice.step_k], chunk=choice.masked_chunk)
+            asked.append((i, ImrPrompt(trajectory_index=i, step_k=choice.step_k, chunk_l=choice.chunk_l,
+                                       entity=choice.entity, label=choice.entity, prompt_ids=ids,
+                                       prompt_text=text, entity_label=choice.entity_label)))
+    answers = run_imr(engine, [p for _, p in asked], params, 1, cfg.answer_tokens)
+    imr_turns = {i: turns[0] for (i, _), turns in zip(asked, answers, strict=True)}
+    return [_record(row, traj, choice, imr_turns.get(i)) for i, (row, traj, choice)
+            in enumerate(zip(rows, trajs, choices, strict=True))]
+
+
+def _record(row: Mapping[str, Any], traj: Trajectory, choice: ImrChoice | None,
+            turn: Turn | None) -> dict[str, Any]:
+    imr = _imr_record(choice, choice is not None and turn is None, None if turn is None else turn.text,
+                      turn is not None and turn.hit_cap)
+    return {"key": str(row["id"]), "group": TASK, "id": str(row["id"]), "status": "ok",
+            "question": row["question"], "gold": list(row["answers"]),
+            "e2e": {"prediction": traj.answer, "extracted": extract_answer(traj.answer),
+                    "metrics": traj.scores, "hit_cap": traj.final_turn.hit_cap},
+            "imr": imr, "memories": traj.memories, "empty_memories": list(traj.empty_memories),
+            "num_chunks": len(traj.chunks), "truncated": traj.truncated,
+            "num_doc_tokens": traj.num_doc_tokens,
+            "memory_cap_hits": sum(t.hit_cap for t in traj.memory_turns)}
+
+
+def _intervals(values: Sequence[float], seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    return bootstrap_ci(values, CONFIDENCE, RESAMPLES, seed).to_dict()
+
+
+def summarize_proxy(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Means of every E2E and IMR metric with bootstrap intervals, plus counts and budget hit-rates.
+
+    ``groups`` / ``order`` mirror the other evals' summaries (``load_summary`` reads any of them).
+    """
+    n = len(records)
+    with_imr = [r["imr"] for r in records if r.get("imr") is not None]
+    e2e = {m: _intervals([float(r["e2e"]["metrics"][m]) for r in records]) for m in METRICS} if n else None
+    imr = {m: _intervals([float(q["metrics"][m]) for q in with_imr]) for m in METRICS} if with_imr else None
+    memory_turns = sum(r["num_chunks"] for r in records)
+    groups = {part: {"n": count, "too_long": 0, "metrics": None if ci is None else
+                     {m: ci[m]["mean"] for m in METRICS}}
+              for part, count, ci in (("e2e", n, e2e), ("imr", len(with_imr), imr))}
+    return {"task": TASK, **dict(meta), "n": n, "ids": [r["id"] for r in records],
+            "e2e": {"n": n, "metrics": e2e},
+            "imr": {"n": len(with_imr), "no_question": n - len(with_imr),
+                    "memory_empty": sum(bool(q["memory_empty"]) for q in with_imr), "metrics": imr},
+            "num_chunks": memory_turns / n if n else 0.0,
+            "truncated": sum(bool(r["truncated"]) for r in records) / n if n else 0.0,
+            "memory_cap_rate": sum(r["memory_cap_hits"] for r in records) / max(memory_turns, 1),
+            "answer_cap_rate": sum(bool(r["e2e"]["hit_cap"]) for r in records) / max(n, 1),
+            "bootstrap": {"method": "percentile, documents resampled", "confidence": CONFIDENCE,
+                          "resamples": RESAMPLES, "seed": BOOTSTRAP_SEED},
+            "groups": groups, "order": list(PARTS), "average": None, "average_over": [],
+            "reward_metric": REWARD_METRIC, "main_metric": REWARD_METRIC}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _ci(ci: Mapping[str, Any] | None, signed: bool = False) -> str:
+    if ci is None:
+        return "-"
+    mean = f"{100 * ci['mean']:+.2f}" if signed else _pct(ci["mean"])
+    return f"{mean} [{100 * ci['lo']:.2f}, {100 * ci['hi']:.2f}]"
+
+
+def markdown_table(summary: Mapping[str, Any]) -> str:
+    """E2E and IMR rows, every metric in % with its 95% interval, and the counts that qualify them."""
+    lines = [f"# proxy: {summary.get('model', '?')}", ""]
+    if summary.get("protocol"):
+        lines += ["Protocol: " + ", ".join(f"{k} `{'none' if v is None else v}`"
+                                           for k, v in summary["protocol"].items()), ""]
+    conf = round(100 * summary["bootstrap"]["confidence"])
+    lines += [f"Metrics in % with bootstrap {conf}% intervals over documents; "
+              f"`{summary['reward_metric']}` is the training reward.", "",
+              "| task | n | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]
+    for part in PARTS:
+        block = summary[part]
+        cells = [_ci(block["metrics"][m] if block["metrics"] else None) for m in METRICS]
+        lines.append(f"| {part.upper()} | {block['n']} | " + " | ".join(cells) + " |")
+    imr = summary["imr"]
+    lines += ["", f"IMR: one question per document drawn from the data alone; {imr['no_question']} of "
+              f"{summary['n']} documents have no usable entity (no question); {imr['memory_empty']} "
+              "questions hit an empty memory and score 0.",
+              f"Chunks per document {summary['num_chunks']:.2f}, truncated {_pct(summary['truncated'])}%, "
+              f"memory cap hit-rate {_pct(summary['memory_cap_rate'])}%, answer cap hit-rate "
+              f"{_pct(summary['answer_cap_rate'])}%."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: Mapping[str, Any], path: Path) -> Path:
+    """Bars per metric, E2E and IMR side by side, with the 95% intervals as error bars."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    width = 0.4
+    for i, part in enumerate(PARTS):
+        block = summary[part]["metrics"]
+        if block is None:
+            continue
+        means = [100 * block[m]["mean"] for m in METRICS]
+        err = [[100 * (block[m]["mean"] - block[m]["lo"]) for m in METRICS],
+               [100 * (block[m]["hi"] - block[m]["mean"]) for m in METRICS]]
+        ax.bar([j + i * width for j in range(len(METRICS))], means, width, yerr=err, capsize=3,
+               label=f"{part.upper()} (n={summary[part]['n']})")
+    ax.set_xticks([j + width / 2 for j in range(len(METRICS))], list(METRICS))
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"proxy: {summary.get('model', '?')}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit: int | None = None,
+                   batch_size: int = 16, temperature: float = TEMPERATURE, top_p: float = TOP_P,
+                   seed: int = SEED, engine: Engine | None = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` on the proxy set in ``data_dir`` (first ``limit`` documents); returns the
+    summary it writes to ``out_dir``.
+
+    ``limit`` is not part of the resume check: a run can be extended to more documents in the same
+    directory, and its summary covers the first ``limit`` documents of the set.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: expected a positive number of documents")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
+    if temperature < 0:
+        raise ValueError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p {top_p}: expected a value in (0, 1]")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"--seed {seed!r}: expected an integer (it also seeds the IMR question draw)")
+    out = Path(out_dir)
+    require_columns(data_dir, COLUMNS, TASK)
+    rows = load_rows(data_dir)[:limit]
+    a = cfg.agent
+    sampled = temperature > 0
+    from memtrain.precision import compute_dtype_name  # torch: only when evaluating
+
+    protocol: dict[str, Any] = {
+        "decoding": "sampled" if sampled else "greedy", "temperature": temperature, "top_p": top_p,
+        "seed": seed, "samples": 1, "imr_draw": "data-only (seed, id); empty memory scores 0",
+        "chunk_tokens": a.chunk_tokens, "memory_tokens": a.memory_tokens, "answer_tokens": a.answer_tokens,
+        "instruction_tokens": a.instruction_tokens, "max_chunks": a.max_chunks, "truncation": a.truncation,
+        # sampled seeds derive from a document's place in its batch: the batch size must not change
+        "batch_size": batch_size if sampled else None,
+        "compute_dtype": compute_dtype_name(cfg.model.compute_dtype, cfg.model.device)}
+    meta: dict[str, Any] = {"task": TASK, "model": cfg.model.name, "model_id": model_identity(cfg.model.name),
+                            "data": str(Path(data_dir).resolve()), "engine": cfg.engine.kind,
+                            "templates": dict(a.templates), "protocol": protocol}
+    check_resume(out, meta)
+    done = done_keys(out)
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    todo = [(b, batch) for b, batch in enumerate(batches) if any(str(r["id"]) not in done for r in batch)]
+    if todo:
+        engine, tokenizer = load_engine(cfg, engine, tokenizer)
+        agent = MemoryAgent(engine, tokenizer, a)
+        for b, batch in todo:
+            params = SamplingParams(temperature=temperature, top_p=top_p, seed=derive_seed(seed, b))
+            records = [r for r in _batch_records(agent, engine, batch, params, seed) if r["key"] not in done]
+            append_jsonl(out / EXAMPLES, records)
+            done.update(r["key"] for r in records)
+            logger.info("proxy eval: batch %d/%d done (%d documents)", b + 1, len(batches), len(batch))
+    by_key = {r["key"]: r for r in read_jsonl(out / EXAMPLES)} if (out / EXAMPLES).is_file() else {}
+    records = [by_key[str(r["id"])] for r in rows]
+    summary = summarize_proxy(records, {**meta, "limit": limit})
+    atomic_write_json(out / SUMMARY, summary)
+    atomic_write_text(out / TABLE, markdown_table(summary))
+    plot(summary, out / PLOT)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# memtrain report A B
+# ---------------------------------------------------------------------------------------------------------
+
+def _per_doc(run: Path, summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The records a proxy summary covers, by document id."""
+    path = Path(run) / EXAMPLES
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: no {EXAMPLES}; the paired difference needs the per-document records")
+    by_id = {str(r["id"]): r for r in read_jsonl(path)}
+    missing = [i for i in summary["ids"] if i not in by_id]
+    if missing:
+        raise ValueError(f"{run}: {len(missing)} documents of {SUMMARY} have no record in {EXAMPLES} "
+                         f"(first: {missing[0]!r}); re-run `memtrain eval proxy --out {run}`")
+    return {i: by_id[i] for i in summary["ids"]}
+
+
+def compare_proxy(runs: Sequence[str | Path], labels: Sequence[str], metric: str | None = None) -> str:
+    """Proxy runs side by side (E2E and IMR, every metric with its interval), then each run minus the first
+    with a paired bootstrap interval over the documents both runs evaluated (matched by id)."""
+    if len(runs) != len(labels):
+        raise ValueError(f"--labels: {len(labels)} labels for {len(runs)} runs")
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
+    metrics = [metric] if metric else list(METRICS)
+    summaries = [load_summary(r) for r in runs]
+    for r, s in zip(runs, summaries, strict=True):
+        if s["task"] != TASK:
+            raise ValueError(f"memtrain report: {r} is a {s['task']} run; it cannot share a table with "
+                             "proxy runs")
+    docs = [_per_doc(Path(r), s) for r, s in zip(runs, summaries, strict=True)]
+    base, base_label = docs[0], labels[0]
+    head = ["metric", *(f"{lab} (n={s['n']})" for lab, s in zip(labels, summaries, strict=True)),
+            *(f"{lab} - {base_label}" for lab in labels[1:])]
+    conf = round(100 * CONFIDENCE)
+    lines = [f"proxy: metrics in % with bootstrap {conf}% intervals; differences paired over the documents "
+             "both runs evaluated (matched by id)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes: list[str] = []
+    for part in PARTS:
+        for m in metrics:
+            cells = []
+            for s in summaries:
+                block = s[part]["metrics"]
+                cells.append(_ci(block[m] if block else None))
+            for other in docs[1:]:
+                a, b = _part_scores(base, part, m), _part_scores(other, part, m)
+                try:
+                    diff = paired_difference_ci(a, b, CONFIDENCE, RESAMPLES, BOOTSTRAP_SEED)
+                    cells.append(_ci(diff.to_dict(), signed=True))
+                except ValueError:
+                    cells.append("-")
+            lines.append(f"| {part.upper()} {m} | " + " | ".join(cells) + " |")
+    for lab, other, s in zip(labels[1:], docs[1:], summaries[1:], strict=True):
+        notes.append(_matching_note(base_label, lab, base, other))
+        diff = _differences(summaries[0], s)
+        if diff:
+            notes.append(f"**WARNING ({lab} vs {base_label})**: evaluated differently: {'; '.join(diff)}")
+    return "\n".join([*lines, "", *notes]) + "\n"
+
+
+def _part_scores(docs: Mapping[str, Mapping[str, Any]], part: str, metric: str) -> dict[str, float]:
+    return {i: float(r[part]["metrics"][metric]) for i, r in docs.items() if r.get(part) is not None}
+
+
+def _matching_note(label_a: str, label_b: str, a: Mapping[str, Mapping[str, Any]],
+                   b: Mapping[str, Mapping[str, Any]]) -> str:
+    """How many documents / IMR questions the paired difference of two runs is over."""
+    common = sorted(set(a) & set(b))
+    both_imr = [i for i in common if a[i].get("imr") is not None and b[i].get("imr") is not None]
+    same = sum(all(a[i]["imr"][k] == b[i]["imr"][k] for k in ("step_k", "chunk_l", "entity"))
+               for i in both_imr)
+    return (f"{label_b} - {label_a}: E2E paired over {len(common)} matched documents ({len(a)} in "
+            f"{label_a}, {len(b)} in {label_b}); IMR over {len(both_imr)} documents with a question in both, "
+            f"{same} of them the same question (k, l, entity).")
+
+
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Settings that make two proxy runs not directly comparable (data, protocol, templates)."""
+    out = []
+    for key in ("data", "templates"):
+        if a.get(key) != b.get(key):
+            out.append(f"{key} differs")
+    pa, pb = a.get("protocol") or {}, b.get("protocol") or {}
+    out += [f"protocol.{k}: {pa.get(k)!r} vs {pb.get(k)!r}" for k in sorted(set(pa) | set(pb))
+            if k != "batch_size" and pa.get(k) != pb.get(k)]
+    return out
