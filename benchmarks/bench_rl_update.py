@@ -2,9 +2,14 @@
 ``sequence_logprobs`` pass over an agent-like batch, for several micro-batch token budgets.
 
 The batch mimics memory-agent steps: long prompts (chunk + memory) with short completions, of varied
-lengths. Reports wall time, completion tokens trained per second and the padding overhead of the plan.
+lengths. Reports wall time, completion tokens trained per second and the padding overhead of the plan,
+for each compute dtype (``model.compute_dtype``: bf16 autocast over the same fp32 master weights) in the
+same run, with the fp32 and bf16 matmul ceilings measured first and each phase as a percentage of the
+ceiling of the dtype it ran in (FLOPs estimated from the model shape: forward 2 x params x tokens +
+attention + LM head on the kept positions, the update 3x that).
 
     python benchmarks/bench_rl_update.py [--model smollm2-135m] [--seqs 4] [--budgets 1024,4096]
+                                         [--compute-dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import time
 
 import torch
 
-from _machine import machine
+from _machine import ceilings, dtype_name, forward_flops, machine
 from memtrain.config import OptimConfig, RLConfig
 from memtrain.models import load_policy
+from memtrain.precision import resolve_compute_dtype, set_compute_dtype
 from memtrain.rl.optim import build_optimizer
 from memtrain.rl.update import TrainSequence, plan_micro_batches, policy_update, sequence_logprobs
 
@@ -42,10 +48,14 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=4)
     parser.add_argument("--budgets", default="1024,4096")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compute-dtypes", default="float32,bfloat16",
+                        help="comma-separated model.compute_dtype values, each run on the same batch")
+    parser.add_argument("--repeats", type=int, default=1, help="timed updates per setting (best is kept)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"machine: {machine()}, device {device}", flush=True)
+    ceiling = ceilings(device)
     model = load_policy(args.model, dtype="float32", device=device)
     seqs = agent_batch(args.seqs, model.config.vocab_size)
     lengths = [s.length for s in seqs]
@@ -53,22 +63,44 @@ def main() -> None:
     print(f"model {args.model}: {args.seqs} sequences, {sum(lengths)} tokens ({comp} completion tokens)",
           flush=True)
     opt = build_optimizer(model, OptimConfig(lr=1e-6))
-    policy_update(model, opt, seqs[:1], RLConfig(kl_coef=0.0))  # warm-up (allocations, optimizer state)
-    print(f"after warm-up update: peak RSS {peak_rss_gib():.1f} GiB", flush=True)
+    dtypes = [resolve_compute_dtype(name, device) for name in args.compute_dtypes.split(",")]
+    for dtype in dtypes:  # warm-up per dtype (allocations, optimizer state, oneDNN bf16 kernels)
+        set_compute_dtype(model, dtype)
+        policy_update(model, opt, seqs[:1], RLConfig(kl_coef=0.0))
+    print(f"after warm-up updates: peak RSS {peak_rss_gib():.1f} GiB", flush=True)
     for budget in (int(b) for b in args.budgets.split(",")):
         plan = plan_micro_batches(lengths, budget)
         padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in plan)
+        flops = sum(forward_flops(model, [max(lengths[i] for i in mb)] * len(mb),
+                                  len(mb) * (max(lengths[i] for i in mb)
+                                             - min(len(seqs[i].prompt_ids) for i in mb) + 1))
+                    for mb in plan)
         cfg = RLConfig(kl_coef=0.0, micro_batch_tokens=budget)
-        start = time.perf_counter()
-        stats = policy_update(model, opt, seqs, cfg)
-        upd = time.perf_counter() - start
-        start = time.perf_counter()
-        sequence_logprobs(model, seqs, budget)
-        fwd = time.perf_counter() - start
-        print(f"budget {budget:>6}: {len(plan)} micro-batches, padding {padded / sum(lengths) - 1:6.1%} | "
-              f"policy_update {upd:6.2f} s ({comp / upd:7.1f} completion tok/s, "
-              f"{sum(lengths) / upd:7.1f} tok/s) | sequence_logprobs {fwd:6.2f} s | "
-              f"grad_norm {stats['grad_norm']:.3g} | peak RSS so far {peak_rss_gib():.1f} GiB", flush=True)
+        speed: dict[torch.dtype, tuple[float, float]] = {}
+        for dtype in dtypes:
+            set_compute_dtype(model, dtype)
+            upd = fwd = float("inf")
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                stats = policy_update(model, opt, seqs, cfg)
+                upd = min(upd, time.perf_counter() - start)
+                start = time.perf_counter()
+                sequence_logprobs(model, seqs, budget)
+                fwd = min(fwd, time.perf_counter() - start)
+            speed[dtype] = (upd, fwd)
+            peak = ceiling[dtype]
+            gflops = 3 * flops / upd / 1e9
+            print(f"budget {budget:>6} {dtype_name(dtype)}: {len(plan)} micro-batches, padding "
+                  f"{padded / sum(lengths) - 1:6.1%} | policy_update {upd:6.2f} s ({comp / upd:7.1f} "
+                  f"completion tok/s, {sum(lengths) / upd:7.1f} tok/s, {gflops:5.0f} GFLOP/s = "
+                  f"{gflops / peak:4.0%} of the {dtype_name(dtype)} ceiling) | "
+                  f"sequence_logprobs {fwd:6.2f} s ({flops / fwd / 1e9 / peak:4.0%}) | "
+                  f"grad_norm {stats['grad_norm']:.3g} | peak RSS so far {peak_rss_gib():.1f} GiB",
+                  flush=True)
+        if torch.float32 in speed and torch.bfloat16 in speed:
+            (u32, f32), (u16, f16) = speed[torch.float32], speed[torch.bfloat16]
+            print(f"budget {budget:>6}: bf16 / fp32 speed-up: policy_update x{u32 / u16:.2f}, "
+                  f"sequence_logprobs x{f32 / f16:.2f} (same run, same batch)", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from _machine import load_average, machine
+from _machine import ceilings, load_average, machine
 from memtrain.agent.loop import MemoryAgent
 from memtrain.config import AgentConfig
 from memtrain.engines.base import SamplingParams
@@ -191,7 +191,8 @@ def main() -> None:
     torch.set_num_threads(2)
     print(f"machine: {machine()}")
     ceiling = matmul_ceiling()
-    print(f"fp32 matmul ceiling (2048^3, best of 5): {ceiling:.1f} GFLOP/s")
+    print(f"fp32 matmul ceiling (2048^3, best of 5): {ceiling:.1f} GFLOP/s (this benchmark runs in fp32)")
+    ceilings()  # and both dtypes' ceilings, for comparison with the bf16 figures of bench_engine
 
     tokenizer = load_tokenizer(args.model)
     model = load_policy(args.model, dtype="float32", device="cpu")

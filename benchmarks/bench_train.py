@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import torch
 
-from _machine import machine
+from _machine import ceilings, machine
 
 torch.set_num_threads(2)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,6 +45,7 @@ def main() -> None:
     from memtrain.data.dataset import load_rows
     from memtrain.engines.hf import HFEngine
     from memtrain.models import load_tokenizer
+    from memtrain.precision import autocast_dtype
     from memtrain.rl.optim import build_optimizer, build_scheduler
     from memtrain.rl.tasks import check_rows, make_task
     from memtrain.rl.trainer import build_policy, collect_rollouts, step_metrics, training_sequences
@@ -69,6 +70,9 @@ def main() -> None:
     engine = HFEngine(model, tokenizer, batch_size=config.engine.batch_size)
 
     print(f"machine: {machine()}")
+    ceilings()
+    print(f"compute dtype: {autocast_dtype(model) or next(model.parameters()).dtype} "
+          f"(model.compute_dtype={config.model.compute_dtype})")
     print(
         f"config: {args.config} ({config.model.name}, batch {config.train.batch_size}, G1 "
         f"{config.rl.group_size}, G2 {config.rl.imr_group_size}, chunk {config.agent.chunk_tokens}, memory "

@@ -12,9 +12,9 @@ from memtrain.agent.loop import MemoryAgent
 from memtrain.config import AgentConfig
 from memtrain.engines.base import SamplingParams
 from memtrain.engines.hf import HFEngine
-from memtrain.engines.scripted import ScriptedEngine, table_responder
+from memtrain.engines.scripted import ScriptedEngine, kind_responder
 from memtrain.models import load_policy, load_tokenizer
-from memtrain.prompts import INITIAL_MEMORY, render
+from memtrain.prompts import INITIAL_MEMORY, parse, render
 from memtrain.scoring import METRICS
 
 LONG = " ".join(f"Fact {i}: the box {i} is red." for i in range(40))
@@ -32,12 +32,9 @@ def _samples() -> list[dict]:
              "answers": ["Paris", "Paris, France"]}]
 
 
-def _memory_replier(prompt: str, sample: int) -> str:
-    """Memory = 'seen <first words of the chunk>'; final answer boxes the last memory's words."""
-    if "Next section of the document:" in prompt:
-        chunk = prompt.split("Next section of the document:\n", 1)[1]
-        return "seen " + " ".join(chunk.split()[:3])
-    return "\\boxed{Paris}"
+# Memory = 'seen <first words of the chunk>'; the final answer is boxed Paris.
+_memory_replier = kind_responder({"memory": lambda f, _: "seen " + " ".join(f["chunk"].split()[:3]),
+                                  "final": "\\boxed{Paris}"})
 
 
 def _cfg(**kw) -> AgentConfig:
@@ -52,7 +49,7 @@ def test_short_documents_finish_without_waiting(tok) -> None:
     long_t, short_t = trajs
     assert len(long_t.chunks) == 4 and long_t.truncated and len(short_t.chunks) == 1
     # wave 1: both memory steps; wave 2: the short document's FINAL turn next to the long one's memory step
-    kinds = [[("Next section" in tok.decode(r.prompt_ids)) for r in call] for call in engine.calls]
+    kinds = [[parse("memory", tok.decode(r.prompt_ids)) is not None for r in call] for call in engine.calls]
     assert kinds == [[True, True], [True, False], [True], [True], [False]]
     assert [t.kind for t in short_t.turns] == ["memory", "final"]
     assert [t.kind for t in long_t.turns] == ["memory"] * 4 + ["final"]
@@ -85,7 +82,7 @@ def test_turns_hold_exactly_what_the_engine_got_and_returned(tok) -> None:
 
 def test_memory_cap_truncates_and_is_counted(tok) -> None:
     long_memory = "memory " * 50
-    engine = ScriptedEngine(table_responder({"Next section": long_memory}, default="\\boxed{x}"), tok)
+    engine = ScriptedEngine(kind_responder({"memory": long_memory}, default="\\boxed{x}"), tok)
     agent = MemoryAgent(engine, tok, _cfg(memory_tokens=5))
     [traj, _] = agent.run(_samples(), SamplingParams(temperature=0.0), n=1)
     mem_turns = traj.memory_turns
@@ -99,7 +96,7 @@ def test_memory_cap_truncates_and_is_counted(tok) -> None:
 
 
 def test_answer_cap_is_counted(tok) -> None:
-    engine = ScriptedEngine(table_responder({"Next section": "m"}, default="a very long answer " * 20), tok)
+    engine = ScriptedEngine(kind_responder({"memory": "m"}, default="a very long answer " * 20), tok)
     agent = MemoryAgent(engine, tok, _cfg(answer_tokens=4))
     trajs = agent.run(_samples()[1:], SamplingParams(temperature=1.0), n=2)
     assert all(t.final_turn.hit_cap and len(t.final_turn.completion_ids) == 4 for t in trajs)
@@ -107,7 +104,7 @@ def test_answer_cap_is_counted(tok) -> None:
 
 
 def test_empty_memory_falls_back_to_the_initial_text(tok) -> None:
-    engine = ScriptedEngine(table_responder({"Next section": "   "}, default="\\boxed{x}"), tok)
+    engine = ScriptedEngine(kind_responder({"memory": "   "}, default="\\boxed{x}"), tok)
     agent = MemoryAgent(engine, tok, _cfg())
     [traj] = agent.run(_samples()[1:], SamplingParams(temperature=1.0), n=1)
     assert traj.memories == [INITIAL_MEMORY, INITIAL_MEMORY] and traj.empty_memories == [0]
@@ -119,7 +116,7 @@ def test_samples_are_grouped_and_returned_sample_major(tok) -> None:
 
     def reply(prompt: str, sample: int) -> str:
         seen.append(sample)
-        return f"memory from sample {sample}" if "Next section" in prompt else f"\\boxed{{{sample}}}"
+        return f"memory from sample {sample}" if parse("memory", prompt) else f"\\boxed{{{sample}}}"
 
     engine = ScriptedEngine(reply, tok)
     agent = MemoryAgent(engine, tok, _cfg())
@@ -169,8 +166,9 @@ def test_scores_need_golds_and_bad_samples_fail_early(tok) -> None:
 
 def test_templates_from_config_reach_the_engine(tok) -> None:
     cfg = _cfg(templates={"initial_memory": "EMPTY-MEM", "final": "FINAL {problem} / {memory} \\boxed{}"})
-    engine = ScriptedEngine(_memory_replier, tok)
+    engine = ScriptedEngine(kind_responder({"memory": "m", "final": "\\boxed{Paris}"}, cfg.templates), tok)
     [traj] = MemoryAgent(engine, tok, cfg).run(_samples()[1:], SamplingParams(), n=1)
+    assert traj.answer == "\\boxed{Paris}"  # the overridden final prompt was recognised as one
     assert "EMPTY-MEM" in tok.decode(traj.turns[0].prompt_ids)
     assert f"FINAL {_samples()[1]['question']} / {traj.memories[1]}" in tok.decode(traj.turns[1].prompt_ids)
 
@@ -220,3 +218,17 @@ def test_smollm2_smoke(smollm2_dir: str) -> None:
     assert all(t.prompt_ids[0] == bos and t.prompt_ids[1] != bos for t in traj.turns)
     assert all(re.search(r"\w", m) for m in traj.memories[1:])
     assert set(traj.scores) == set(METRICS)
+
+
+def test_a_problem_over_the_instruction_budget_is_an_error_naming_the_sample(tok) -> None:
+    """MEMTRAIN.md section 1: instruction + problem get 1024 tokens; more would silently eat the context."""
+    agent = MemoryAgent(ScriptedEngine(_memory_replier, tok), tok, _cfg())
+    fits = len(agent.memory_prompt(_samples()[1]["question"], "", "")[1])
+    agent = MemoryAgent(ScriptedEngine(_memory_replier, tok), tok, _cfg(instruction_tokens=fits))
+    assert len(agent.run(_samples()[1:], SamplingParams(temperature=1.0), n=1)) == 1  # exactly at the budget
+    long_question = {**_samples()[1], "id": "wordy", "question": "Why? " * 2000}
+    calls = len(agent.engine.calls)
+    with pytest.raises(ValueError, match=r"sample 1 \(id 'wordy'\): instruction \+ problem take \d+ tokens, "
+                                         r"over agent.instruction_tokens=\d+"):
+        agent.run([_samples()[1], long_question], SamplingParams(temperature=1.0), n=1)
+    assert len(agent.engine.calls) == calls  # nothing was generated for the failing batch

@@ -24,9 +24,10 @@ from memtrain.rl.distributed import DistContext, reduce_update_stats
 from memtrain.rl.tasks import TASKS, ProxyTask
 from train_helpers import config_yaml, scripted_responder, tiny_config, write_proxy_dataset
 
-# answers long enough for the scripted replies; 4 rows = 2 per rank
+# answers long enough for the scripted replies; 4 rows = 2 per rank; float32 compute: 1 and 2 processes sum
+# the same gradient in a different order, which bf16 rounding would blur beyond the 1e-5 the test holds
 OVERRIDES = ["agent.memory_tokens=8", "agent.answer_tokens=16", "train.batch_size=4", "train.steps=2",
-             "train.tensorboard=false"]
+             "train.tensorboard=false", "model.compute_dtype=float32"]
 
 
 class ScriptedProxyTask(ProxyTask):
@@ -55,7 +56,9 @@ def _collectives(ctx: DistContext) -> dict[str, Any]:
     """Each collective once, with rank-dependent inputs, for the parent to check."""
     out: dict[str, Any] = {"shard": ctx.shard(list(range(5)))}
     out["sum"] = ctx.sum_values({"a": 1.0 + ctx.rank, f"only{ctx.rank}": 2.0})
-    out["totals"] = ctx.totals([type("S", (), {"completion_ids": [0] * (3 + ctx.rank)})()] * (ctx.rank + 1))
+    # rank 0: 1 sequence of its own session; rank 1: 2 sequences of one session (a 2-turn trajectory)
+    seq = type("S", (), {"completion_ids": [0] * (3 + ctx.rank), "session": "t" if ctx.rank else None})()
+    out["totals"] = ctx.totals([seq] * (ctx.rank + 1))
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     a.grad = torch.full((3,), float(ctx.rank + 1))  # b: a gradient on rank 1 only
     if ctx.rank == 1:
@@ -107,35 +110,39 @@ def assert_same_run(single: Path, double: Path, initial_dir: Path,
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, out_dir: str,
-            report: str) -> None:
+            report: str, overrides: list[str]) -> None:
     join_as_rank(rank, world, port)
     from memtrain.rl.distributed import init_from_env, shutdown
 
     TASKS["proxy"] = ScriptedProxyTask
     ctx = init_from_env("cpu")
     Path(f"{report}.{rank}").write_text(json.dumps(_collectives(ctx)), encoding="utf-8")
-    train_then_resume(model_dir, data_dir, out_dir, OVERRIDES)
+    train_then_resume(model_dir, data_dir, out_dir, overrides)
     shutdown()
 
 
+@pytest.mark.parametrize("loss_agg", ["seq_mean_token_mean", "session_mean"])
 def test_two_processes_take_the_same_steps_as_one(tiny_model_dir: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """1 process, 2 steps == 2 gloo processes, 1 step + resume for step 2 (parameters and step statistics)."""
+                                                  monkeypatch: pytest.MonkeyPatch, loss_agg: str) -> None:
+    """1 process, 2 steps == 2 gloo processes, 1 step + resume for step 2 (parameters and step statistics).
+    session_mean: the global number of sessions (trajectories + IMR samples) normalises every rank's loss."""
     from memtrain.rl.trainer import train
 
     data = write_proxy_dataset(tmp_path / "data")
     single, double = tmp_path / "single", tmp_path / "double"
     monkeypatch.setitem(TASKS, "proxy", ScriptedProxyTask)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    train(tiny_config(tiny_model_dir, data, OVERRIDES), single)
-    args = (2, _free_port(), str(tiny_model_dir), str(data), str(double), str(tmp_path / "rep"))
+    overrides = [*OVERRIDES, f"rl.loss_agg={loss_agg}"]
+    train(tiny_config(tiny_model_dir, data, overrides), single)
+    args = (2, _free_port(), str(tiny_model_dir), str(data), str(double), str(tmp_path / "rep"), overrides)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
 
     # the collectives, as each rank saw them
     r0, r1 = (json.loads((tmp_path / f"rep.{r}").read_text()) for r in (0, 1))
     assert (r0["shard"], r1["shard"]) == ([0, 1], [2, 3, 4])
     assert r0["sum"] == r1["sum"] == {"a": 3.0, "only0": 2.0, "only1": 2.0}
-    assert r0["totals"] == r1["totals"] == [3, 3 + 2 * 4]  # rank 0: 1 seq of 3 tokens; rank 1: 2 of 4
+    # (sequences, tokens, sessions): rank 0: 1 seq of 3 tokens, 1 session; rank 1: 2 of 4 tokens, 1 session
+    assert r0["totals"] == r1["totals"] == [3, 3 + 2 * 4, 2]
     assert r0["grads"] == r1["grads"] == [[3.0, 3.0, 3.0], [1.0, 1.0], None]
     assert r0["finite"] and not r0["nonfinite"] and not r1["nonfinite"]
     assert r0["error"] == "ZeroDivisionError: division by zero"
@@ -146,21 +153,24 @@ def test_two_processes_take_the_same_steps_as_one(tiny_model_dir: Path, tmp_path
     assert_same_run(single, double, tiny_model_dir, (
         "e2e_reward", "imr_match", "groups", "filtered_groups", "kept_rollouts", "num_seqs", "num_tokens",
         "tokens_generated", "documents", "samples", "data_position", "loss", "kl", "grad_norm", "entropy",
-        "adv_abs_mean"))
+        "adv_abs_mean", "num_sessions"))
     assert len(read_jsonl(double / "samples.jsonl")) == len(read_jsonl(single / "samples.jsonl"))
 
 
 def test_update_stats_combine_over_ranks() -> None:
     class TwoRanks(DistContext):
         def all_gather_object(self, obj):
-            return [obj, {**obj, "loss": 0.5, "num_seqs": 3.0, "num_tokens": 30.0, "entropy": 2.0,
+            return [obj, {**obj, "loss": 0.5, "num_seqs": 3.0, "num_tokens": 30.0, "num_sessions": 2.0,
+                          "entropy": 2.0,
                           "adv_mean": -1.0, "ratio_min": 0.5, "ratio_max": 1.1,
                           "old_logprob_source": "recomputed"}]
 
-    mine = {"loss": 0.25, "num_seqs": 1.0, "num_tokens": 10.0, "entropy": 1.0, "adv_mean": 1.0,
-            "ratio_min": 0.9, "ratio_max": 1.5, "grad_norm": 0.7, "old_logprob_source": "sampler"}
+    mine = {"loss": 0.25, "num_seqs": 1.0, "num_tokens": 10.0, "num_sessions": 1.0, "entropy": 1.0,
+            "adv_mean": 1.0, "ratio_min": 0.9, "ratio_max": 1.5, "grad_norm": 0.7,
+            "old_logprob_source": "sampler"}
     out = reduce_update_stats(mine, TwoRanks(rank=0, world_size=2))
     assert out["loss"] == 0.75 and out["num_seqs"] == 4.0 and out["num_tokens"] == 40.0
+    assert out["num_sessions"] == 3.0  # sessions never straddle ranks: they add up
     assert out["entropy"] == pytest.approx((1.0 * 10 + 2.0 * 30) / 40)  # token-weighted
     assert out["adv_mean"] == pytest.approx((1.0 - 3.0) / 4)  # sequence-weighted
     assert (out["ratio_min"], out["ratio_max"], out["grad_norm"]) == (0.5, 1.5, 0.7)

@@ -1,5 +1,6 @@
-"""HFEngine: batched KV-cache decoding whose log-probs equal a plain full forward pass (what the trainer
-recomputes), per-row stopping, sampling controls and seeding, on the tiny real checkpoint and SmolLM2."""
+"""HFEngine: batched KV-cache decoding whose log-probs equal a plain full forward pass under the sampling
+distribution (what the trainer recomputes), per-row stopping, sampling controls and seeding, on the tiny real
+checkpoint and SmolLM2."""
 
 from __future__ import annotations
 
@@ -41,11 +42,32 @@ def _text(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def full_forward_logprobs(model: Any, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    """What the trainer computes: one unpadded forward over prompt + completion, raw-logit log-softmax."""
+def nucleus_logprob(logp: torch.Tensor, token: int, top_p: float) -> float:
+    """log p(token) under the top-p nucleus of one row of log-probs, renormalised, written out plainly: walk
+    the tokens from the most likely, keeping each while the mass before it is <= top_p."""
+    probs = logp.exp().tolist()
+    kept, mass = [], 0.0
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        if mass > top_p:
+            break
+        kept.append(i)
+        mass += probs[i]
+    assert token in kept, "a token outside the nucleus was sampled"
+    return float(logp[token]) - float(torch.logsumexp(logp[kept], dim=0))
+
+
+def full_forward_logprobs(model: Any, prompt: list[int], completion: list[int],
+                          params: SamplingParams | None = None) -> torch.Tensor:
+    """One unpadded forward over prompt + completion; log-probs under the distribution each token was sampled
+    from: log_softmax(logits / T), the top-p nucleus renormalised; raw logits for greedy (T = 0)."""
+    params = params or SamplingParams()
     with torch.no_grad():
         logits = model(torch.tensor([prompt + completion])).logits[0].float()
-    logp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    temperature = params.temperature if params.temperature > 0 else 1.0
+    logp = torch.log_softmax(logits[len(prompt) - 1 : -1] / temperature, dim=-1)
+    if params.temperature > 0 and params.top_p < 1.0:
+        pairs = zip(logp, completion, strict=True)
+        return torch.tensor([nucleus_logprob(row, t, params.top_p) for row, t in pairs])
     return logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
 
 
@@ -55,7 +77,7 @@ def assert_exact_logprobs(
     for request, completions in zip(requests, results, strict=True):
         for c in completions:
             assert len(c.logprobs) == len(c.token_ids) > 0
-            expected = full_forward_logprobs(model, request.prompt_ids, c.token_ids)
+            expected = full_forward_logprobs(model, request.prompt_ids, c.token_ids, request.params)
             diff = (expected - torch.tensor(c.logprobs)).abs().max().item()
             assert diff < TOL, f"log-prob mismatch {diff:.2e} for prompt of {len(request.prompt_ids)} tokens"
 
@@ -81,12 +103,30 @@ def test_logprobs_equal_full_forward_for_mixed_batch(tiny: tuple[Any, Any]) -> N
             assert len(c.token_ids) == request.params.max_tokens and c.finish_reason == "length"
             assert c.text == _text(tok, c.token_ids)
     assert_exact_logprobs(model, requests, results)
-    # Raw-logit semantics: at temperature 0.7 the tempered distribution gives different numbers.
+    # Sampling-distribution semantics: the raw logits (the old convention) give different numbers.
     c = results[0][0]
-    with torch.no_grad():
-        logits = model(torch.tensor([requests[0].prompt_ids])).logits[0, -1].float()
-    tempered = torch.log_softmax(logits / 0.7, dim=-1)[c.token_ids[0]].item()
-    assert abs(tempered - c.logprobs[0]) > 1e-3
+    raw = full_forward_logprobs(model, requests[0].prompt_ids, c.token_ids)
+    assert (raw - torch.tensor(c.logprobs)).abs().max().item() > 1e-3
+
+
+def test_logprobs_at_temperature_equal_the_trainers_recomputation(tiny: tuple[Any, Any]) -> None:
+    """At T = 0.7 the engine reports log_softmax(logits / 0.7) of the sampled tokens, exactly what the trainer
+    recomputes (``sequence_logprobs`` at rl.temperature); not the raw-logit log-probs (T = 1)."""
+    from memtrain.rl.update import TrainSequence, sequence_logprobs
+
+    model, tok = tiny
+    requests = [GenerationRequest(_ids(tok, p), SamplingParams(n=3, temperature=0.7, max_tokens=10, seed=5))
+                for p in PROMPTS]
+    results = HFEngine(model, tok, batch_size=4).generate(requests)
+    seqs = [TrainSequence(r.prompt_ids, c.token_ids, 0.0, c.logprobs)
+            for r, cs in zip(requests, results, strict=True) for c in cs]
+    tempered = sequence_logprobs(model, seqs, micro_batch_tokens=64, temperature=0.7)
+    raw = sequence_logprobs(model, seqs, micro_batch_tokens=64)
+    for s, t, r in zip(seqs, tempered, raw, strict=True):
+        assert s.old_logprobs is not None
+        engine = torch.tensor(s.old_logprobs)
+        assert (engine - t).abs().max().item() < TOL
+        assert (engine - r).abs().max().item() > 1e-3  # the test can tell the two conventions apart
 
 
 def test_prefill_groups_fit_the_budget() -> None:
@@ -168,18 +208,20 @@ def test_sampler_follows_temperature_and_top_p() -> None:
     logits = probs.log().repeat(rows, 1)
     torch.manual_seed(0)
 
-    def freqs(temperature: float, top_p: float) -> torch.Tensor:
+    def freqs(temperature: float, top_p: float, expected: torch.Tensor) -> torch.Tensor:
         temps = torch.full((rows,), temperature)
         top_ps = torch.full((rows,), top_p)
         tokens, logps = sample_tokens(logits, temps, top_ps, [None] * rows)
-        assert torch.allclose(logps, probs.log()[tokens])  # always the raw log-prob of the drawn token
+        # the log-prob of the drawn token under the distribution it was drawn from
+        assert torch.allclose(logps, expected.log()[tokens])
         return torch.bincount(tokens, minlength=3).float() / rows
 
-    assert torch.allclose(freqs(1.0, 1.0), probs, atol=0.015)
+    assert torch.allclose(freqs(1.0, 1.0, probs), probs, atol=0.015)
     sharpened = probs**2 / (probs**2).sum()
-    assert torch.allclose(freqs(0.5, 1.0), sharpened, atol=0.015)
-    assert torch.allclose(freqs(1.0, 0.6), torch.tensor([0.625, 0.375, 0.0]), atol=0.015)
-    assert torch.equal(freqs(0.0, 1.0), torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(freqs(0.5, 1.0, sharpened), sharpened, atol=0.015)
+    nucleus = torch.tensor([0.625, 0.375, 0.0])
+    assert torch.allclose(freqs(1.0, 0.6, nucleus), nucleus, atol=0.015)
+    assert torch.equal(freqs(0.0, 1.0, probs), torch.tensor([1.0, 0.0, 0.0]))  # greedy: raw log-probs
 
 
 def test_eos_from_generation_config_stops_each_row(tiny: tuple[Any, Any]) -> None:

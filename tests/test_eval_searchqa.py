@@ -16,6 +16,7 @@ from memtrain.engines.scripted import ScriptedEngine
 from memtrain.eval.report import EXAMPLES, TABLE
 from memtrain.eval.searchqa import run_searchqa_eval
 from memtrain.io import read_jsonl
+from memtrain.prompts import parse
 from memtrain.retrieval.service import Retriever
 
 CAPITALS = {"France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
@@ -51,12 +52,12 @@ def tok(tiny_model_dir: Path) -> Any:
 
 def respond(prompt: str, sample: int) -> str:
     """Search each country once; answer from the results. Tasks about Japan get a malformed reply."""
-    problem = prompt.split("Problem:\n", 1)[1].split("\n\nYour memory", 1)[0]
+    fields = parse("search", prompt) or parse("search_last", prompt)
+    problem, memory = fields["problem"], fields["memory"]
     countries = re.findall(r"(?:capital of|Capital city of) (\w+)\?", problem)
     if "Japan" in countries:
         return "no idea"
     seen = re.findall(r"\(Title: (\w+)\)", prompt)
-    memory = prompt.split("Your memory so far:\n", 1)[1].split("\n\nResults", 1)[0]
     known = {c: CAPITALS[c] for c in countries if CAPITALS[c] in seen or CAPITALS[c] in memory}
     missing = [c for c in countries if c not in known]
     note = ", ".join(f"{c}: {city}" for c, city in known.items())

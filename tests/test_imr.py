@@ -15,7 +15,7 @@ from memtrain.agent.types import Trajectory
 from memtrain.config import AgentConfig
 from memtrain.data.entities import mask_entity
 from memtrain.engines.base import SamplingParams
-from memtrain.engines.scripted import ScriptedEngine, table_responder
+from memtrain.engines.scripted import ScriptedEngine, kind_responder
 from memtrain.models import load_tokenizer
 from memtrain.prompts import IMR_QUESTION, TARGET_TOKEN, render
 
@@ -46,10 +46,8 @@ def cfg(tok) -> AgentConfig:
     return AgentConfig(chunk_tokens=-(-n // 4), memory_tokens=32, answer_tokens=16, max_chunks=4)
 
 
-def _reply(prompt: str, sample: int) -> str:
-    if "Next section of the document:" in prompt:
-        return "memory: " + " ".join(prompt.split("Next section of the document:\n", 1)[1].split()[:2])
-    return "\\boxed{Warsaw}"
+_reply = kind_responder({"memory": lambda f, _: "memory: " + " ".join(f["chunk"].split()[:2])},
+                        default="\\boxed{Warsaw}")
 
 
 def _run(tok, cfg: AgentConfig, sample: dict, reply=_reply) -> tuple[MemoryAgent, Trajectory]:
@@ -110,7 +108,7 @@ def test_none_when_no_valid_choice(tok, cfg) -> None:
     assert build_imr_prompt(traj, sample, tok, cfg, random.Random(0)) is None
     # memories left empty by the model are the initial text: no step is eligible
     blank = _sample()
-    agent, traj = _run(tok, cfg, blank, table_responder({"Next section": ""}, default="\\boxed{x}"))
+    agent, traj = _run(tok, cfg, blank, kind_responder({"memory": ""}, default="\\boxed{x}"))
     assert agent.imr_prompts([traj], [blank], random.Random(0)) == [None]
     assert agent.stats["imr_none"] == 1 and agent.stats["imr_prompts"] == 0
 
@@ -200,3 +198,23 @@ def test_spacy_as_fallback_ner(tok, cfg, spacy_model_dir: str) -> None:
                          ner=lambda text: [(e.start_char, e.end_char, e.label_) for e in nlp(text).ents])
     assert p is not None and p.entity in traj.chunks[p.chunk_l] and p.entity_label
     assert TARGET_TOKEN in p.prompt_text
+
+
+def test_target_masking_follows_the_rules_of_the_proxy_data(tok) -> None:
+    """[TARGET] hides the entity and its variants (determiner-less form, surname) but never a common word."""
+    context = ("In May the Curie lab may grow; the United States told us. Marie Curie met one friend. "
+               "Curie won twice in the United States.")
+    named = [("May", "DATE"), ("the United States", "GPE"), ("Marie Curie", "PERSON"), ("one", "CARDINAL")]
+    spans = [{"start": m.start(), "end": m.end(), "label": lab}
+             for e, lab in named for m in re.finditer(re.escape(e), context)]
+    sample = {"id": "v", "context": context, "question": "Q?", "answers": ["x"], "entity_spans": spans}
+    cfg = AgentConfig(chunk_tokens=1000, memory_tokens=8, answer_tokens=8, max_chunks=2)
+    _, traj = _run(tok, cfg, sample)
+    prompts = {}
+    for seed in range(40):
+        p = build_imr_prompt(traj, sample, tok, cfg, random.Random(seed))
+        prompts[p.label] = p.prompt_text.split("Section:\n", 1)[1]
+    assert set(prompts) == {"May", "United States", "Marie Curie"}  # "one" is a common word; no "the"
+    assert "In [TARGET] the Curie lab may grow" in prompts["May"]
+    assert "United States" not in prompts["United States"] and "told us" in prompts["United States"]
+    assert "Curie" not in prompts["Marie Curie"] and prompts["Marie Curie"].count(TARGET_TOKEN) == 3

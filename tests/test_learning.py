@@ -13,12 +13,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from memtrain.agent.types import Turn, TurnKind
 from memtrain.config import OptimConfig, RLConfig
 from memtrain.engines.base import Completion, GenerationRequest, SamplingParams
 from memtrain.engines.hf import HFEngine
 from memtrain.models import load_tokenizer
+from memtrain.precision import set_compute_dtype
 from memtrain.rl.core import e2e_rewards, group_advantages
 from memtrain.rl.optim import build_optimizer
+from memtrain.rl.tasks import Rollout
+from memtrain.rl.trainer import score_groups, training_sequences
 from memtrain.rl.update import TrainSequence, policy_update
 
 
@@ -29,10 +33,11 @@ def _has_digit(text: str) -> bool:
 class Toy:
     """The tiny policy, its engine and the exact probability of writing a digit after a given prompt."""
 
-    def __init__(self, model_dir: Path, lr: float) -> None:
+    def __init__(self, model_dir: Path, lr: float, compute: torch.dtype = torch.float32) -> None:
         torch.manual_seed(0)
         self.tokenizer = load_tokenizer(str(model_dir))
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        set_compute_dtype(self.model, compute)  # fp32 master weights; bf16: sampling and update autocast
         self.engine = HFEngine(self.model, self.tokenizer)
         self.optimizer = build_optimizer(self.model, OptimConfig(lr=lr, weight_decay=0.0, warmup_steps=0))
         vocab = range(len(self.tokenizer))
@@ -61,10 +66,13 @@ class Toy:
         return stats
 
 
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_single_turn_expected_reward_follows_the_reward_sign(tiny_model_dir: Path, sign: float) -> None:
-    """Learning test 1: reward sign * [answer contains a digit]; P(digit) rises for +1 and falls for -1."""
-    toy = Toy(tiny_model_dir, lr=2e-2)
+def test_single_turn_expected_reward_follows_the_reward_sign(tiny_model_dir: Path, sign: float,
+                                                             compute: torch.dtype) -> None:
+    """Learning test 1: reward sign * [answer contains a digit]; P(digit) rises for +1 and falls for -1 (with
+    fp32 compute and with bf16 compute over fp32 master weights)."""
+    toy = Toy(tiny_model_dir, lr=2e-2, compute=compute)
     prompt = toy.chat("Say a number.")
     start = toy.p_digit(prompt)
     for step in range(12):
@@ -100,19 +108,27 @@ def _two_turn_run(toy: Toy, train_memory_turn: bool, steps: int = 12, group: int
     return start, toy.p_digit(mem_prompt)
 
 
-def test_multi_turn_broadcast_advantage_trains_the_memory_turn(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_multi_turn_broadcast_advantage_trains_the_memory_turn(tiny_model_dir: Path,
+                                                               compute: torch.dtype) -> None:
     """Learning test 2: P(digit IN THE MEMORY TURN) rises when the memory step gets the broadcast advantage,
     and does not when only the answer turn is trained (the control)."""
-    start, end = _two_turn_run(Toy(tiny_model_dir, lr=2e-2), train_memory_turn=True)
+    start, end = _two_turn_run(Toy(tiny_model_dir, lr=2e-2, compute=compute), train_memory_turn=True)
     assert start < 0.1 and end > 0.5, (start, end)
-    c_start, c_end = _two_turn_run(Toy(tiny_model_dir, lr=2e-2), train_memory_turn=False)
+    c_start, c_end = _two_turn_run(Toy(tiny_model_dir, lr=2e-2, compute=compute), train_memory_turn=False)
     assert c_start == pytest.approx(start)
     assert c_end < 0.15, (c_start, c_end)
 
 
+def _turn(kind: TurnKind, prompt: list[int]) -> Turn:
+    return Turn(kind=kind, step=prompt[-1], prompt_ids=prompt, completion_ids=[7, 8], logprobs=[-0.1, -0.2],
+                text="x", hit_cap=False)
+
+
 def test_imr_coupling_gives_different_e2e_advantages_by_the_formula() -> None:
     """Learning test 3: with lambda > 0, equal final matches but different IMR recall give different E2E
-    advantages, in the direction and by the size the formula gives; they reach every step of a trajectory."""
+    advantages, in the direction and by the size the formula gives; through the trainer's own scoring and
+    sequence building they reach every step of a trajectory, and every IMR sample gets its own group's."""
     g2, lam = 4, 0.5
     match = [1.0, 1.0, 0.0, 0.0]
     imr = [[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]]
@@ -126,7 +142,26 @@ def test_imr_coupling_gives_different_e2e_advantages_by_the_formula() -> None:
     # without the coupling (lambda = 0, the "decoupled" ablation) they are indistinguishable
     adv0 = group_advantages(e2e_rewards(match, imr, 0.0)[None])[0]
     assert float(adv0[0]) == float(adv0[1])
-    # the advantage is broadcast to every step (memory steps and final answer) of each trajectory
-    kinds = ("memory", "memory", "final")
-    steps = [[TrainSequence([1, 2], [3], float(a), kind=k, group="sample0") for k in kinds] for a in adv]
-    assert [{s.advantage for s in traj} for traj in steps] == [{float(a)} for a in adv]
+    # the trainer's path: Rollouts (trajectory i has i + 1 memory turns and a final turn; prompt [i, t]) and
+    # per trajectory an IMR group of G2 one-turn samples (prompt [100 + i, j]) -> score_groups -> sequences
+    rollouts = [Rollout("s0/e2e", float(r), [_turn("memory", [i, t]) for t in range(i + 1)]
+                        + [_turn("final", [i, i + 1])], kind="e2e") for i, r in enumerate(rewards.tolist())]
+    rollouts += [Rollout(f"s0/{i}/imr", float(m), [_turn("imr", [100 + i, j])], kind="imr")
+                 for i, row in enumerate(imr) for j, m in enumerate(row)]
+    seqs = training_sequences(score_groups(rollouts, std_norm=False, dynamic_filter=True))
+    by_prompt = {tuple(s.prompt_ids): s for s in seqs}
+    assert len(by_prompt) == len(seqs)
+    for i, a in enumerate(adv.tolist()):  # every step of trajectory i (memory turns and answer) gets A_i
+        steps = [by_prompt[(i, t)] for t in range(i + 2)]
+        assert [s.advantage for s in steps] == pytest.approx([a] * (i + 2))
+        assert [s.kind for s in steps] == ["memory"] * (i + 1) + ["final"]
+        assert {s.session for s in steps} == {steps[0].session} and {s.group for s in steps} == {"s0/e2e"}
+    for i, row in enumerate(imr):  # IMR samples: their own group's Dr. GRPO advantage R_I - mean(R_I)
+        if len(set(row)) == 1:  # all-equal group (trajectory 1 recalled nothing): dropped by the DAPO filter
+            assert not any((100 + i, j) in by_prompt for j in range(g2))
+            continue
+        got = [by_prompt[(100 + i, j)].advantage for j in range(g2)]
+        assert got == pytest.approx([m - sum(row) / g2 for m in row])
+    kept_imr = g2 * sum(len(set(row)) > 1 for row in imr)  # 3 of the 4 IMR groups survive the filter
+    assert len({s.session for s in seqs}) == 4 + kept_imr  # one session per trajectory and per IMR sample
+    assert len(seqs) == (2 + 3 + 4 + 5) + kept_imr

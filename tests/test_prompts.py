@@ -100,3 +100,17 @@ def test_smollm2_render_has_a_single_leading_bos(smollm2_dir: str) -> None:
     assert ids == list(reference)
     assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
     assert tok.decode(ids) == text
+
+
+def test_parse_inverts_fill_for_every_kind_and_tells_kinds_apart() -> None:
+    from memtrain.prompts import PLACEHOLDERS, PROMPT_KINDS, fill, parse
+
+    for kind in PROMPT_KINDS:
+        fields = {name: f"<{name} with {{braces}} and\nlines>" for name in PLACEHOLDERS[kind]}
+        text = "<|im_start|>user\n" + fill(kind, **fields) + "<|im_end|>\n<|im_start|>assistant\n"
+        assert parse(kind, text) == fields, kind
+        others = [k for k in PROMPT_KINDS if k != kind and parse(k, text) is not None]
+        assert others == [], (kind, others)
+    custom = {"final": "ANSWER {problem} FROM {memory}"}
+    assert parse("final", "ANSWER q FROM m", custom) == {"problem": "q", "memory": "m"}
+    assert parse("final", "ANSWER q FROM m") is None

@@ -13,7 +13,14 @@ import pytest
 from data_helpers import TOPICS, build_ruler_ner, make_articles, write_jsonl
 from memtrain.data.corpus import PassageStore, open_store
 from memtrain.data.dataset import load_rows, read_manifest
-from memtrain.data.entities import entity_pattern, load_ner
+from memtrain.data.entities import (
+    Candidate,
+    find_leaks,
+    load_ner,
+    mask_forms,
+    strip_determiner,
+    variant_forms,
+)
 from memtrain.data.proxy import (
     PROXY_SCHEMA,
     ProxyBuilder,
@@ -83,6 +90,7 @@ def test_rows_have_the_schema_headers_and_masking_invariant(env, built) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(env["tokenizer"])
+    nlp = load_ner(str(env["ner"]))
     for r in rows:
         ctx, answer = r["context"], r["answers"][0]
         assert r["question"] == PROXY_QUESTION and len(r["answers"]) == 1
@@ -90,8 +98,8 @@ def test_rows_have_the_schema_headers_and_masking_invariant(env, built) -> None:
         assert numbers == list(range(1, r["num_passages"] + 1)) == list(range(1, len(r["passage_ids"]) + 1))
         assert len(set(r["passage_ids"])) == r["num_passages"] and r["num_related"] <= 3
         # the invariant: the answer matches nowhere in the document under the masking rule
-        assert entity_pattern(answer).search(ctx) is None
-        assert ctx.count(MASK_TOKEN) == r["num_masked"] >= 1
+        assert find_leaks(ctx, answer) == []
+        assert ctx.count(MASK_TOKEN) == r["num_masked"] >= 1 and r["num_masked"] <= 10
         # the answer is an entity of the pivot, exactly as it appears there, and the pivot is masked
         pivot_text = store.text(r["passage_ids"][r["pivot_position"] - 1])
         assert (
@@ -99,9 +107,14 @@ def test_rows_have_the_schema_headers_and_masking_invariant(env, built) -> None:
             and store.title(r["passage_ids"][r["pivot_position"] - 1]) == r["pivot_title"]
         )
         assert MASK_TOKEN in _passages(ctx)[r["pivot_position"] - 1][1]
-        # each passage is the corpus passage with the answer masked
-        for (_, body), pid in zip(_passages(ctx), r["passage_ids"], strict=True):
-            assert entity_pattern(answer).sub(MASK_TOKEN, store.text(pid)) == body
+        # each passage is the corpus passage with the answer and its variants (re-derived here from the NER
+        # of every passage of the document) masked; no variant survives
+        texts = [store.text(pid) for pid in r["passage_ids"]]
+        others = [e.text for t in texts for e in nlp(t).ents]
+        variants = variant_forms(answer, r["entity_label"], others)
+        assert find_leaks(ctx, answer, variants) == []
+        for (_, body), text in zip(_passages(ctx), texts, strict=True):
+            assert mask_forms(text, answer, MASK_TOKEN, variants).text == body
         assert r["num_tokens"] == len(tok(ctx, add_special_tokens=False)["input_ids"])
 
 
@@ -115,7 +128,7 @@ def test_entity_spans_are_exactly_the_entities_of_the_masked_document(env, built
         masks = [(m.start(), m.end()) for m in re.finditer(re.escape(MASK_TOKEN), ctx)]
         for s, e, _ in spans:
             assert ctx[s:e].strip() == ctx[s:e] and not any(a < e and s < b for a, b in masks)
-            assert entity_pattern(r["answers"][0]).search(ctx[s:e]) is None
+            assert find_leaks(ctx[s:e], r["answers"][0]) == []
         # the rule-based NER finds exactly these entities (text and label) when run on the masked document
         expected = [(e.start_char, e.end_char, e.label_) for e in nlp(ctx).ents]
         assert spans == expected
@@ -193,13 +206,53 @@ def test_output_directory_is_protected(env, built) -> None:
     assert m["num_rows"] == 3 and read_manifest(env["root"] / "base")["num_rows"] == 3
 
 
+def _cand(text: str, label: str) -> Candidate:
+    return Candidate(text, label, 0, len(text))
+
+
 def test_an_answer_that_would_hit_a_header_is_rejected(env) -> None:
     builder = ProxyBuilder(_cfg(env, "unused"), None, None, None, None)  # type: ignore[arg-type]
     ents = {0: [], 1: [(4, 5, "CARDINAL")]}
-    assert builder._assemble([0, 1], ["Some text.", "Has 2 cats."], ents, "2") is None  # "Document 2:"
-    built = builder._assemble([0, 1], ["Some text.", "Has 3 cats."], {0: [], 1: [(4, 5, "CARDINAL")]}, "3")
-    assert built is not None and built[0] == "Document 1:\nSome text.\n\nDocument 2:\nHas [MASK] cats."
+    got = builder._assemble([0, 1], ["Some text.", "Has 2 cats."], ents, _cand("2", "CARDINAL"))
+    assert got == "variant_survives"  # "Document 2:"
+    built = builder._assemble([0, 1], ["Some text.", "Has 3 cats."], ents, _cand("3", "CARDINAL"))
+    assert not isinstance(built, str)
+    assert built[0] == "Document 1:\nSome text.\n\nDocument 2:\nHas [MASK] cats."
     assert built[1] == [] and built[2] == 1
+
+
+def test_variants_are_masked_in_every_passage_and_counted(env) -> None:
+    """Masking "Barack Obama" used to leave "Obama", "the United States" to leave "United States"."""
+    builder = ProxyBuilder(_cfg(env, "unused"), None, None, None, None)  # type: ignore[arg-type]
+    texts = ["Barack Obama visited the U.S. in May.", "Obama said the US may act.", "Paris is in France."]
+    named = [[("Barack Obama", "PERSON"), ("the U.S.", "GPE"), ("May", "DATE")], [("Obama", "PERSON"),
+             ("the US", "GPE")], [("Paris", "GPE"), ("France", "GPE")]]
+    ents = {i: [(t.index(e), t.index(e) + len(e), lab) for e, lab in named[i]] for i, t in enumerate(texts)}
+    doc, spans, masks, variants, variants_masked = builder._assemble(
+        [0, 1, 2], texts, ents, _cand("Barack Obama", "PERSON"))
+    assert variants == ["Obama"] and masks == 2 and variants_masked == 1
+    assert "[MASK] visited the U.S." in doc and "[MASK] said the US may act." in doc
+    # the spans IMR may use skip the masked ones; "U.S."/"US" stay (they are other entities here)
+    assert [doc[s["start"]:s["end"]] for s in spans] == ["U.S.", "May", "US", "Paris", "France"]
+    doc, *_ , variants_masked = builder._assemble([0, 1, 2], texts, ents, _cand("U.S.", "GPE"))
+    assert "visited the [MASK] in May." in doc and "said the [MASK] may act" in doc and variants_masked == 1
+
+
+def test_entities_needing_too_many_masks_are_not_used(env) -> None:
+    builder = ProxyBuilder(_cfg(env, "x", max_masks=3), None, None, None, None)  # type: ignore[arg-type]
+    texts = ["Rome and Rome.", "Rome, Rome!", "Lyon."]
+    ents = {0: [(0, 4, "GPE"), (9, 13, "GPE")], 1: [(0, 4, "GPE"), (6, 10, "GPE")], 2: [(0, 4, "GPE")]}
+    assert builder._assemble([0, 1, 2], texts, ents, _cand("Rome", "GPE")) == "too_many_masks"
+    assert not isinstance(builder._assemble([0, 1, 2], texts, ents, _cand("Lyon", "GPE")), str)
+
+
+def test_manifest_records_mask_counts_variants_and_a_zero_leak_rate(built) -> None:
+    manifest, rows = built
+    m = manifest["masking"]
+    assert m["leak_rate"] == 0.0 and m["leaked_docs"] == 0 and m["max_masks"] == 10
+    assert sum(m["masks_per_doc"]["histogram"].values()) == len(rows)
+    assert m["masks_per_doc"]["max"] == max(r["num_masked"] for r in rows) <= 10
+    assert m["docs_with_variants_masked"] == sum(r["num_variants_masked"] > 0 for r in rows)
 
 
 def test_related_passages_share_the_pivot_topic(env) -> None:
@@ -316,10 +369,14 @@ def test_demo_sized_build_on_the_embedded_corpus(
     store = PassageStore(Path(manifest["corpus"]["store"]))
     nlp = load_ner("spacy-sm")
     for r in rows:
-        ctx = r["context"]
-        assert entity_pattern(r["answers"][0]).search(ctx) is None
+        ctx, answer = r["context"], r["answers"][0]
         found = {(e.text, e.label_) for pid in r["passage_ids"] for e in nlp(store.text(pid)).ents}
         found |= {(t.removesuffix("'s").removesuffix("’s"), lab) for t, lab in found}
+        found |= {(strip_determiner(t), lab) for t, lab in found}
+        # real spaCy spans: no surname, punctuation variant or contained span of the answer survives
+        variants = variant_forms(answer, r["entity_label"], [t for t, _ in found])
+        assert find_leaks(ctx, answer, variants) == [], (answer, variants)
+        assert not re.match(r"(?i)(the|a|an)\s", answer) and r["num_masked"] <= 10
         for s in r["entity_spans"]:
             assert (ctx[s["start"] : s["end"]], s["label"]) in found
     assert json.loads((tmp_path / "demo" / "manifest.json").read_text())["models"]["ner"]["name"] in (

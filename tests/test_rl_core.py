@@ -14,6 +14,8 @@ from memtrain.rl.core import (
     group_advantages,
     group_index,
     k3_kl,
+    num_sessions,
+    session_sizes,
     uniform_groups_mask,
 )
 
@@ -130,6 +132,45 @@ def test_aggregate_modes_hand_computed_and_micro_batch_sums() -> None:
         aggregate(per_tok, mask, "sum")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no unmasked token"):
         aggregate(per_tok, torch.zeros_like(mask), "seq_mean_token_mean")
+
+
+def _turn_weights(per_tok: torch.Tensor, mask: torch.Tensor, **kwargs: object) -> list[float]:
+    """d loss / d L_i for every sequence i (L_i = its token-mean loss): the weight each turn gets."""
+    x = per_tok.clone().requires_grad_(True)
+    aggregate(x, mask, **kwargs).backward()  # type: ignore[arg-type]
+    assert x.grad is not None
+    return x.grad.sum(-1).tolist()  # each unmasked token gets w_i / length_i, masked ones 0
+
+
+def test_session_mean_weighs_every_trajectory_once_whatever_its_turns() -> None:
+    """Toy batch: trajectory A = 3 turns (2 memory + final), trajectory B = 1 turn (final; a 1-chunk
+    document), one IMR sample C. Per-turn token means L = 1, 2, 3 | 6 | 4."""
+    per_tok = torch.tensor([[1.0, 1.0], [2.0, 9.0], [3.0, 3.0], [5.0, 7.0], [4.0, 9.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1], [1, 0]])
+    sessions = ["A", "A", "A", "B", "C"]
+    sizes = session_sizes(sessions)
+    assert sizes == [3, 3, 3, 1, 1] and num_sessions(sessions) == 3
+    # paper Eq. 4: every turn 1/5, so A (3 turns) weighs 3/5 and B 1/5: (1 + 2 + 3 + 6 + 4) / 5
+    assert float(aggregate(per_tok, mask, "seq_mean_token_mean")) == pytest.approx(16 / 5)
+    w = _turn_weights(per_tok, mask, mode="seq_mean_token_mean")
+    assert w == pytest.approx([0.2] * 5) and (sum(w[:3]), w[3]) == pytest.approx((0.6, 0.2))
+    # session_mean: every session 1/3, split over its turns: ((1 + 2 + 3) / 3 + 6 + 4) / 3
+    assert float(aggregate(per_tok, mask, "session_mean", session_size=sizes)) == pytest.approx(4.0)
+    w = _turn_weights(per_tok, mask, mode="session_mean", session_size=sizes)
+    assert w == pytest.approx([1 / 9, 1 / 9, 1 / 9, 1 / 3, 1 / 3])
+    assert sum(w[:3]) == pytest.approx(w[3]) == pytest.approx(w[4])  # A, B and C weigh the same
+    # micro-batches (a trajectory split over two of them) sum to the full-batch loss with global counts
+    parts = [aggregate(per_tok[rows], mask[rows], "session_mean", session_size=[sizes[i] for i in rows],
+                       num_sessions_total=3) for rows in ([0, 3], [1, 2, 4])]
+    assert float(sum(parts)) == pytest.approx(4.0)
+    # None = a session of its own: session_mean then equals the paper's per-sequence mean
+    alone = session_sizes([None] * 5)
+    assert alone == [1] * 5 and num_sessions([None, None, "A", "A"]) == 3
+    assert float(aggregate(per_tok, mask, "session_mean", session_size=alone)) == pytest.approx(16 / 5)
+    with pytest.raises(ValueError, match="needs session_size"):
+        aggregate(per_tok, mask, "session_mean")
+    with pytest.raises(ValueError, match="session_size must be"):
+        aggregate(per_tok, mask, "session_mean", session_size=[1, 1])
 
 
 def test_full_loss_on_a_tiny_example_matches_hand_computation() -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from memtrain.config import LoraConfig, OptimConfig, RLConfig
+from memtrain.config import ConfigError, LoraConfig, OptimConfig, RLConfig
 from memtrain.engines.base import GenerationRequest, SamplingParams
 from memtrain.engines.hf import HFEngine
 from memtrain.models import load_tokenizer
@@ -31,6 +31,10 @@ def _load(model_dir: Path, dtype: torch.dtype = torch.float32) -> Any:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
 
 
+# sessions of different sizes: trajectories of 3 and 2 turns, then sequences of their own (IMR samples)
+SESSIONS = ("t0", "t0", "t0", "t1", "t1", None, None)
+
+
 def _random_seqs(n: int, seed: int, vocab: int = 500) -> list[TrainSequence]:
     rng = random.Random(seed)
     out = []
@@ -38,15 +42,16 @@ def _random_seqs(n: int, seed: int, vocab: int = 500) -> list[TrainSequence]:
         prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 14))]
         completion = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))]
         out.append(TrainSequence(prompt, completion, advantage=rng.uniform(-1.5, 1.5),
-                                 kind=("memory", "final", "imr")[i % 3], group=f"g{i % 4}"))
+                                 kind=("memory", "final", "imr")[i % 3], group=f"g{i % 4}",
+                                 session=SESSIONS[i % len(SESSIONS)]))
     return out
 
 
-def _unpadded_logprobs(model: Any, seq: TrainSequence) -> list[float]:
-    """Reference: one unpadded forward over prompt + completion, log-softmax over the full logits."""
+def _unpadded_logprobs(model: Any, seq: TrainSequence, temperature: float = 1.0) -> list[float]:
+    """Reference: one unpadded forward over prompt + completion, log-softmax over the full logits / T."""
     with torch.no_grad():
         ids = torch.tensor([seq.prompt_ids + seq.completion_ids])
-        logp = model(ids).logits[0].float().log_softmax(-1)
+        logp = (model(ids).logits[0].float() / temperature).log_softmax(-1)
     p = len(seq.prompt_ids)
     return [float(logp[p - 1 + j, t]) for j, t in enumerate(seq.completion_ids)]
 
@@ -126,7 +131,7 @@ def test_bf16_model_gives_float32_logprobs_close_to_fp32(tiny_model_dir: Path) -
 
 # --- gradient accumulation equivalence and the loss value ---------------------------------------------
 
-@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "token_mean"])
+@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "token_mean", "session_mean"])
 def test_micro_batch_accumulation_equals_full_batch_gradient(tiny_model_dir: Path, mode: str) -> None:
     torch.manual_seed(0)
     model = _load(tiny_model_dir)
@@ -157,19 +162,21 @@ def test_micro_batch_accumulation_equals_full_batch_gradient(tiny_model_dir: Pat
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "token_mean"])
-def test_update_loss_equals_hand_computation(tiny_model_dir: Path, mode: str) -> None:
-    """The reported loss equals pg + kl_coef * k3 written out per token in plain Python."""
+@pytest.mark.parametrize(("mode", "temperature"), [("seq_mean_token_mean", 1.0), ("token_mean", 1.0),
+                                                     ("seq_mean_token_mean", 0.7), ("session_mean", 0.7)])
+def test_update_loss_equals_hand_computation(tiny_model_dir: Path, mode: str, temperature: float) -> None:
+    """The reported loss equals pg + kl_coef * k3 written out per token in plain Python; at temperature T the
+    policy AND the reference log-probs are those of softmax(logits / T) (as verl)."""
     model = _load(tiny_model_dir)
     ref = _load(tiny_model_dir)
     with torch.no_grad():
         ref.model.norm.weight.mul_(1.3)
-    seqs = _random_seqs(4, seed=6)
+    seqs = _random_seqs(4, seed=6)  # sessions t0 t0 t0 t1: a 3-turn and a 1-turn trajectory
     rng = random.Random(7)
     for s in seqs:
-        s.old_logprobs = [lp + rng.uniform(-0.3, 0.3) for lp in _unpadded_logprobs(model, s)]
-    cur = [_unpadded_logprobs(model, s) for s in seqs]
-    refs = [_unpadded_logprobs(ref, s) for s in seqs]
+        s.old_logprobs = [lp + rng.uniform(-0.3, 0.3) for lp in _unpadded_logprobs(model, s, temperature)]
+    cur = [_unpadded_logprobs(model, s, temperature) for s in seqs]
+    refs = [_unpadded_logprobs(ref, s, temperature) for s in seqs]
     kl_coef, eps = 0.05, 0.2
     per_seq, tokens = [], []
     for s, lps, rlps in zip(seqs, cur, refs, strict=True):
@@ -182,8 +189,10 @@ def test_update_loss_equals_hand_computation(tiny_model_dir: Path, mode: str) ->
             terms.append(pg + kl_coef * (math.exp(d) - d - 1))
         per_seq.append(sum(terms) / len(terms))
         tokens.extend(terms)
-    expected = sum(per_seq) / len(per_seq) if mode == "seq_mean_token_mean" else sum(tokens) / len(tokens)
-    cfg = RLConfig(kl_coef=kl_coef, loss_agg=mode, old_logprobs="sampler", micro_batch_tokens=40)
+    expected = {"seq_mean_token_mean": sum(per_seq) / len(per_seq), "token_mean": sum(tokens) / len(tokens),
+                "session_mean": (sum(per_seq[:3]) / 3 + per_seq[3]) / 2}[mode]
+    cfg = RLConfig(kl_coef=kl_coef, loss_agg=mode, old_logprobs="sampler", micro_batch_tokens=40,
+                   temperature=temperature)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     stats = policy_update(model, opt, seqs, cfg, ref=ref)
     assert stats["loss"] == pytest.approx(expected, rel=1e-5)
@@ -192,13 +201,14 @@ def test_update_loss_equals_hand_computation(tiny_model_dir: Path, mode: str) ->
 
 # --- old log-probs: the sampler's (verified) or recomputed --------------------------------------------
 
-def _engine_seqs(model: Any, tokenizer: Any) -> list[TrainSequence]:
+def _engine_seqs(model: Any, tokenizer: Any, temperature: float = 1.0) -> list[TrainSequence]:
     """Sequences sampled by the real HFEngine: chat-template prompts, the engine's own log-probs."""
     engine = HFEngine(model, tokenizer)
     prompts = ["Read the next chunk.", "Which entity does [MASK] stand for in the long article?"]
     reqs = [GenerationRequest(tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                                             add_generation_prompt=True)["input_ids"],
-                              SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=11)) for p in prompts]
+                              SamplingParams(n=3, temperature=temperature, max_tokens=10, seed=11))
+            for p in prompts]
     outs = engine.generate(reqs)
     return [TrainSequence(r.prompt_ids, c.token_ids, 0.3 * (j - 1), c.logprobs, kind="final", group=f"q{i}")
             for i, (r, cs) in enumerate(zip(reqs, outs, strict=True)) for j, c in enumerate(cs)]
@@ -238,6 +248,35 @@ def test_old_logprobs_sampler_verified_recomputed_or_mixed(tiny_model_dir: Path)
     assert st["old_logprob_source"] == "recomputed"
     with pytest.raises(ValueError, match="old_logprobs='sampler' but 1 sequence"):
         policy_update(model, opt, seqs, cfg.model_copy(update={"old_logprobs": "sampler"}))
+
+
+def test_first_update_at_temperature_uses_the_tempered_distribution(tiny_model_dir: Path) -> None:
+    """rl.temperature=0.7 on tokens the engine sampled at 0.7: the engine's log-probs are verified and reused,
+    the ratio is exactly 1 on the first update, and the update's entropy is that of softmax(logits / 0.7)."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = _load(tiny_model_dir)
+    seqs = _engine_seqs(model, tokenizer, temperature=0.7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cfg = RLConfig(kl_coef=0.0, temperature=0.7, micro_batch_tokens=100_000)
+    st = policy_update(model, opt, seqs, cfg)
+    assert st["old_logprob_source"] == "sampler" and st["old_logprob_max_diff"] < 1e-4
+    assert st["ratio_min"] == pytest.approx(1.0, abs=1e-4) and st["ratio_max"] == pytest.approx(1.0, abs=1e-4)
+    _, ents = sequence_logprobs_and_entropy(model, seqs, 10_000, temperature=0.7)
+    tempered_entropy = sum(float(e.sum()) for e in ents) / sum(len(e) for e in ents)
+    assert st["entropy"] == pytest.approx(tempered_entropy, rel=1e-4)
+    _, raw = sequence_logprobs_and_entropy(model, seqs, 10_000)
+    assert abs(tempered_entropy - sum(float(e.sum()) for e in raw) / sum(len(e) for e in raw)) > 1e-2
+    # a trainer scoring the raw logits (T = 1, the old convention) sees other numbers: 'auto' notices
+    st = policy_update(model, opt, seqs, cfg.model_copy(update={"temperature": 1.0}))
+    assert st["old_logprob_source"] == "recomputed" and st["old_logprob_max_diff"] > cfg.old_logprob_tol
+
+
+def test_top_p_below_one_is_refused_for_training(tiny_model_dir: Path) -> None:
+    """The update cannot recompute a top-p nucleus: training with rl.top_p < 1 stops with a config error."""
+    model = _load(tiny_model_dir)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(ConfigError, match=r"^rl\.top_p=0\.9: training needs rl\.top_p=1\.0"):
+        policy_update(model, opt, _random_seqs(2, seed=1), RLConfig(kl_coef=0.0, top_p=0.9))
 
 
 # --- the optimizer step: non-finite, clipping, scheduler, empty batches -------------------------------
@@ -333,3 +372,16 @@ def test_lora_reference_is_the_base_model_and_only_adapters_train(tiny_model_dir
     for a, d, b in zip(adapted, disabled, base_lp, strict=True):
         torch.testing.assert_close(d, b, atol=1e-5, rtol=0)
         assert float((a - b).abs().max()) > 1e-4
+
+
+def test_every_update_statistic_has_a_rule_for_combining_over_ranks(tiny_model_dir: Path) -> None:
+    """Data-parallel runs combine each statistic by its set in rl.distributed; one missing from every set
+    would silently log rank 0's value (as num_seqs_search once did)."""
+    from memtrain.rl import distributed as d
+
+    model = _load(tiny_model_dir)
+    cfg = RLConfig(kl_coef=0.0, tis_cap=2.0, old_logprobs="recompute")
+    stats = policy_update(model, build_optimizer(model, OptimConfig(lr=1e-4)), _random_seqs(3, 0), cfg)
+    ruled = d.SUM_STATS | d.TOKEN_MEAN_STATS | d.SEQ_MEAN_STATS | d.MIN_STATS | d.MAX_STATS
+    same_on_every_rank = {"grad_norm", "lr", "skipped_nonfinite", "skipped_empty", "old_logprob_source"}
+    assert set(stats) - ruled - same_on_every_rank == set()

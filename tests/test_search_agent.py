@@ -20,7 +20,7 @@ from memtrain.agent.search import (
 from memtrain.config import load_config
 from memtrain.engines.base import SamplingParams
 from memtrain.engines.scripted import ScriptedEngine
-from memtrain.prompts import render
+from memtrain.prompts import parse, render
 from memtrain.retrieval.service import Hit, Retriever
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -85,7 +85,7 @@ def test_objective_golds() -> None:
 
 def _responder(prompt: str, sample: int) -> str:
     """Search once for the capital, then answer; a malformed reply for the question about rivers."""
-    problem = prompt.split("Problem:\n", 1)[1].split("\n\nYour memory", 1)[0]
+    problem = (parse("search", prompt) or parse("search_last", prompt))["problem"]
     if "river" in problem:
         return "I am not sure what to do."
     if "loop forever" in problem:

@@ -103,12 +103,14 @@ def test_reward_metric_overrides_the_tasks_default(tokenizer) -> None:
         load_config(None, ["rl.reward_metric=bleu"])
 
 
-def test_registry_and_row_checks(tokenizer) -> None:
-    assert set(TASKS) >= {"proxy", "longqa"}
-    config = load_config(None, ["train.task=searchqa"])
-    if "searchqa" not in TASKS:
-        with pytest.raises(ValueError, match=r"train\.task 'searchqa' has no registered task"):
-            make_task(config, tokenizer)
+def test_registry_and_row_checks(tokenizer, monkeypatch) -> None:
+    assert set(TASKS) >= {"proxy", "longqa", "searchqa"}
+    assert isinstance(make_task(load_config(None, ["train.task=longqa"]), tokenizer), LongQATask)
+    monkeypatch.delitem(TASKS, "searchqa")  # a task whose module did not register itself
+    with pytest.raises(ValueError, match=r"train\.task 'searchqa' has no registered task \(registered: "
+                                         r"longqa, proxy\)"):
+        make_task(load_config(None, ["train.task=searchqa"]), tokenizer)
+    monkeypatch.undo()
     task = ProxyTask(load_config(None, AGENT), tokenizer)
     rows = scripted_rows()
     del rows[1]["entity_spans"]

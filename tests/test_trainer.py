@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memtrain.config import load_config
+from memtrain.config import ConfigError, load_config
 from memtrain.engines.base import SamplingParams
 from memtrain.engines.scripted import ScriptedEngine
 from memtrain.io import read_jsonl
@@ -65,6 +65,12 @@ def test_groups_filter_and_advantage_broadcast(tiny_model_dir: Path) -> None:
     assert [s.kind for s in seqs[: len(first.turns)]] == [t.kind for t in first.turns]
     assert seqs[0].prompt_ids == first.turns[0].prompt_ids and seqs[0].old_logprobs == first.turns[0].logprobs
     assert {s.group for s in seqs} == {"A/e2e", "A/0/imr", "A/1/imr"}
+    # one session per kept rollout (rl.loss_agg=session_mean): a trajectory's turns share it, IMR samples
+    # each have their own
+    kept = [r for r, k in zip(scored.rollouts, scored.kept, strict=True) if k]
+    sessions = [s.session for s in seqs]
+    assert len(set(sessions)) == len(kept) and None not in sessions
+    assert set(sessions[: len(first.turns)]) == {sessions[0]} and sessions[len(first.turns)] != sessions[0]
 
     m = step_metrics(scored, counters)
     assert m["groups"] == 4 and m["filtered_groups"] == 1
@@ -177,6 +183,14 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(
     train(tiny_config(tiny_model_dir, data, ["rl.dynamic_filter=false", "train.steps=3"]), run, resume=True)
     rows = read_jsonl(run / "metrics.jsonl")
     assert [(r["step"], r["skipped_nonfinite"]) for r in rows] == [(1, 0.0), (2, 0.0), (3, 0.0)]
+
+
+def test_training_refuses_top_p_below_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The update scores softmax(logits / T), not a top-p nucleus: refused before anything is loaded."""
+    config = tiny_config(tiny_model_dir, tmp_path / "data", ["rl.top_p=0.9"])
+    with pytest.raises(ConfigError, match=r"^rl\.top_p=0\.9: training needs rl\.top_p=1\.0"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_fill_filtered_batches_rolls_out_more_rows(tiny_model_dir: Path, tmp_path: Path) -> None:

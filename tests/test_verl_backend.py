@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from memtrain.agent.loop import MemoryAgent
 from memtrain.backends.verl import AGENT_NAME, ESTIMATOR_NAME, META_KEY, ROW_COLUMN, TRAINER_MODE
@@ -66,6 +68,20 @@ def test_rendered_verl_config_maps_every_setting(tmp_path: Path) -> None:
     assert cfg["algorithm"]["adv_estimator"] == ESTIMATOR_NAME
     assert cfg["trainer"]["v1"]["trainer_mode"] == TRAINER_MODE
     assert cfg["algorithm"]["norm_adv_by_std_in_grpo"] is False  # Dr. GRPO
+    # the DAPO filter is memtrain_sync's (per E2E and per IMR group); verl's whole-row filter only refills
+    assert cfg["memtrain"] == {"dynamic_filter": True} and not cfg["algorithm"]["filter_groups"]["enable"]
+    refill = render_verl_config(load_config(None, ["train.batch_size=4", "rl.fill_filtered_batches=true"]),
+                                paths, "m", num_rows=10)
+    assert refill["algorithm"]["filter_groups"] == {"enable": True, "metric": "reward"}
+    off = render_verl_config(load_config(None, ["train.batch_size=4", "rl.dynamic_filter=false",
+                                                "rl.fill_filtered_batches=true"]), paths, "m", num_rows=10)
+    assert off["memtrain"] == {"dynamic_filter": False} and not off["algorithm"]["filter_groups"]["enable"]
+    # settings the verl backend cannot express fail before anything starts, naming the key
+    for bad, msg in ((["rl.loss_agg=session_mean"], r"rl.loss_agg=session_mean: the verl backend offers"),
+                     (["agent.max_chunks=null"], r"agent.max_chunks is null"),
+                     (["rl.top_p=0.9"], r"rl.top_p=0.9: training needs rl.top_p=1.0")):
+        with pytest.raises(ValueError, match=msg):
+            render_verl_config(load_config(None, ["train.batch_size=4", *bad]), paths, "m", num_rows=10)
     assert rollout["n"] == 8 and rollout["tensor_model_parallel_size"] == 2 and rollout["calculate_log_probs"]
     assert rollout["agent"]["default_agent_loop"] == AGENT_NAME
     assert rollout["agent"]["agent_loop_config_path"] == str(paths.agent_loop_file)
@@ -255,15 +271,15 @@ def test_agent_loop_run_returns_one_output_per_model_call(verl: Any, tiny_model_
 
 
 class FakeTransferQueue:
-    """The two TransferQueue calls of verl's advantage step, on a dict: tensors come back as jagged nested
+    """The TransferQueue calls of verl's advantage step, on a dict: tensors come back as jagged nested
     tensors (as TQ stores per-token fields), other values as a NonTensorStack; fields never written are
-    absent."""
+    absent. A put returns the written samples' metadata, as TQ does."""
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, Any]] = {}
+        self.tags: dict[str, dict[str, Any]] = {}
 
     def kv_batch_get(self, keys: list[str], partition_id: str, select_fields: list[str]) -> Any:
-        import torch
         from tensordict import NonTensorStack, TensorDict
 
         out: dict[str, Any] = {}
@@ -277,16 +293,21 @@ class FakeTransferQueue:
                 out[name] = NonTensorStack(*values)
         return TensorDict(out, batch_size=[len(keys)])
 
-    def kv_batch_put(self, keys: list[str], partition_id: str, fields: Any) -> None:
+    def kv_batch_put(self, keys: list[str], partition_id: str, fields: Any) -> Any:
+        from transfer_queue import KVBatchMeta
+
         for name in fields.keys():  # noqa: SIM118 - a TensorDict, whose iteration is not over its keys
             for key, value in zip(keys, fields[name].unbind(0), strict=True):
                 self.rows[key][name] = value
+        return KVBatchMeta(keys=list(keys), tags=[self.tags.get(k, {}) for k in keys],
+                           partition_id=partition_id, fields=sorted({f for k in keys for f in self.rows[k]}))
 
 
 def _transfer_queue_rows(sessions: list[list[Any]], uids: list[str],
                          n: int) -> tuple[FakeTransferQueue, list[str]]:
     """What AgentLoopWorkerTQ._agent_loop_postprocess stores: key {uid}_{session}_{index}, the last output's
-    reward copied to the session's other outputs, output.as_dict() + the prompt's uid."""
+    reward copied to the session's other outputs, output.as_dict() + the prompt's uid, and the loss mask (a
+    copy of the response mask, from which verl's engine counts the tokens of ``token-mean``)."""
     tq = FakeTransferQueue()
     keys = []
     for j, outputs in enumerate(sessions):
@@ -295,56 +316,154 @@ def _transfer_queue_rows(sessions: list[list[Any]], uids: list[str],
             output.reward_score = outputs[-1].reward_score
         for i, output in enumerate(outputs):
             key = f"{uid}_{session}_{i}"
-            tq.rows[key] = {**output.as_dict(), "uid": uid}
+            row = {**output.as_dict(), "uid": uid}
+            tq.rows[key] = {**row, "loss_mask": row["response_mask"]}
             keys.append(key)
     return tq, keys
 
 
-@pytest.mark.parametrize("std_norm", [False, True])
-def test_verl_advantages_equal_the_native_trainers(verl: Any, tiny_model_dir: Path, tokenizer: Any,
-                                                   monkeypatch: pytest.MonkeyPatch, std_norm: bool) -> None:
-    """Same rollouts -> the advantages verl computes (its own _compute_advantage with our estimator) equal the
-    native trainer's, per training sequence; verl's padding rows get 0."""
+def parity_rows() -> list[dict]:
+    """``scripted_rows()`` (A: E2E and IMR groups with signal; B: uniform E2E group, no IMR) plus the two
+    mixed cases the DAPO filter must tell apart. C: gold Italy, so both final answers (France, Spain) are
+    wrong and both trajectories get R_E = 0 + 0.5/2 * (1 + 0) - a uniform E2E group whose IMR groups (Paris
+    right, Rome wrong) have signal. D: only entity Berlin, so both IMR answers (Paris, Rome) are wrong - IMR
+    groups uniform - while the E2E group (France right, Spain wrong) has signal."""
+    a, b = scripted_rows()
+    text = a["context"].replace("Paris", "Berlin")
+    spans = [{"start": m.start(), "end": m.end(), "label": "GPE"} for m in re.finditer("Berlin", text)]
+    return [a, b, {**a, "id": "C", "answers": ["Italy"]},
+            {**a, "id": "D", "context": text, "entity_spans": spans}]
+
+
+class FakeActorWorkers:
+    """Stands in for verl's actor worker group: records what ``update_actor`` is handed (the loss
+    normalisers travel in ``extra_info``)."""
+
+    def __init__(self) -> None:
+        self.extra_info: dict[str, Any] = {}
+
+    def update_actor(self, batch: Any) -> dict[str, Any]:
+        self.extra_info = dict(batch.extra_info)
+        return {"metrics": {"mfu": 0.0}}
+
+
+@pytest.mark.parametrize(("std_norm", "dynamic_filter"), [(False, True), (True, True), (False, False)])
+def test_verl_trains_exactly_what_the_native_trainer_trains(verl: Any, tmp_path: Path, tiny_model_dir: Path,
+                                                           tokenizer: Any, monkeypatch: pytest.MonkeyPatch,
+                                                           std_norm: bool, dynamic_filter: bool) -> None:
+    """Same rollouts -> through verl's own _compute_advantage and _update_actor (with the rendered config's
+    settings): every output's advantage equals the native trainer's; the outputs left in the loss (a
+    non-empty response mask) are exactly the native kept training sequences, the DAPO filter dropping each
+    E2E group and each IMR group on its own; and the loss normalisers verl's actor divides by (sequences for
+    seq-mean, loss-mask tokens for token-mean) count exactly those. verl's padding rows get advantage 0."""
     from omegaconf import OmegaConf
     from transfer_queue import KVBatchMeta
     from verl.trainer.ppo.v1 import trainer_base
 
     from memtrain.backends.verl.estimator import MemtrainTrainer
 
-    config = load_config(None, [f"model.name={tiny_model_dir}", *AGENT])
-    rows, uids = scripted_rows(), ["uA", "uB"]
-    # native: one task call for both rows, G1 = 2 trajectories each
+    config = load_config(None, [f"model.name={tiny_model_dir}", *AGENT, "train.batch_size=4",
+                                f"rl.adv_std_norm={std_norm}", f"rl.dynamic_filter={dynamic_filter}"])
+    rows, uids = parity_rows(), ["uA", "uB", "uC", "uD"]
+    # native: one task call for all rows, G1 = 2 trajectories each
     native, _ = ProxyTask(config, tokenizer).rollout(rows, ScriptedEngine(scripted_responder, tokenizer),
                                                      SamplingParams(temperature=1.0), 2, random.Random(0))
-    expected = training_sequences(score_groups(native, std_norm, dynamic_filter=False))
+    scored = score_groups(native, std_norm, dynamic_filter)
+    expected = training_sequences(scored)
+    every = training_sequences(score_groups(native, std_norm, dynamic_filter=False))
     assert {round(s.advantage, 6) for s in expected} != {0.0}
+    if dynamic_filter:  # the rows cover both mixed cases
+        assert scored.groups == {"A/e2e": True, "A/0/imr": True, "A/1/imr": True, "B/e2e": False,
+                                 "C/e2e": False, "C/0/imr": True, "C/1/imr": True,
+                                 "D/e2e": True, "D/0/imr": False, "D/1/imr": False}
     # verl: one run() per session, outputs stored as TransferQueue rows, plus one padding row
     sessions, _ = _sessions(config, tokenizer, rows, uids)
     tq, keys = _transfer_queue_rows(sessions, uids, 2)
-    tq.rows["pad"] = dict(tq.rows[keys[0]])
-    tags = [{} for _ in keys] + [{"is_padding": True}]
-    batch = KVBatchMeta(keys=[*keys, "pad"], tags=tags, partition_id="train")
+    # a padding row as verl's upsample_batch_to_divisible_size makes it: a real row's fields, one masked token
+    empty = torch.zeros(1, dtype=torch.int64)
+    tq.rows["pad"] = {**tq.rows[keys[0]], "response_mask": empty, "loss_mask": empty, "responses": empty,
+                      "rm_scores": torch.zeros(1), "rollout_log_probs": torch.zeros(1)}
+    tq.tags["pad"] = {"is_padding": True}
+    batch = KVBatchMeta(keys=[*keys, "pad"], tags=[tq.tags.get(k, {}) for k in [*keys, "pad"]],
+                        partition_id="train")
     monkeypatch.setattr(trainer_base, "tq", tq)
+    rendered = render_verl_config(config, RunPaths(tmp_path), str(tiny_model_dir), num_rows=4)
+    actor = rendered["actor_rollout_ref"]["actor"]
     trainer = MemtrainTrainer.__new__(MemtrainTrainer)
     trainer.config = OmegaConf.create({
-        "algorithm": {"adv_estimator": ESTIMATOR_NAME, "norm_adv_by_std_in_grpo": std_norm, "gamma": 1.0,
-                      "lam": 1.0, "use_kl_in_reward": False},
-        "actor_rollout_ref": {"rollout": {"n": 2}}})
+        "algorithm": {**rendered["algorithm"], "gamma": 1.0, "lam": 1.0},
+        "memtrain": rendered.get("memtrain", {}),
+        "actor_rollout_ref": {"rollout": {"n": 2, "temperature": 1.0},
+                              "actor": {"ppo_mini_batch_size": actor["ppo_mini_batch_size"], "ppo_epochs": 1,
+                                        "calculate_entropy": False, "entropy_coeff": 0.0,
+                                        "data_loader_seed": 1, "shuffle": False}}})
+    trainer.actor_rollout_wg = workers = FakeActorWorkers()
     metrics: dict[str, float] = {}
-    trainer._compute_advantage(batch, metrics)
+    batch = trainer._compute_advantage(batch, metrics)
+    trainer._update_actor(batch, {})
 
-    got = []
+    got, trained = [], []
     for key in keys:
         row = tq.rows[key]
         adv = row["advantages"]
         assert len(adv) == len(row["responses"]) and bool((adv == adv[0]).all())  # broadcast over the tokens
-        kind = row["extra_fields"][META_KEY]["kind"]
-        got.append((kind, row["responses"].tolist(), round(float(adv[0]), 5)))
-    want = [(s.kind, s.completion_ids, round(s.advantage, 5)) for s in expected]
-    assert sorted(got) == sorted(want)
+        output = (row["extra_fields"][META_KEY]["kind"], row["responses"].tolist(), round(float(adv[0]), 5))
+        got.append(output)
+        assert torch.equal(row["loss_mask"], row["response_mask"])
+        if int(row["response_mask"].sum()) > 0:
+            assert bool(row["response_mask"].all())
+            trained.append(output)
+    # advantages: every output (kept or not) as the native trainer computes them
+    assert sorted(got) == sorted((s.kind, s.completion_ids, round(s.advantage, 5)) for s in every)
+    # the kept set: exactly the native trainer's training sequences
+    assert sorted(trained) == sorted((s.kind, s.completion_ids, round(s.advantage, 5)) for s in expected)
     assert float(tq.rows["pad"]["advantages"].abs().sum()) == 0.0
-    # A: E2E rewards 1.25 / 0.25 and IMR [1, 0] per trajectory -> 4 groups with signal; B: 0 / 0 -> uniform
-    assert metrics == {"memtrain/groups": 4.0, "memtrain/uniform_groups": 1.0, "memtrain/rollouts": 8.0}
+    assert int(tq.rows["pad"]["response_mask"].sum()) == 0
+    # the normalisers: seq-mean divides by the kept sequences (not verl's padded mini-batch); token-mean by
+    # the loss-mask tokens of the whole batch
+    assert workers.extra_info["global_batch_size"] == len(expected)
+    assert sum(int(tq.rows[k]["loss_mask"].sum()) for k in [*keys, "pad"]) == sum(
+        len(s.completion_ids) for s in expected)
+    # A and D: E2E groups with signal; C: two IMR groups with signal; B and C: uniform E2E groups, D: two
+    # uniform IMR groups
+    assert metrics == {"memtrain/groups": 10.0, "memtrain/uniform_groups": 4.0, "memtrain/rollouts": 20.0,
+                       "memtrain/filtered_groups": 4.0 if dynamic_filter else 0.0,
+                       "memtrain/train_outputs": float(len(expected))}
+    # so verl's own aggregation (agg_loss, as its actor calls it) of any per-token loss equals the native one
+    # (memtrain.rl.core.aggregate over the kept sequences), e.g. of a loss that is each token's id
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    from memtrain.rl.core import aggregate
+
+    def padded(rows: list[list[int]], masks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        pad = [[0] * (width - len(r)) for r in rows]
+        return (torch.tensor([r + z for r, z in zip(rows, pad, strict=True)], dtype=torch.float64),
+                torch.tensor([m + z for m, z in zip(masks, pad, strict=True)], dtype=torch.float64))
+
+    all_keys = [*keys, "pad"]
+    loss_v, mask_v = padded([tq.rows[k]["responses"].tolist() for k in all_keys],
+                            [tq.rows[k]["response_mask"].tolist() for k in all_keys])
+    loss_n, mask_n = padded([s.completion_ids for s in expected],
+                            [[1] * len(s.completion_ids) for s in expected])
+    tokens = sum(int(tq.rows[k]["loss_mask"].sum()) for k in all_keys)  # what verl's engine all-reduces
+    seqs = workers.extra_info["global_batch_size"]
+    assert float(agg_loss(loss_v, mask_v, "seq-mean-token-mean", global_batch_size=seqs)) == \
+        pytest.approx(float(aggregate(loss_n, mask_n, "seq_mean_token_mean")))
+    assert float(agg_loss(loss_v, mask_v, "token-mean", batch_num_tokens=tokens)) == \
+        pytest.approx(float(aggregate(loss_n, mask_n, "token_mean")))
+    # more than one mini-batch per step (an override of actor.ppo_mini_batch_size): no single count to give,
+    # so seq-mean keeps verl's own denominator, the mini-batch size
+    trainer._train_outputs = len(expected)
+    trainer.config.actor_rollout_ref.actor.ppo_mini_batch_size = 2
+    trainer._update_actor(batch, {})
+    assert workers.extra_info["global_batch_size"] == 2 * 2
+    # nothing kept: no actor update at all (natively: no optimizer step), not a zero-gradient one
+    workers.extra_info = {}
+    trainer._train_outputs = 0
+    skipped: dict[str, float] = {}
+    assert trainer._update_actor(batch, skipped) is batch
+    assert workers.extra_info == {} and skipped == {"memtrain/skipped_empty": 1.0}
 
 
 def test_memtrain_trainer_is_verls_sync_trainer(verl: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -365,7 +484,6 @@ def test_memtrain_trainer_is_verls_sync_trainer(verl: Any, monkeypatch: pytest.M
 
 
 def test_estimator_needs_the_memtrain_trainer_and_memtrain_outputs(verl: Any) -> None:
-    import torch
     from verl.trainer.ppo.core_algos import get_adv_estimator_fn
     from verl.trainer.ppo.v1.trainer_base import get_trainer_cls
 
@@ -374,6 +492,7 @@ def test_estimator_needs_the_memtrain_trainer_and_memtrain_outputs(verl: Any) ->
         RowMeta,
         batch_rows,
         joint_advantages,
+        kept_outputs,
         row_meta,
     )
 
@@ -392,6 +511,11 @@ def test_estimator_needs_the_memtrain_trainer_and_memtrain_outputs(verl: Any) ->
     assert torch.equal(adv, returns)
     with batch_rows(metas[:2]), pytest.raises(RuntimeError, match="2 output descriptions for a batch of 3"):
         fn(token_level_rewards=rewards, response_mask=mask)
+    # the DAPO keep mask: each group on its own, padding never
+    mixed = [RowMeta("e0", "g", 1.0, "final"), RowMeta("e1", "g", 1.0, "final"),
+             RowMeta("i0", "g/0/imr", 1.0, "imr"), RowMeta("i1", "g/0/imr", 0.0, "imr"), None]
+    assert kept_outputs(mixed, dynamic_filter=True) == [False, False, True, True, False]
+    assert kept_outputs(mixed, dynamic_filter=False) == [True, True, True, True, False]
     with pytest.raises(ValueError, match="different group/reward"):
         joint_advantages([RowMeta("r0", "g", 1.0, "final"), RowMeta("r0", "g", 0.0, "memory")])
     with pytest.raises(ValueError, match="has no extra_fields\\['memtrain'\\]"):
@@ -419,6 +543,7 @@ def test_rendered_config_loads_in_verls_schema(verl: Any, tmp_path: Path, tiny_m
     cfg = compose_verl_config(paths, [*config.verl.overrides, *extra])
     assert cfg.trainer.logger == ["console"] and cfg.actor_rollout_ref.rollout.gpu_memory_utilization == 0.4
     assert cfg.algorithm.adv_estimator == ESTIMATOR_NAME and cfg.trainer.use_v1
+    assert cfg.memtrain.dynamic_filter and not cfg.algorithm.filter_groups.enable
     rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
     assert rollout.n == 2 and rollout.agent.default_agent_loop == AGENT_NAME
     entries = OmegaConf.load(cfg.actor_rollout_ref.rollout.agent.agent_loop_config_path)

@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from memtrain.config import Config, load_config
 from memtrain.data.dataset import write_dataset
+from memtrain.prompts import parse
 
 PROXY_SCHEMA = pa.schema(
     [
@@ -158,7 +159,7 @@ def scripted_responder(prompt: str, sample: int) -> str:
     """
     if "[TARGET]" in prompt:
         return "\\boxed{Paris}" if sample == 0 else "\\boxed{Rome}"
-    if "Next section of the document" in prompt:
+    if parse("memory", prompt) is not None:
         return "noted the city"
     return "\\boxed{France}" if sample == 0 else "\\boxed{Spain}"
 

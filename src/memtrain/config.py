@@ -8,20 +8,48 @@ written next to every run (``save_config``) so a run can always be reproduced an
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be turned into a valid config."""
 
 
+def _non_finite(value: Any, where: str) -> str | None:
+    """The dotted path of the first NaN/inf float in ``value`` (lists, tuples, dicts, sets walked)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return next((w for i, v in enumerate(value) if (w := _non_finite(v, f"{where}[{i}]"))), None)
+    if isinstance(value, dict):
+        return next((w for k, v in value.items() if (w := _non_finite(v, f"{where}.{k}"))), None)
+    return None
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Base of every config section: unknown keys are errors, and so is any NaN/inf number (an ``lr=inf``
+    would otherwise train to an all-NaN checkpoint and exit 0)."""
+
+    # allow_inf_nan=False: every float field (nested in lists/tuples/dicts too) must be finite
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _finite_floats(self) -> Section:
+        """Also catches floats in fields pydantic does not type as float (Any, unions with str)."""
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, BaseModel):
+                continue  # validated by its own Section
+            where = _non_finite(value, name)
+            if where is not None:
+                raise ValueError(f"{where}={value!r}: expected a finite number, not NaN or infinity")
+        return self
 
 
 class LoraConfig(Section):
@@ -38,6 +66,12 @@ class ModelConfig(Section):
 
     name: str = "smollm2-135m"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="dtype of the matmuls in training forward/backward, the KL reference and HF-engine "
+        "generation, under autocast over float32 master weights: auto = bf16 where the device has fast bf16 "
+        "units (AMX/AVX512-BF16 CPUs, Arm BF16, Ampere+ GPUs), detected at run time; else float32",
+    )
     lora: LoraConfig | None = None
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -51,7 +85,14 @@ class AgentConfig(Section):
     chunk_tokens: int = Field(5120, gt=0, description="document tokens per chunk (paper 5120, ref. 5000)")
     memory_tokens: int = Field(1024, gt=0, description="cap on each memory the model writes")
     answer_tokens: int = Field(1024, gt=0, description="cap on the final answer")
-    max_chunks: int = Field(8, gt=0, description="longer documents are truncated (see truncation)")
+    instruction_tokens: int = Field(
+        1024, gt=0, description="budget of instruction + problem: the memory prompt without its memory and "
+        "chunk (paper 1024); a sample whose problem does not fit is an error naming it"
+    )
+    max_chunks: int | None = Field(
+        8, gt=0, description="longer documents are truncated (see truncation); null = read every chunk "
+        "(what `memtrain eval longqa` does unless --max-chunks is given)"
+    )
     truncation: Literal["centre", "head", "error"] = Field(
         "centre",
         description="over-long documents: keep head and tail chunks (centre), the first chunks "
@@ -106,7 +147,13 @@ class RLConfig(Section):
     kl_coef: float = Field(1e-3, ge=0.0)
     clip_low: float = Field(0.2, ge=0.0)
     clip_high: float = Field(0.2, ge=0.0)
-    loss_agg: Literal["seq_mean_token_mean", "token_mean"] = "seq_mean_token_mean"
+    loss_agg: Literal["seq_mean_token_mean", "token_mean", "session_mean"] = Field(
+        "seq_mean_token_mean",
+        description="loss aggregation: seq_mean_token_mean = paper Eq. 4 (token mean per sequence, then mean "
+        "over sequences: a trajectory with more turns weighs more); token_mean = reference scripts (longer "
+        "outputs weigh more); session_mean = every rollout (trajectory, IMR sample, search episode) weighs "
+        "the same, its weight split evenly over its turns",
+    )
     adv_std_norm: bool = False
     dynamic_filter: bool = True
     reward_metric: Literal["strict_em", "em", "sub_em", "f1"] | None = Field(
@@ -116,9 +163,18 @@ class RLConfig(Section):
     )
     fill_filtered_batches: bool = False
     temperature: float = Field(
-        1.0, gt=0.0, description="rollout sampling temperature (log-probs use the raw logits, as engines do)"
+        1.0,
+        gt=0.0,
+        description="rollout sampling temperature; the engines report and the update recomputes log-probs "
+        "under softmax(logits / temperature): the policy, the old log-probs and the KL reference (as verl)",
     )
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="rollout nucleus sampling; training refuses < 1 (the update cannot recompute the "
+        "truncated distribution, so the ratio and KL would be biased)",
+    )
     micro_batch_tokens: int = Field(16384, gt=0, description="padded tokens per forward/backward micro-batch")
     old_logprobs: Literal["auto", "sampler", "recompute"] = Field(
         "auto",
@@ -126,6 +182,14 @@ class RLConfig(Section):
         "old_logprob_tol (auto), always the engine's (sampler), or the policy's own before the update",
     )
     old_logprob_tol: float = Field(0.05, gt=0.0, description="max |sampler - recomputed| log-prob for auto")
+    tis_cap: float | None = Field(
+        None,
+        gt=0.0,
+        description="truncated importance sampling for the train/inference mismatch (verl rollout "
+        "correction, token level): where the old log-probs are the trainer's recompute and the sampler's are "
+        "known, each token's policy-gradient term is weighted by min(exp(trainer - sampler), tis_cap); "
+        "null = off. Typical: 2.0 with old_logprobs=recompute",
+    )
 
 
 class OptimConfig(Section):
@@ -210,12 +274,6 @@ class VerlConfig(Section):
         1, gt=0, description="GPUs per rollout replica (vLLM/SGLang tensor parallel size)"
     )
     gpu_memory_utilization: float = Field(0.6, gt=0.0, le=1.0, description="rollout server's share of a GPU")
-    instruction_tokens: int = Field(
-        1024,
-        gt=0,
-        description="prompt budget for instruction + problem (paper "
-        "1024); prompt length = this + agent.chunk_tokens + agent.memory_tokens",
-    )
     max_tokens_per_gpu: int = Field(
         16384,
         gt=0,

@@ -136,6 +136,25 @@ def fill(kind: str, overrides: Mapping[str, str] | None = None, **fields: str) -
                             template(kind, overrides))
 
 
+def parse(kind: str, text: str, overrides: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """The field values of a ``kind`` prompt inside ``text`` (a filled template, chat-rendered or not), or
+    None when ``text`` holds no such prompt: the inverse of :func:`fill`, so tools and tests read prompts
+    through the templates instead of depending on their wording."""
+    if kind not in PROMPT_KINDS:
+        raise ValueError(f"prompt kind {kind!r}: expected one of {', '.join(PROMPT_KINDS)}")
+    tpl = template(kind, overrides)
+    parts = _PLACEHOLDER.split(tpl)  # literal, name, literal, name, ..., literal
+    pattern = ""
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            pattern += re.escape(part)
+        else:
+            last = i == len(parts) - 2 and not parts[-1]
+            pattern += f"(?P<{part}>.*)" if last else f"(?P<{part}>.*?)"
+    m = re.search(pattern, text, re.DOTALL)
+    return None if m is None else m.groupdict()
+
+
 def chat_text(tokenizer: Any, content: str) -> str:
     """``content`` as one user turn through the tokenizer's chat template, with the generation prompt."""
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,

@@ -4,11 +4,14 @@ The GRPO reward and every evaluation call into this module, so a training curve 
 mean the same thing by "correct". Four metrics are reported for every prediction (``METRICS``):
 
 * ``strict_em`` - the training reward: the content of the last ``\\boxed{...}`` must equal a gold answer after
-  light math-style normalisation (``normalize_math``). No box means 0, so the policy is rewarded for
-  committing to one final answer in the format the prompts ask for.
-* ``em`` / ``sub_em`` / ``f1`` - the usual SQuAD / HotpotQA metrics (``normalize_answer``) on the extracted
-  answer (box, else an "answer is" / "Answer:" line, else the whole output), comparable with published
-  numbers and forgiving about the output format.
+  light math-style normalisation (``normalize_math``: case, spacing, ``$``/``%``, a leading article). No box
+  means 0, so the policy is rewarded for committing to one final answer in the format the prompts ask for.
+* ``em`` / ``f1`` - the usual SQuAD / HotpotQA metrics (``normalize_answer``) on the extracted answer (box,
+  else an "answer is" / "Answer:" line, else the whole output), comparable with published numbers and
+  forgiving about the output format.
+* ``sub_em`` - the gold answer's normalised tokens appear, in order and contiguous, among the prediction's
+  (gold-in-prediction, as the HotpotQA / MemAgent scripts): a longer answer that contains the gold counts, a
+  prediction that is only a piece of the gold does not (``no`` is not ``Norway``, ``1`` is not ``1889``).
 
 Pure standard library, so scoring never depends on which engine or tokenizer produced the text.
 """
@@ -29,6 +32,7 @@ _TEXT_WRAPPER_OPEN = re.compile(r"\\(?:text|textbf|mathrm)\s*\{")
 _ANSWER_MARKER = re.compile(r"\banswer(?:\s+is\b\s*:?|\s*:)", re.IGNORECASE)
 _MATH_DROP = re.compile(r"\\?[$%]")
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_LEADING_ARTICLE = re.compile(r"^\s*(?:a|an|the)\s+", re.IGNORECASE)
 _ASCII_PUNCTUATION = frozenset(string.punctuation)
 _YES_NO = frozenset({"yes", "no", "noanswer"})
 
@@ -106,11 +110,13 @@ def _unwrap_text_commands(s: str) -> str:
 def normalize_math(s: str) -> str:
     """Math-style normalisation for ``strict_em``: formatting must not decide the reward, content must.
 
-    Lower-cases, unwraps ``\\text`` / ``\\textbf`` / ``\\mathrm``, drops ``$`` and ``%`` (escaped or not),
-    drops all whitespace and one trailing period. Deliberately nothing more (no comma, unit or unicode
-    handling), so the reward stays an exact, hard-to-game match.
+    Lower-cases, unwraps ``\\text`` / ``\\textbf`` / ``\\mathrm``, drops one leading article (``the``,
+    ``a``, ``an`` followed by a space: NER spans keep determiners - "the United States" - and the reward must
+    not depend on guessing them), drops ``$`` and ``%`` (escaped or not), all whitespace and one trailing
+    period. Deliberately nothing more (no comma, unit or unicode handling), so the reward stays an exact,
+    hard-to-game match.
     """
-    s = _unwrap_text_commands(s.lower())
+    s = _LEADING_ARTICLE.sub("", _unwrap_text_commands(s.lower()))
     s = _MATH_DROP.sub("", s)
     s = "".join(s.split())
     return s.removesuffix(".")
@@ -149,6 +155,14 @@ def _f1(pred_norm: str, gold_norm: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _contains_tokens(pred_norm: str, gold_norm: str) -> bool:
+    """Whether the gold's tokens occur contiguously, in order, among the prediction's (both normalised)."""
+    pred, gold = pred_norm.split(), gold_norm.split()
+    if not gold:
+        return False
+    return any(pred[i : i + len(gold)] == gold for i in range(len(pred) - len(gold) + 1))
+
+
 def _gold_list(gold: str | Sequence[str]) -> list[str]:
     """One gold string or several; an empty list is a data bug that would silently score 0, so it raises."""
     golds = [gold] if isinstance(gold, str) else list(gold)
@@ -164,11 +178,10 @@ def _score_answer(answer: str, golds: list[str], has_box: bool) -> dict[str, flo
     result = dict.fromkeys(METRICS, 0.0)
     for gold in golds:
         gold_norm = normalize_answer(gold)
-        contains = pred_norm in gold_norm or gold_norm in pred_norm
         metrics = {
             "strict_em": float(has_box and pred_math == normalize_math(gold)),
             "em": float(pred_norm == gold_norm),
-            "sub_em": float(bool(pred_norm and gold_norm) and contains),
+            "sub_em": float(_contains_tokens(pred_norm, gold_norm)),
             "f1": _f1(pred_norm, gold_norm),
         }
         for name, value in metrics.items():

@@ -6,7 +6,8 @@ inside the prompt. A cut never falls inside a character (byte-level BPE can spli
 over several tokens; such a cut moves back to the character's first token), so a chunk can be a few
 tokens shorter than the budget, never longer.
 
-Documents that need more than ``max_chunks`` chunks are handled by ``truncation``:
+``max_chunks=None`` reads every chunk (evaluation, MemAgent's protocol). Documents that need more than
+``max_chunks`` chunks are handled by ``truncation``:
 
 * ``centre`` (default, as the reference scripts): keep the first ``ceil(max_chunks / 2)`` chunks and the
   last ``floor(max_chunks / 2)`` chunks (cut from the end of the document); the middle is dropped. The gap
@@ -71,10 +72,11 @@ def _backward_slices(offsets: list[tuple[int, int]], size: int, count: int,
     return out[::-1]
 
 
-def chunk_document(context: str, tokenizer: Any, chunk_tokens: int, max_chunks: int,
+def chunk_document(context: str, tokenizer: Any, chunk_tokens: int, max_chunks: int | None,
                    truncation: Truncation = "centre", doc_id: str = "") -> ChunkedDocument:
-    """Tokenize ``context`` once and cut it into at most ``max_chunks`` chunks of ``chunk_tokens`` tokens."""
-    if chunk_tokens < 1 or max_chunks < 1:
+    """Tokenize ``context`` once and cut it into at most ``max_chunks`` chunks (None: no limit) of
+    ``chunk_tokens`` tokens."""
+    if chunk_tokens < 1 or (max_chunks is not None and max_chunks < 1):
         raise ValueError(f"chunk_tokens={chunk_tokens}, max_chunks={max_chunks}: both must be >= 1")
     if truncation not in ("centre", "head", "error"):
         raise ValueError(f"agent.truncation {truncation!r}: expected 'centre', 'head' or 'error'")
@@ -86,15 +88,16 @@ def chunk_document(context: str, tokenizer: Any, chunk_tokens: int, max_chunks: 
     if n == 0:
         raise ValueError(f"{where}: the context is empty; the agent needs at least one token to read")
     ranges = _forward_slices(offsets, chunk_tokens)
-    truncated = len(ranges) > max_chunks
+    truncated = max_chunks is not None and len(ranges) > max_chunks
     if truncated and truncation == "error":
         raise ValueError(f"{where}: {n} tokens need {len(ranges)} chunks of {chunk_tokens} tokens, more than "
                          f"agent.max_chunks={max_chunks}; raise it or choose agent.truncation=centre|head")
-    if truncated and truncation == "head":
-        ranges = ranges[:max_chunks]
-    elif truncated:
-        head = ranges[: -(-max_chunks // 2)]
-        ranges = head + _backward_slices(offsets, chunk_tokens, max_chunks // 2, floor=head[-1][1])
+    if truncated and max_chunks is not None:
+        if truncation == "head":
+            ranges = ranges[:max_chunks]
+        else:
+            head = ranges[: -(-max_chunks // 2)]
+            ranges = head + _backward_slices(offsets, chunk_tokens, max_chunks // 2, floor=head[-1][1])
     chunks = [tokenizer.decode(ids[a:b], skip_special_tokens=False, clean_up_tokenization_spaces=False)
               for a, b in ranges]
     char_spans = [(0 if a == 0 else offsets[a][0], len(context) if b == n else offsets[b][0])

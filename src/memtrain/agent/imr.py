@@ -8,9 +8,11 @@ For a finished trajectory over chunks c_0..c_{T-1} with memories m_0 (initial) .
 2. chunk l is drawn with l < k, i.e. among the chunks m_k has already read (the paper's choice; the
    reference scripts' draw from 1..k with the input memory is an off-by-one that can ask about a chunk the
    memory has not seen yet).
-3. an entity lying fully inside chunk l is drawn; every occurrence of it in the chunk is replaced by
-   ``[TARGET]`` with the masking rule of the E2E task (:func:`memtrain.data.entities.mask_entity`: word
-   boundaries, case-insensitive).
+3. an entity lying fully inside chunk l is drawn; every occurrence of it and of its variants in the chunk is
+   replaced by ``[TARGET]`` with the masking rule of the E2E task (:mod:`memtrain.data.entities`: word
+   boundaries, case rule, determiner stripped, surname / punctuation / contained-span variants masked too);
+   an entity that a surviving variant would give away, or that needs more than ``DEFAULT_MAX_MASKS`` masks,
+   is not eligible.
 4. the prompt is the ``imr`` template with memory m_k and the masked chunk; the label is the entity.
 
 The draws are hierarchical and uniform (k among steps that have at least one usable chunk before them, l
@@ -22,8 +24,8 @@ data builder). When a sample has no ``entity_spans`` key (e.g. a QA sample), a f
 used: ``ner(text) -> list[(start, end, label)]`` with spans into the chunk text, e.g. a thin wrapper around
 a spaCy pipeline; none is imported here, so the hot path stays free of spaCy. The proxy builder's candidate
 filters apply (:func:`memtrain.data.entities.candidates`, with the chunk in the role of the pivot passage):
-fewer than 8 words, fewer than 5 occurrences in the chunk, no square brackets, de-duplicated
-case-insensitively.
+fewer than 8 words, fewer than 5 occurrences in the chunk, not an all-lower-case common word, no square
+brackets, de-duplicated case-insensitively.
 """
 
 from __future__ import annotations
@@ -36,7 +38,16 @@ from typing import Any
 from memtrain.agent.seeding import derive_seed
 from memtrain.agent.types import Trajectory, Turn
 from memtrain.config import AgentConfig
-from memtrain.data.entities import candidates, count_matches, mask_entity, normalize_spans
+from memtrain.data.entities import (
+    DEFAULT_MAX_MASKS,
+    Span,
+    candidates,
+    count_matches,
+    find_leaks,
+    mask_forms,
+    normalize_spans,
+    variant_forms,
+)
 from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
 from memtrain.prompts import TARGET_TOKEN, render, template
 
@@ -58,9 +69,23 @@ class ImrPrompt:
     entity_label: str = ""    # NER label of the entity (e.g. GPE, DATE)
 
 
+def _maskable(chunk: str, spans: list[Span]) -> list[tuple[str, str, str]]:
+    """(entity, label, masked chunk) for every candidate of ``chunk`` that the masking rule can hide: no
+    variant survives and at most ``DEFAULT_MAX_MASKS`` replacements."""
+    others = [chunk[s:e] for s, e, _ in spans]
+    out = []
+    for c in candidates(chunk, spans, MAX_ENTITY_OCCURRENCES, MAX_ENTITY_WORDS):
+        variants = variant_forms(c.text, c.label, others)
+        masked = mask_forms(chunk, c.text, TARGET_TOKEN, variants)
+        if 0 < masked.count <= DEFAULT_MAX_MASKS and not find_leaks(masked.text, c.text, variants):
+            out.append((c.text, c.label, masked.text))
+    return out
+
+
 def _chunk_entities(traj: Trajectory, sample: Mapping[str, Any], chunk_l: int,
-                    ner: Ner | None) -> list[tuple[str, str]]:
-    """(entity, label) pairs IMR may mask in chunk ``chunk_l``: inside the chunk, filtered, de-duplicated."""
+                    ner: Ner | None) -> list[tuple[str, str, str]]:
+    """(entity, label, masked chunk) for each entity IMR may mask in chunk ``chunk_l``: inside the chunk,
+    filtered, de-duplicated, maskable without a leak."""
     chunk = traj.chunks[chunk_l]
     spans = sample.get("entity_spans")
     where = f"sample {sample.get('id', traj.sample_id)!r}"
@@ -68,12 +93,10 @@ def _chunk_entities(traj: Trajectory, sample: Mapping[str, Any], chunk_l: int,
         if ner is None:
             raise ValueError(f"{where}: no 'entity_spans' and no fallback ner callable; IMR needs entities "
                              "(build proxy data with entity spans, or pass ner=...)")
-        spans_found = normalize_spans(chunk, ner(chunk))
-        found = candidates(chunk, spans_found, MAX_ENTITY_OCCURRENCES, MAX_ENTITY_WORDS)
-        return [(c.text, c.label) for c in found]
+        return _maskable(chunk, normalize_spans(chunk, ner(chunk)))
     context = sample["context"]
     lo, hi = traj.chunk_char_spans[chunk_l]
-    inside: list[tuple[int, int, str]] = []
+    inside: list[Span] = []
     for i, span in enumerate(spans):
         try:
             s, e, label = int(span["start"]), int(span["end"]), str(span.get("label", ""))
@@ -85,10 +108,17 @@ def _chunk_entities(traj: Trajectory, sample: Mapping[str, Any], chunk_l: int,
                              f"({len(context)} characters)")
         if lo <= s and e <= hi:
             inside.append((s - lo, e - lo, label))
-    found = candidates(context[lo:hi], inside, MAX_ENTITY_OCCURRENCES, MAX_ENTITY_WORDS)
+    found = _maskable(context[lo:hi], inside)
+    if chunk == context[lo:hi]:
+        return found
     # The chunk is the decoded token slice: for byte-level tokenizers it equals context[lo:hi]; for others,
-    # keep only entities that the chunk text really contains.
-    return [(c.text, c.label) for c in found if chunk == context[lo:hi] or count_matches(chunk, c.text) > 0]
+    # keep only entities that the chunk text really contains, masked in the chunk itself.
+    out = []
+    for entity, label, _ in found:
+        masked = mask_forms(chunk, entity, TARGET_TOKEN)
+        if count_matches(chunk, entity) > 0 and not find_leaks(masked.text, entity):
+            out.append((entity, label, masked.text))
+    return out
 
 
 def build_imr_prompt(traj: Trajectory, sample: dict, tokenizer: Any, config: AgentConfig, rng: random.Random,
@@ -108,12 +138,42 @@ def build_imr_prompt(traj: Trajectory, sample: dict, tokenizer: Any, config: Age
         return None
     k = rng.choice(steps)
     chunk_l = rng.choice([j for j in range(k) if entities[j]])
-    entity, label = rng.choice(entities[chunk_l])
-    masked, _ = mask_entity(traj.chunks[chunk_l], entity, TARGET_TOKEN)
+    entity, label, masked = rng.choice(entities[chunk_l])
     text, ids = render(tokenizer, "imr", config.templates, problem=template("imr_question", config.templates),
                        memory=traj.memories[k], chunk=masked)
     return ImrPrompt(trajectory_index=trajectory_index, step_k=k, chunk_l=chunk_l, entity=entity,
                      label=entity, prompt_ids=ids, prompt_text=text, entity_label=label)
+
+
+@dataclass
+class ImrChoice:
+    """A data-only IMR question: which memory state, which chunk, which entity (no prompt, no memory)."""
+
+    step_k: int               # the memory to ask is memories[step_k] (1..T)
+    chunk_l: int              # the masked chunk (l < k)
+    entity: str               # the masked entity as it appears in the chunk (also the label)
+    entity_label: str         # NER label of the entity
+    masked_chunk: str         # chunk l with the entity replaced by ``[TARGET]``
+
+
+def draw_imr_choice(traj: Trajectory, sample: Mapping[str, Any], rng: random.Random,
+                    ner: Ner | None = None) -> ImrChoice | None:
+    """Draw (k, l, entity) from the data alone - the chunks and their entities, never the memories.
+
+    For evaluation: two models reading the same chunks get the same question for the same ``rng`` state,
+    whatever their memories hold. Same hierarchical uniform draw as :func:`build_imr_prompt`, except that a
+    step whose memory is the initial text stays eligible (the caller decides how to score it); None when no
+    chunk has a usable entity.
+    """
+    num_chunks = len(traj.chunks)
+    entities = [_chunk_entities(traj, sample, j, ner) for j in range(num_chunks)]
+    steps = [k for k in range(1, num_chunks + 1) if any(entities[:k])]
+    if not steps:
+        return None
+    k = rng.choice(steps)
+    chunk_l = rng.choice([j for j in range(k) if entities[j]])
+    entity, label, masked = rng.choice(entities[chunk_l])
+    return ImrChoice(step_k=k, chunk_l=chunk_l, entity=entity, entity_label=label, masked_chunk=masked)
 
 
 def run_imr(engine: Engine, prompts: list[ImrPrompt], params: SamplingParams, group_size: int,

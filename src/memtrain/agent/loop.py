@@ -115,6 +115,17 @@ class MemoryAgent:
     def final_prompt(self, problem: str, memory: str) -> tuple[str, list[int]]:
         return render(self.tokenizer, "final", self.config.templates, problem=problem, memory=memory)
 
+    def check_problem_budget(self, sample: Mapping[str, Any], index: int) -> None:
+        """Fail, naming the sample, when instruction + problem (the memory prompt without memory and chunk)
+        exceed ``agent.instruction_tokens``: the prompt would silently overflow the context the chunk and
+        memory budgets were sized for (MEMTRAIN.md section 1)."""
+        n = len(self.memory_prompt(sample["question"], "", "")[1])
+        if n > self.config.instruction_tokens:
+            raise ValueError(
+                f"sample {index} (id {sample.get('id')!r}): instruction + problem take {n} tokens, over "
+                f"agent.instruction_tokens={self.config.instruction_tokens}; shorten the question or raise "
+                "the budget (and the model context with it)")
+
     def cap_rates(self) -> dict[str, float]:
         """Fraction of memory / final turns stopped by their token cap (the budget hit-rate to report)."""
         s = self.stats
@@ -133,6 +144,7 @@ class MemoryAgent:
             raise ValueError(f"MemoryAgent.run: n={n}; expected >= 1")
         for i, s in enumerate(samples):
             check_sample(s, i)
+            self.check_problem_budget(s, i)
         docs = [self.chunk(s, i) for i, s in enumerate(samples)]
         self.stats["documents"] += len(samples)
         self.stats["truncated_docs"] += sum(d.truncated for d in docs)

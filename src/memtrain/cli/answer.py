@@ -100,7 +100,8 @@ def _make_engine(cfg: Config, tokenizer: Any) -> Any:
         from memtrain.models import load_policy
 
         device = None if cfg.model.device == "auto" else cfg.model.device
-        model = load_policy(cfg.model.name, cfg.model.dtype, device)
+        model = load_policy(cfg.model.name, cfg.model.dtype, device,
+                            inference_compute_dtype=cfg.model.compute_dtype)
     return make_engine(cfg.engine, cfg.model.name, model=model, tokenizer=tokenizer)
 
 

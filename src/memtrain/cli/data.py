@@ -102,6 +102,14 @@ _PROXY_FLAGS: list[tuple[str, dict[str, Any]]] = [
         {"type": int, "metavar": "K", "help": "candidates have fewer than K words (default 8)"},
     ),
     (
+        "--max-masks",
+        {
+            "type": int,
+            "metavar": "K",
+            "help": "at most K [MASK] replacements per document, variants included (default 10)",
+        },
+    ),
+    (
         "--text-field",
         {
             "metavar": "NAME",
@@ -187,7 +195,22 @@ def _proxy(args: argparse.Namespace) -> int:
         f"{manifest['token_stats']['max']} tokens) to {manifest['params']['out']} in "
         f"{manifest['wall_time_s']:.1f}s; pivots skipped: {skipped}"
     )
+    print(masking_summary(manifest))
     return 0
+
+
+def masking_summary(manifest: dict[str, Any]) -> str:
+    """One line on how the answers were masked: masks per document, variants, determiners, leak rate."""
+    m = manifest.get("masking")
+    if not isinstance(m, dict):
+        return "masking: not recorded (dataset built before memtrain recorded leak checks)"
+    masks, variants = m["masks_per_doc"], m["variants_masked_per_doc"]
+    return (
+        f"masking: [MASK] per document min {masks['min']}, mean {masks['mean']}, max {masks['max']} "
+        f"(cap {m['max_masks']}); variants masked in {m['docs_with_variants_masked']} documents (mean "
+        f"{variants['mean']}); leading determiner stripped from {m['answers_determiner_stripped']} answers; "
+        f"leak rate {m['leak_rate']:.3f} ({m['leaked_docs']} documents with a surviving variant)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ show
@@ -252,6 +275,11 @@ def format_show(data_dir: str | Path, n: int = 3, color: bool = False) -> str:
         lines.append("pivots skipped: " + ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items()))
     if "wall_time_s" in manifest:
         lines.append(f"built in {manifest['wall_time_s']}s")
+    if manifest.get("task") == "proxy":
+        lines.append(masking_summary(manifest))
+        hist = manifest.get("masking", {}).get("masks_per_doc", {}).get("histogram")
+        if hist:
+            lines.append("[MASK] per document: " + ", ".join(f"{k}: {v}" for k, v in hist.items()))
     stat_cols = [c for c in ("num_tokens", "entity_label") if c in columns]
     if stat_cols:
         stats = list(iter_rows(data_dir, columns=stat_cols))
@@ -277,9 +305,10 @@ def format_show(data_dir: str | Path, n: int = 3, color: bool = False) -> str:
                 f"{len(row.get('entity_spans') or [])} entity spans"
             )
         label = f" ({row['entity_label']})" if "entity_label" in row else ""
+        variants = f" ({row['num_variants_masked']} variants)" if row.get("num_variants_masked") else ""
         lines.append(
             f"answers: {row['answers']}{label}"
-            + (f", masked {row['num_masked']} times" if "num_masked" in row else "")
+            + (f", masked {row['num_masked']} times{variants}" if "num_masked" in row else "")
         )
         lines.append("question: " + textwrap.shorten(row["question"], 300))
         context = row.get("context")

@@ -1,23 +1,32 @@
-"""Named entities of passages (spaCy, NER-only, cached on disk) and the masking rule shared by E2E and IMR.
+r"""Named entities of passages (spaCy, NER-only, cached on disk) and the masking rule shared by E2E and IMR.
 
-Masking rule (used for [MASK] in proxy documents and [TARGET] in intermediate-recall chunks):
+Masking rule (used for [MASK] in proxy documents and [TARGET] in intermediate-recall chunks). It must hide the
+entity, and only the entity: an unmasked variant gives the answer away, a masked common word turns the task
+into local fill-in-the-blank.
 
-- an entity ``y`` matches wherever its words occur with word boundaries on both sides (``(?<!\\w)`` and
-  ``(?!\\w)``, so entities that start or end with punctuation such as ``U.S.`` or ``$5`` work too);
-- matching ignores case (``PARIS`` and ``paris`` are masked along with ``Paris``), because the answer scorer
-  normalises case and an unmasked case variant would give the answer away;
-- any run of whitespace matches the spaces between the entity's words, and ``'`` matches ``’``;
-- possessives keep their suffix: ``Paris's`` becomes ``[MASK]'s`` (the apostrophe is a word boundary); a
-  trailing ``'s`` that spaCy put inside an entity is dropped from the entity first;
-- inflections that form another word (``Parisian``) are not matched.
-
-Invariant: after ``mask_entity(text, y, token)`` nothing in the text matches ``entity_pattern(y)``; the proxy
-builder re-checks this on every whole document (headers included) and picks another entity if it fails.
+- **Which entities**: candidates are cleaned NER spans: trimmed, a trailing possessive ``'s`` dropped, and a
+  leading determiner dropped (spaCy keeps it inside spans - "the United States" - and the answer must not
+  depend on it; the scorer ignores a leading article too). An entity written entirely in lower-case letters
+  ("one", "first", "summer") is a common word, not a name, and is never a candidate.
+- **Where it matches**: wherever its words occur with word boundaries on both sides (``(?<!\w)``/``(?!\w)``,
+  so ``U.S.`` or ``$5`` work); any run of whitespace matches the spaces between its words and ``'`` matches
+  ``’``; possessives keep their suffix (``Paris's`` -> ``[MASK]'s``); inflections that form another word
+  (``Parisian``) are not matched. Case: an entity with a capital letter matches any capitalisation that has
+  one (``Paris``, ``PARIS``) but never an all-lower-case word (``May`` does not hit the verb "may", ``US``
+  not "us"); an entity without capitals (``1889``, ``19th century``) ignores case.
+- **Variants** (:func:`variant_forms`) are masked too, with the same token, and counted: punctuation variants
+  (``U.S.`` -> ``U.S``, ``US``; ``1,000`` -> ``1000``: the entity's words with at most a few non-word
+  characters between them), a PERSON's surname (``Barack Obama`` -> ``Obama``), and every other NER span of
+  the text that is contained in the entity (``May 2009`` -> ``2009``). A span that contains the entity is
+  masked inside (``Barack [MASK]``).
+- **Leak check** (:func:`find_leaks`): after masking, no form may survive under the loose (punctuation-blind)
+  pattern; the proxy builder re-checks every whole document (headers included) and tries another entity if
+  one does, so the datasets' leak rate is 0 by construction and measured on every row.
 
 Candidate filters (MEMTRAIN.md section 2, reference scripts): fewer than ``max_occurrences`` (5) matches in
-the passage, fewer than ``max_words`` (8) words, at least one letter or digit, no square brackets (so entities
-never collide with placeholders), optional label allow-list; de-duplicated case-insensitively, the first
-surface form kept as the answer.
+the passage, fewer than ``max_words`` (8) words, at least one letter or digit, not all lower-case letters, no
+square brackets (so entities never collide with placeholders), optional label allow-list; de-duplicated
+case-insensitively, the first surface form kept as the answer.
 """
 
 from __future__ import annotations
@@ -27,7 +36,8 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,16 +48,26 @@ from memtrain.log import logger
 
 Span = tuple[int, int, str]  # start char, end char, label
 ENTITY_FACTORIES = ("ner", "beam_ner", "entity_ruler", "span_ruler")
+DEFAULT_MAX_MASKS = 10  # most [MASK]/[TARGET] replacements (variants included) a candidate may need per text
 _POSSESSIVE = re.compile(r"\s*['’]s$")
 _APOSTROPHE = re.compile(r"['’]")
+_DETERMINER = re.compile(r"^(?:the|a|an)\s+(?=\S)", re.IGNORECASE)
+_WORD = re.compile(r"\w+")
+_NAME_SUFFIXES = frozenset({"jr", "sr", "ii", "iii", "iv"})
+_LOOSE_GAP = r"\W{0,3}"  # between an entity's words in a punctuation variant ("U.S" for "U.S.")
 
 
 # ----------------------------------------------------------------------------------------------- masking
 
 
+def _has_upper(text: str) -> bool:
+    return any(ch.isupper() for ch in text)
+
+
 @lru_cache(maxsize=65536)
 def entity_pattern(entity: str) -> re.Pattern[str]:
-    """The regex of the masking rule (see the module docstring) for ``entity``."""
+    """The exact-form regex of the masking rule (see the module docstring) for ``entity``, before the case
+    rule (:func:`entity_matches` applies it)."""
     words = entity.split()
     if not words:
         raise ValueError("entity_pattern: empty entity")
@@ -55,25 +75,135 @@ def entity_pattern(entity: str) -> re.Pattern[str]:
     return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
 
 
+@lru_cache(maxsize=65536)
+def loose_pattern(entity: str) -> re.Pattern[str] | None:
+    """The punctuation-blind regex of ``entity``: its words (``\\w+`` runs) in order with at most a few
+    non-word characters between them (``U.S.`` matches ``U.S``, ``US`` and ``U. S.``; ``1,000`` matches
+    ``1000``). None for an entity without a word character."""
+    words = _WORD.findall(entity)
+    if not words:
+        return None
+    return re.compile(rf"(?<!\w){_LOOSE_GAP.join(re.escape(w) for w in words)}(?!\w)", re.IGNORECASE)
+
+
+def _case_ok(entity: str, matched: str) -> bool:
+    """The case rule: a capitalised entity never matches an all-lower-case word ("May" vs "may")."""
+    return not _has_upper(entity) or _has_upper(matched)
+
+
+def entity_matches(text: str, entity: str, loose: bool = False) -> list[tuple[int, int]]:
+    """(start, end) of every match of ``entity`` in ``text`` under the masking rule (exact form), or under
+    the punctuation-blind pattern with ``loose``."""
+    pattern = loose_pattern(entity) if loose else entity_pattern(entity)
+    if pattern is None:
+        return []
+    return [m.span() for m in pattern.finditer(text) if _case_ok(entity, m.group())]
+
+
 def count_matches(text: str, entity: str) -> int:
-    return sum(1 for _ in entity_pattern(entity).finditer(text))
+    return len(entity_matches(text, entity))
+
+
+@dataclass(frozen=True)
+class Masked:
+    """A text with an entity and its variants replaced by a token."""
+
+    text: str
+    replaced: list[tuple[int, int]]  # replaced ranges in the ORIGINAL text's coordinates, in order
+    variants: int  # how many of them are not the exact form of the entity
+
+    @property
+    def count(self) -> int:
+        return len(self.replaced)
+
+
+def mask_forms(text: str, entity: str, token: str, variants: Sequence[str] = (),
+               loose: bool = True) -> Masked:
+    """Replace every match of ``entity`` and of each variant form by ``token``, in one pass.
+
+    Exact matches of the entity come first, then (``loose``) its punctuation-blind matches, then the variants
+    longest first (each exact, then punctuation-blind); a range overlapping one already taken is skipped, so
+    ``Barack Obama`` is masked whole before ``Obama`` is looked for.
+    """
+    taken: list[tuple[int, int, bool]] = []  # (start, end, is a variant)
+    folded = text.casefold()
+
+    def take(form: str, as_loose: bool, variant: bool) -> None:
+        if not _may_occur(form, folded):
+            return
+        for a, b in entity_matches(text, form, as_loose):
+            if all(b <= s or a >= e for s, e, _ in taken):
+                taken.append((a, b, variant))
+
+    take(entity, False, False)
+    if loose:
+        take(entity, True, True)
+    for form in sorted(set(variants) - {entity}, key=lambda f: (-len(f), f)):
+        take(form, False, True)
+        if loose:
+            take(form, True, True)
+    taken.sort()
+    pieces: list[str] = []
+    last = 0
+    for a, b, _ in taken:
+        pieces += [text[last:a], token]
+        last = b
+    pieces.append(text[last:])
+    return Masked("".join(pieces), [(a, b) for a, b, _ in taken], sum(v for _, _, v in taken))
+
+
+def _may_occur(form: str, folded_text: str) -> bool:
+    """Cheap necessary condition for a match of ``form``: its first word occurs in the casefolded text."""
+    words = _WORD.findall(form)
+    return not words or words[0].casefold() in folded_text
+
+
+def _spaced(text: str) -> str:
+    return " ".join(text.replace("’", "'").casefold().split())
 
 
 def mask_entity(text: str, entity: str, token: str) -> tuple[str, list[tuple[int, int]]]:
-    """Replace every match of ``entity`` in ``text`` by ``token``; also return the replaced (start, end) spans
-    in the coordinates of the original ``text`` (used to move other entities' spans)."""
-    pieces: list[str] = []
-    spans: list[tuple[int, int]] = []
-    last = 0
-    for m in entity_pattern(entity).finditer(text):
-        pieces.append(text[last : m.start()])
-        pieces.append(token)
-        spans.append((m.start(), m.end()))
-        last = m.end()
-    if not spans:
-        return text, spans
-    pieces.append(text[last:])
-    return "".join(pieces), spans
+    """Replace every exact-form match of ``entity`` in ``text`` by ``token``; also return the replaced
+    (start, end) spans in the coordinates of the original ``text`` (used to move other entities' spans)."""
+    masked = mask_forms(text, entity, token, loose=False)
+    return masked.text, masked.replaced
+
+
+def surname(entity: str) -> str | None:
+    """The last name of a multi-word person name (``Jr.``-style suffixes skipped); None otherwise."""
+    words = entity.split()
+    while len(words) > 1 and words[-1].strip(".,").lower() in _NAME_SUFFIXES:
+        words.pop()
+    if len(words) < 2:
+        return None
+    last = words[-1].strip(",")
+    return last if len(last) > 1 and _has_upper(last) else None
+
+
+def variant_forms(entity: str, label: str, others: Iterable[str] = ()) -> list[str]:
+    """Other forms that would give ``entity`` away if left in the text: a PERSON's surname and every other
+    entity text of ``others`` (the NER spans of the same text) contained in it. Punctuation variants need no
+    listing: :func:`mask_forms` and :func:`find_leaks` match every form punctuation-blind."""
+    forms: set[str] = set()
+    if label == "PERSON" and (last := surname(entity)) is not None:
+        forms.add(last)
+    key = _spaced(entity)
+    for other in others:
+        other = strip_determiner(other)
+        spaced = _spaced(other)
+        if spaced == key or spaced not in key:  # cheap test first: most spans are unrelated
+            continue
+        if is_usable(other, label, max_words=len(entity.split()) + 1) and entity_matches(entity, other):
+            forms.add(other)
+    return sorted(forms)
+
+
+def find_leaks(text: str, entity: str, variants: Sequence[str] = ()) -> list[str]:
+    """The forms of ``entity`` (itself and ``variants``) that still occur in ``text`` under the
+    punctuation-blind pattern and the case rule: empty when the masking hid them all."""
+    folded = text.casefold()
+    return [form for form in (entity, *variants) if _may_occur(form, folded)
+            and (entity_matches(text, form) or entity_matches(text, form, loose=True))]
 
 
 def shift_spans(
@@ -102,22 +232,30 @@ def shift_spans(
 
 
 def clean_entity(text: str) -> str:
-    """Entity text as used for answers: trimmed, without a trailing possessive ``'s``."""
+    """Entity text as NER gives it, trimmed and without a trailing possessive ``'s``."""
     return _POSSESSIVE.sub("", text.strip())
 
 
+def strip_determiner(entity: str) -> str:
+    """``entity`` without one leading ``the``/``a``/``an`` ("the United States" -> "United States")."""
+    return _DETERMINER.sub("", entity, count=1)
+
+
 def is_usable(entity: str, label: str, max_words: int = 8, labels: Iterable[str] | None = None) -> bool:
-    """The occurrence-independent filters: non-empty, has a letter or digit, fewer than ``max_words`` words,
-    no square brackets, label allowed."""
+    """The occurrence-independent filters: non-empty, has a letter or digit, not all lower-case letters (a
+    common word), fewer than ``max_words`` words, no square brackets, label allowed."""
     if not entity or entity != entity.strip() or "[" in entity or "]" in entity:
         return False
     if not any(ch.isalnum() for ch in entity) or len(entity.split()) >= max_words:
+        return False
+    if not _has_upper(entity) and not any(ch.isdigit() for ch in entity):
         return False
     return labels is None or label in set(labels)
 
 
 def normalize_spans(text: str, spans: Iterable[Span]) -> list[Span]:
-    """Trim whitespace and trailing possessives from NER spans so each span's text is its clean entity."""
+    """Trim whitespace and trailing possessives from NER spans so each span's text is its clean entity
+    (determiners stay: :func:`candidates` strips them, so cached spans keep what NER saw)."""
     out: list[Span] = []
     for s, e, label in spans:
         raw = text[s:e]
@@ -129,12 +267,20 @@ def normalize_spans(text: str, spans: Iterable[Span]) -> list[Span]:
     return out
 
 
+def entity_span(text: str, span: Span) -> Span:
+    """``span`` moved past a leading determiner of its text (the span of the entity a candidate answers)."""
+    s, e, label = span
+    stripped = strip_determiner(text[s:e])
+    return (e - len(stripped), e, label)
+
+
 @dataclass(frozen=True)
 class Candidate:
     text: str
     label: str
     start: int
     end: int
+    determiner: str = ""  # the leading determiner NER had put in the span ("the"), stripped from ``text``
 
 
 def candidates(
@@ -144,11 +290,13 @@ def candidates(
     max_words: int = 8,
     labels: Iterable[str] | None = None,
 ) -> list[Candidate]:
-    """Usable entities of one passage, de-duplicated case-insensitively (first surface form kept)."""
+    """Usable entities of one passage, determiners stripped, de-duplicated case-insensitively (first surface
+    form kept)."""
     allowed = set(labels) if labels is not None else None
     seen: set[str] = set()
     out: list[Candidate] = []
-    for s, e, label in spans:
+    for span in spans:
+        s, e, label = entity_span(text, span)
         ent = text[s:e]
         key = " ".join(ent.casefold().split())
         if key in seen:
@@ -158,7 +306,7 @@ def candidates(
             continue
         if count_matches(text, ent) >= max_occurrences:
             continue
-        out.append(Candidate(ent, label, s, e))
+        out.append(Candidate(ent, label, s, e, text[span[0]:s].strip()))
     return out
 
 
@@ -234,18 +382,29 @@ class EntityCache:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path))
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS ents (row INTEGER PRIMARY KEY, spans TEXT NOT NULL)")
-        self._db.commit()
+        with self._damaged_is_an_error():
+            self._db = sqlite3.connect(str(self.path))
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS ents (row INTEGER PRIMARY KEY, spans TEXT NOT NULL)")
+            self._db.commit()
+
+    @contextmanager
+    def _damaged_is_an_error(self) -> Iterator[None]:
+        """A damaged cache file is a one-line error naming it (it only caches NER output: safe to delete)."""
+        try:
+            yield
+        except (sqlite3.DatabaseError, json.JSONDecodeError, ValueError) as exc:
+            raise ValueError(f"NER cache {self.path} is damaged ({exc}); delete it, it is rebuilt on the "
+                             "next run") from None
 
     def get(self, rows: Sequence[int]) -> dict[int, list[Span]]:
         out: dict[int, list[Span]] = {}
-        for i in range(0, len(rows), 900):
-            part = [int(r) for r in rows[i : i + 900]]
-            q = f"SELECT row, spans FROM ents WHERE row IN ({','.join('?' * len(part))})"
-            for row, blob in self._db.execute(q, part):
-                out[row] = [(s, e, lab) for s, e, lab in json.loads(blob)]
+        with self._damaged_is_an_error():
+            for i in range(0, len(rows), 900):
+                part = [int(r) for r in rows[i : i + 900]]
+                q = f"SELECT row, spans FROM ents WHERE row IN ({','.join('?' * len(part))})"
+                for row, blob in self._db.execute(q, part):
+                    out[row] = [(s, e, lab) for s, e, lab in json.loads(blob)]
         return out
 
     def put(self, entities: dict[int, list[Span]]) -> None:

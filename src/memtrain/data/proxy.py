@@ -38,14 +38,17 @@ from memtrain import __version__
 from memtrain.data.corpus import PassageStore, SplitParams, open_store
 from memtrain.data.dataset import check_output_dir, write_dataset
 from memtrain.data.entities import (
+    DEFAULT_MAX_MASKS,
     Candidate,
     EntityTagger,
     Span,
     candidates,
-    entity_pattern,
+    entity_span,
+    find_leaks,
     is_usable,
-    mask_entity,
+    mask_forms,
     shift_spans,
+    variant_forms,
 )
 from memtrain.log import logger, progress_bar
 from memtrain.prompts import MASK_TOKEN, PROXY_QUESTION
@@ -65,11 +68,13 @@ PROXY_SCHEMA = pa.schema(
         ("num_tokens", pa.int32()),
         ("entity_spans", pa.list_(SPAN_TYPE)),
         ("num_masked", pa.int32()),
+        ("num_variants_masked", pa.int32()),
         ("pivot_position", pa.int32()),
         ("num_related", pa.int32()),
         ("passage_ids", pa.list_(pa.int64())),
     ]
 )
+_WORD = re.compile(r"\w+")
 _BLOCK = 64  # pivots planned together, so NER and retrieval run in batches
 _RELATED_MARGIN = 8  # extra hits asked for, to make up for the pivot itself and duplicate passages
 _MIN_TRIES_BEFORE_GIVING_UP = 100
@@ -97,6 +102,12 @@ class ProxyConfig(BaseModel):
     entity_labels: list[str] | None = None
     max_entity_occurrences: int = Field(5, gt=1)
     max_entity_words: int = Field(8, gt=1)
+    max_masks: int = Field(
+        DEFAULT_MAX_MASKS,
+        gt=0,
+        description="most [MASK] replacements (variants included) per document; an entity needing more is "
+        "not used, so the task stays long-range recall instead of local fill-in-the-blank",
+    )
     text_field: str | None = None
     title_field: str | None = None
     max_passage_chars: int = Field(1500, gt=0)
@@ -280,6 +291,9 @@ class ProxyBuilder:
         self.skipped: Counter[str] = Counter()
         self.labels: Counter[str] = Counter()
         self.tokens: list[int] = []
+        self.masks: list[int] = []  # [MASK] replacements per finished document
+        self.variants_masked: list[int] = []  # ... of them variants (surname, punctuation, contained spans)
+        self.leaked_docs = 0
         self.epochs = 1
         self.retrieval_seconds = 0.0
 
@@ -383,32 +397,38 @@ class ProxyBuilder:
     # -------------------------------------------------------------------------------------------- documents
 
     def _assemble(
-        self, rows: list[int], texts: list[str], ents: dict[int, list[Span]], answer: str
-    ) -> tuple[str, list[dict[str, Any]], int] | None:
-        """Masked document + entity spans in it; None when the answer would still match (e.g. in a header)."""
-        pattern = entity_pattern(answer)
-        parts: list[str] = []
+        self, rows: list[int], texts: list[str], ents: dict[int, list[Span]], cand: Candidate
+    ) -> tuple[str, list[dict[str, Any]], int, list[str], int] | str:
+        """The masked document, the entity spans in it and the numbers of masks and of masked variants; or
+        why ``cand`` cannot be the answer: it needs more than ``max_masks`` masks, or a variant survives
+        (e.g. in a ``Document i:`` header). The cheap checks come first: most candidates fail one."""
+        answer = cand.text
+        others = {texts[i][s:e] for i, row in enumerate(rows) for s, e, _ in ents[row]}
+        variants = variant_forms(answer, cand.label, others)
+        masked = [mask_forms(text, answer, MASK_TOKEN, variants) for text in texts]
+        if sum(m.count for m in masked) > self.cfg.max_masks:
+            return "too_many_masks"
+        headers = [f"{chr(10) * 2 if i > 1 else ''}Document {i}:\n" for i in range(1, len(rows) + 1)]
+        doc = "".join(h + m.text for h, m in zip(headers, masked, strict=True))
+        if find_leaks(doc, answer, variants):
+            return "variant_survives"
+        # a span can only hold a form of the answer if it holds the form's first word
+        first_words = {w.casefold() for form in (answer, *variants) for w in _WORD.findall(form)[:1]}
         spans: list[dict[str, Any]] = []
         pos = 0
-        masked_total = 0
-        for i, (row, text) in enumerate(zip(rows, texts, strict=True), 1):
-            header = f"{chr(10) * 2 if i > 1 else ''}Document {i}:\n"
-            parts.append(header)
+        for row, header, m in zip(rows, headers, masked, strict=True):
             pos += len(header)
-            masked, replaced = mask_entity(text, answer, MASK_TOKEN)
-            masked_total += len(replaced)
-            for s, e, label in shift_spans(ents[row], replaced, len(MASK_TOKEN)):
-                ent = masked[s:e]
-                if is_usable(
-                    ent, label, self.cfg.max_entity_words, self.cfg.entity_labels
-                ) and not pattern.search(ent):
-                    spans.append({"start": s + pos, "end": e + pos, "label": label})
-            parts.append(masked)
-            pos += len(masked)
-        doc = "".join(parts)
-        if pattern.search(doc):
-            return None
-        return doc, spans, masked_total
+            for span in shift_spans(ents[row], m.replaced, len(MASK_TOKEN)):
+                s, e, label = entity_span(m.text, span)
+                ent = m.text[s:e]
+                if not is_usable(ent, label, self.cfg.max_entity_words, self.cfg.entity_labels):
+                    continue
+                folded = ent.casefold()
+                if any(w in folded for w in first_words) and find_leaks(ent, answer, variants):
+                    continue
+                spans.append({"start": s + pos, "end": e + pos, "label": label})
+            pos += len(m.text)
+        return doc, spans, sum(m.count for m in masked), variants, sum(m.variants for m in masked)
 
     def _arrange(self, d: _Draw, rng: np.random.Generator) -> tuple[list[int], list[Candidate]]:
         """Shuffled passage order and the order in which the pivot's candidates are tried."""
@@ -418,14 +438,15 @@ class ProxyBuilder:
 
     def _build(
         self, order: list[int], cand_order: list[Candidate]
-    ) -> tuple[Candidate, tuple[str, list[dict[str, Any]], int]] | None:
-        """The first candidate whose masked document passes the masking check, with that document."""
+    ) -> tuple[Candidate, tuple[str, list[dict[str, Any]], int, list[str], int]] | None:
+        """The first candidate whose masked document passes the masking checks, with that document."""
         ents = self.tagger(order)
         texts = self.store.texts(order)
         for cand in cand_order:
-            built = self._assemble(order, texts, ents, cand.text)
-            if built is not None:
+            built = self._assemble(order, texts, ents, cand)
+            if not isinstance(built, str):
                 return cand, built
+            self.counts[f"candidates_rejected_{built}"] += 1
         return None
 
     def _document(self, d: _Draw, status: str | None) -> dict[str, Any] | str:
@@ -448,7 +469,7 @@ class ProxyBuilder:
                 found = self._build(order, cand_order)
                 if found is None:
                     return "no_entity_passes_masking_check"
-                cand, (doc, spans, masked) = found
+                cand, (doc, spans, masked, variants, variants_masked) = found
                 ntok = self.counter.text(doc)
                 if ntok <= self.cfg.max_tokens or len(order) == 1:
                     break
@@ -462,6 +483,11 @@ class ProxyBuilder:
             if ntok < self.cfg.min_tokens:
                 status = "short"
                 continue
+            # the dataset's leak rate: every finished document is checked once more, as it will be stored
+            self.leaked_docs += bool(find_leaks(doc, cand.text, variants))
+            self.masks.append(masked)
+            self.variants_masked.append(variants_masked)
+            self.counts["answers_determiner_stripped"] += bool(cand.determiner)
             return {
                 "context": doc,
                 "question": PROXY_QUESTION,
@@ -472,6 +498,7 @@ class ProxyBuilder:
                 "num_tokens": ntok,
                 "entity_spans": spans,
                 "num_masked": masked,
+                "num_variants_masked": variants_masked,
                 "pivot_position": order.index(d.row) + 1,
                 "num_related": len(related),
                 "passage_ids": order,
@@ -523,7 +550,24 @@ class ProxyBuilder:
                 "mean": round(float(toks.mean()), 1),
                 "max": int(toks.max()),
             },
+            "masking": {
+                "max_masks": self.cfg.max_masks,
+                "masks_per_doc": distribution(self.masks),
+                "variants_masked_per_doc": distribution(self.variants_masked),
+                "docs_with_variants_masked": sum(v > 0 for v in self.variants_masked),
+                "answers_determiner_stripped": self.counts["answers_determiner_stripped"],
+                "leaked_docs": self.leaked_docs,
+                "leak_rate": self.leaked_docs / max(len(self.masks), 1),
+            },
         }
+
+
+def distribution(values: list[int]) -> dict[str, Any]:
+    """min / mean / max and a value -> count histogram of small integers (JSON keys are strings)."""
+    if not values:
+        return {"min": 0, "mean": 0.0, "max": 0, "histogram": {}}
+    return {"min": min(values), "mean": round(sum(values) / len(values), 2), "max": max(values),
+            "histogram": {str(k): v for k, v in sorted(Counter(values).items())}}
 
 
 def _versions() -> dict[str, str]:

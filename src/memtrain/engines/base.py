@@ -3,6 +3,12 @@
 Training, evaluation and ``memtrain answer`` only ever call ``Engine.generate``: a batch of requests in,
 ``n`` completions per request out, each with the sampled token ids, their text and the per-token
 log-probabilities the sampler used (the trainer's importance ratio depends on those being exact).
+
+``Completion.logprobs`` are log-probs under the SAMPLING distribution: log_softmax(logits / temperature),
+restricted to the top-p nucleus and renormalised when top_p < 1 (vLLM's ``--logprobs-mode
+processed_logprobs``). Greedy requests (temperature 0) report log_softmax of the raw logits instead (the
+point mass would give 0 everywhere). The trainer recomputes softmax(logits / rl.temperature) and refuses
+rl.top_p < 1, so at any training temperature the two agree.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ class GenerationRequest:
 class Completion:
     token_ids: list[int]
     text: str
-    logprobs: list[float]  # log p(token_ids[i] | prompt, token_ids[:i]), raw logits: no temperature/top-p
+    # log p(token_ids[i] | prompt, token_ids[:i]) under the sampling distribution (see the module docstring)
+    logprobs: list[float]
     finish_reason: Literal["stop", "length"]
 
 

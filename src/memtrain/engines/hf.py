@@ -2,9 +2,11 @@
 
 Semantics (chosen to match vLLM and verl, so that the two engines are interchangeable):
 
-* **Log-probs** are ``log_softmax`` (in float32) of the model's *raw* logits, gathered at the sampled token:
-  no temperature, no top-p. That is exactly what the trainer recomputes for the importance ratio, whatever
-  sampling temperature produced the token.
+* **Log-probs** (float32) are those of the sampled token under the distribution it was drawn from:
+  ``log_softmax(logits / T)``, and with ``top_p < 1`` the nucleus renormalised (vLLM's
+  ``--logprobs-mode processed_logprobs``). The trainer recomputes ``log_softmax(logits / rl.temperature)``
+  (as verl and TRL divide by the rollout temperature) and refuses ``rl.top_p < 1``, so the two agree at
+  any training temperature. Greedy rows (T = 0) report ``log_softmax`` of the raw logits.
 * **EOS**: a row stops at the tokenizer's EOS id or any id in ``model.generation_config.eos_token_id``
   (e.g. ``<|im_end|>`` and ``<|endoftext|>``). The EOS token is part of what the policy sampled, so it is kept
   in ``token_ids`` and ``logprobs`` (the trainer must learn when to stop); ``text`` excludes it.
@@ -26,10 +28,18 @@ Prefill runs in groups of at most ``prefill_tokens`` padded tokens whose caches 
 big batched prefill is slower than several small ones (SmolLM2, 16 prompts of 500-900 tokens, 2 cores:
 19.6 s in one forward, 12.5 s in pairs), while decoding gains from the big batch. Models whose cache is
 not plain per-layer key/value tensors (sliding-window layers, ...) are prefilled in one forward.
+
+Precision: generation runs under the model's compute dtype (``model.compute_dtype``,
+``memtrain.precision.autocast_for``), the same autocast the trainer's forward uses, from the same float32
+weights: no second model. Autocast casts each trainable weight to bf16 once per ``generate`` call and caches
+it for the call (a transient half-size copy, freed afterwards; decoding reads it instead of the fp32 weights).
+The KV cache is stored in the compute dtype (:class:`CastCacheLayer`): attention runs in bf16 under autocast
+anyway, so this halves the cache without changing a single number.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,6 +49,7 @@ import torch.nn.functional as F
 
 from memtrain.engines.base import Completion, GenerationRequest, SamplingParams
 from memtrain.engines.checks import validate_requests
+from memtrain.precision import autocast_dtype, autocast_for
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, sample index) over 64-bit seeds
 
@@ -74,25 +85,40 @@ def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor,
-                  generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row and return (tokens, log-probs of those tokens under the raw logits).
+def sampling_logprobs(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] float32 log-probs of the distribution each row samples from (-inf outside the nucleus).
 
-    Rows with temperature 0 take the argmax. Other rows sample from softmax(logits / T) restricted to the
-    top-p nucleus, by the exponential race argmax(p / E), E ~ Exp(1) (one noise draw per row and step, from
-    the row's own generator when it has one).
+    log_softmax(logits / T); where top_p < 1, only the smallest set of most likely tokens whose mass reaches
+    top_p is kept (the first token always), renormalised. Rows with T = 0 (greedy) get log_softmax(logits).
     """
     raw = logits.float()
-    logp = torch.log_softmax(raw, dim=-1)
-    tokens = raw.argmax(dim=-1)
+    temps = torch.where(temperatures > 0, temperatures, torch.ones_like(temperatures)).to(raw.dtype)
+    logp = torch.log_softmax(raw / temps[:, None], dim=-1)
+    nucleus = (temperatures > 0) & (top_ps < 1.0)
+    if bool(nucleus.any()):
+        sorted_lp, order = logp.sort(dim=-1, descending=True)
+        sorted_p = sorted_lp.exp()
+        outside = (sorted_p.cumsum(dim=-1) - sorted_p) > top_ps[:, None]  # mass BEFORE the token > top_p
+        outside &= nucleus[:, None]
+        sorted_lp = sorted_lp.masked_fill(outside, -torch.inf)
+        kept = torch.full_like(logp, -torch.inf).scatter_(1, order, sorted_lp)
+        logp = kept - torch.logsumexp(kept, dim=-1, keepdim=True)
+    return logp
+
+
+def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor,
+                  generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row and return (tokens, their log-probs under the sampling distribution).
+
+    Rows with temperature 0 take the argmax (log-prob under the raw logits). Other rows sample from
+    ``sampling_logprobs`` (softmax(logits / T) restricted to the top-p nucleus) by the exponential race
+    argmax(p / E), E ~ Exp(1) (one noise draw per row and step, from the row's own generator when it has one).
+    """
+    logp = sampling_logprobs(logits, temperatures, top_ps)
+    tokens = logits.argmax(dim=-1)
     sampled_rows = (temperatures > 0).nonzero().flatten()
     if sampled_rows.numel():
-        probs = torch.softmax(raw[sampled_rows] / temperatures[sampled_rows, None], dim=-1)
-        top_p = top_ps[sampled_rows]
-        if bool((top_p < 1.0).any()):
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            outside = (sorted_p.cumsum(dim=-1) - sorted_p) > top_p[:, None]  # the first token always stays
-            probs = torch.zeros_like(probs).scatter_(1, order, sorted_p.masked_fill(outside, 0.0))
+        probs = logp[sampled_rows].exp()
         noise = torch.empty_like(probs)
         unseeded = []
         for k, row in enumerate(sampled_rows.tolist()):
@@ -128,12 +154,52 @@ def prefill_groups(lengths: Sequence[int], budget: int | None) -> list[list[int]
     return groups
 
 
-def join_caches(caches: list[Any], widths: list[int]) -> Any | None:
-    """One cache holding the rows of ``caches`` (in order), each left-padded with zeros to the widest; the
-    first cache is reused. None when a layer is not a plain key/value ``DynamicLayer``."""
+@functools.cache
+def _cast_layer_class() -> type:
+    """:class:`CastCacheLayer`, built on first use (keeps transformers out of this module's import)."""
     from transformers.cache_utils import DynamicLayer
 
-    if not all(type(layer) is DynamicLayer for c in caches for layer in getattr(c, "layers", [None])):
+    class CastCacheLayer(DynamicLayer):
+        """A ``DynamicLayer`` that stores keys/values in ``dtype`` (the autocast compute dtype).
+
+        Under bf16 autocast the k/v projections come out bf16 but RoPE (cos/sin in the fp32 residual's dtype)
+        promotes them back to fp32; attention casts them to bf16 again, so storing them in bf16 is exact.
+        """
+
+        def __init__(self, dtype: torch.dtype) -> None:
+            super().__init__()
+            self.dtype = dtype
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return super().update(key_states.to(self.dtype), value_states.to(self.dtype), *args, **kwargs)
+
+    return CastCacheLayer
+
+
+def new_cache(model: Any, dtype: torch.dtype | None) -> Any | None:
+    """An empty ``DynamicCache`` for ``model`` whose plain key/value layers store ``dtype``; None for
+    ``dtype`` None (let the model build its own) or a model whose config cannot describe its cache."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if dtype is None or getattr(model, "config", None) is None:
+        return None
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # a config transformers cannot map to layer types: use the model's default cache
+        return None
+    layer_cls = _cast_layer_class()
+    cache.layers = [layer_cls(dtype) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def join_caches(caches: list[Any], widths: list[int]) -> Any | None:
+    """One cache holding the rows of ``caches`` (in order), each left-padded with zeros to the widest; the
+    first cache is reused. None when a layer is not a plain key/value ``DynamicLayer`` (or ours)."""
+    from transformers.cache_utils import DynamicLayer
+
+    plain = (DynamicLayer, _cast_layer_class())
+    if not all(type(layer) in plain for c in caches for layer in getattr(c, "layers", [None])):
         return None
     width = max(widths)
     joined = caches[0]
@@ -183,7 +249,8 @@ class HFEngine:
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
-            with torch.no_grad():
+            # one autocast region for the whole call: each weight is cast to the compute dtype once
+            with torch.no_grad(), autocast_for(self.model):
                 for start in range(0, len(order), self.batch_size):
                     self._run_chunk(order[start:start + self.batch_size])
         finally:
@@ -266,8 +333,12 @@ class HFEngine:
         """One left-padded forward over ``prompts``: the last position's logits, the KV cache, the mask."""
         input_ids, mask = self._left_padded(prompts)
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {}
+        cache = new_cache(self.model, autocast_dtype(self.model))
+        if cache is not None:
+            kwargs["past_key_values"] = cache
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1)
+                         logits_to_keep=1, **kwargs)
         return out.logits[:, -1, :], out.past_key_values, mask
 
     def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any, torch.Tensor]:

@@ -16,8 +16,17 @@ ignore them, as vLLM and SGLang do with unknown fields, else turn ``vllm_extras`
 
 vLLM semantics that match :mod:`memtrain.engines.hf`: the EOS token that ended a completion is part of the
 generated ids (and has a log-prob) but not of the text; a stop string is cut from the text (vLLM default
-``include_stop_str_in_output=false``) while the ids keep every sampled token; with vLLM's default
-``--logprobs-mode raw_logprobs`` the log-probs are those of the raw logits, before temperature and top-p.
+``include_stop_str_in_output=false``) while the ids keep every sampled token.
+
+Log-probs: ``Completion.logprobs`` should be those of the sampling distribution (``memtrain.engines.base``).
+Which ones the server returns is a SERVER setting, not a request field: vLLM's engine argument
+``--logprobs-mode`` defaults to ``raw_logprobs`` (log_softmax of the raw logits, before temperature and
+top-p), which is the sampling distribution only at temperature 1 and top_p 1; start the server with
+``--logprobs-mode processed_logprobs`` (after temperature, penalties and top-k/top-p) to get it at any
+setting. We pass the values through unchanged and cannot tell the two apart. memtrain's own trainer does
+not train from this engine; a consumer that does must recompute them (the trainer's ``rl.old_logprobs=auto``
+compares the sampler's with its recomputed log-probs and falls back to the recomputed ones, with a
+warning, when they differ by more than ``rl.old_logprob_tol``).
 
 When a server returns no token ids at all, the text is re-tokenized with the tokenizer (an EOS id is
 appended when the server says it stopped at EOS); those ids may differ from what the server sampled, so

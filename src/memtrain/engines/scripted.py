@@ -38,6 +38,29 @@ def table_responder(table: Mapping[str, str], default: str | None = None) -> Res
     return respond
 
 
+KindReply = str | Callable[[dict[str, str], int], str]
+
+
+def kind_responder(replies: Mapping[str, KindReply], templates: Mapping[str, str] | None = None,
+                   default: str | None = None) -> Responder:
+    """Reply by prompt kind (``memory``, ``final``, ``imr``, ``search``, ...), recognised through the
+    templates (:func:`memtrain.prompts.parse`, config ``templates`` overrides honoured), not their wording. A
+    callable reply gets the prompt's fields (``problem``, ``memory``, ``chunk``) and the sample index."""
+    from memtrain.prompts import parse
+
+    def respond(prompt: str, sample: int) -> str:
+        for kind, reply in replies.items():
+            fields = parse(kind, prompt, templates)
+            if fields is not None:
+                return reply(fields, sample) if callable(reply) else reply
+        if default is None:
+            raise KeyError(f"scripted engine: the prompt ending {prompt[-200:]!r} is none of the kinds "
+                           f"{', '.join(replies)}")
+        return default
+
+    return respond
+
+
 class ScriptedEngine:
     """An :class:`~memtrain.engines.base.Engine` replying ``respond(prompt_text, sample_index)``.
 

@@ -2,11 +2,21 @@
 
 Two modes over the same built sets (``memtrain data longqa``):
 
-* ``memory`` - the memory agent reads the document chunk by chunk with exactly the prompts and budgets of
-  training (``config.agent``), greedy by default;
+* ``memory`` - the memory agent reads the document chunk by chunk with the prompts and chunk / memory /
+  answer budgets of training (``config.agent``), but reads EVERY chunk: ``agent.max_chunks`` is a training
+  budget (documents up to ~40k tokens) and would drop the middle - where the gold paragraphs usually are -
+  of every document above ~300 paragraphs. Truncation happens only when asked (``max_chunks``), and the
+  summary, the table and the log then say so;
 * ``full-context`` - the baseline rows of the paper's Table 1: the whole document in ONE prompt
   (``full_context`` template). A document that does not fit the model's context (prompt + answer budget) is
   recorded as "too long" and never truncated silently.
+
+Decoding follows MemAgent's RULER-HotpotQA evaluation (``taskutils/memory_eval/ruler_hqa.py`` and
+``utils/recurrent.py`` in BytedTsinghua-SIA/MemAgent): one sample per question at temperature 0.7, top-p
+0.95, the whole document read (``run.py`` sets no context limit for the memory agent). We add a fixed
+default seed so a run is reproducible; ``temperature=0`` is greedy. Everything that defines the numbers
+(decoding, seed, budgets, chunk limit) is the summary's ``protocol``, shown in ``results.md`` and part of
+the resume check, so a resumed run never mixes protocols.
 
 Results go to a run directory (see ``memtrain.eval.report``): every example is appended to
 ``examples.jsonl`` as soon as its batch finishes, so an interrupted run resumes where it stopped.
@@ -19,9 +29,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
+from memtrain.agent.chunking import Truncation
 from memtrain.agent.loop import MemoryAgent
-from memtrain.config import Config
-from memtrain.data.dataset import load_rows
+from memtrain.config import AgentConfig, Config
+from memtrain.data.dataset import load_rows, require_columns
 from memtrain.data.longqa import eval_sets
 from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
 from memtrain.eval.report import EXAMPLES, check_resume, done_keys, summarize, write_report
@@ -31,7 +42,41 @@ from memtrain.prompts import render
 from memtrain.scoring import extract_answer, score
 
 Mode = Literal["memory", "full-context"]
+COLUMNS = ("id", "context", "question", "answers")  # what each row must have
 EXTRA_KEYS = ("num_doc_tokens", "truncated")  # mean tokens; share of documents cut to max_chunks
+# MemAgent's RULER-HotpotQA decoding (ruler_hqa.py: temperature=0.7, top_p=0.95, --sampling 1); the seed is
+# ours (MemAgent sets none) so that a sampled evaluation can be repeated exactly.
+TEMPERATURE = 0.7
+TOP_P = 0.95
+SEED = 0
+SAMPLES = 1
+
+
+def eval_agent_config(agent: AgentConfig, max_chunks: int | None = None,
+                      truncation: Truncation | None = None) -> AgentConfig:
+    """The agent evaluation runs: ``agent``'s budgets and prompts, every chunk read unless ``max_chunks``.
+
+    ``agent.max_chunks`` / ``agent.truncation`` are training budgets and are not applied here: cutting an
+    evaluation document must be asked for explicitly (``--max-chunks``, then ``--truncation``).
+    """
+    if max_chunks is not None and max_chunks < 1:
+        raise ValueError(f"--max-chunks {max_chunks}: expected a positive number of chunks (leave it out to "
+                         "read every chunk)")
+    if max_chunks is None and truncation is not None:
+        raise ValueError(f"--truncation {truncation}: only applies with --max-chunks N (without it every "
+                         "chunk is read)")
+    return AgentConfig.model_validate({**agent.model_dump(), "max_chunks": max_chunks,
+                                       "truncation": truncation or agent.truncation})
+
+
+def truncation_warning(max_chunks: int, truncation: str, cut: int, total: int) -> str:
+    """The line every report of a truncated evaluation carries."""
+    if cut == 0:
+        return (f"--max-chunks {max_chunks} ({truncation}) asked for truncation, but no document needed more "
+                f"than {max_chunks} chunks (0/{total} cut): every chunk was read")
+    return (f"TRUNCATED EVALUATION: --max-chunks {max_chunks} ({truncation}) cut {cut}/{total} documents, "
+            "whose unread parts may hold the gold paragraphs; MemAgent's protocol reads every chunk, so "
+            "these scores are not comparable to the paper's Table 1")
 
 
 def load_engine(cfg: Config, engine: Engine | None = None, tokenizer: Any = None) -> tuple[Engine, Any]:
@@ -48,7 +93,8 @@ def load_engine(cfg: Config, engine: Engine | None = None, tokenizer: Any = None
             from memtrain.models import load_policy
 
             device = None if cfg.model.device == "auto" else cfg.model.device
-            model = load_policy(cfg.model.name, cfg.model.dtype, device)
+            model = load_policy(cfg.model.name, cfg.model.dtype, device,
+                                inference_compute_dtype=cfg.model.compute_dtype)
             model.eval()
         engine = make_engine(cfg.engine, cfg.model.name, model=model, tokenizer=tokenizer)
     return engine, tokenizer
@@ -127,35 +173,62 @@ def _full_context_records(engine: Engine, tokenizer: Any, cfg: Config, rows: lis
 
 
 def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode: Mode = "memory",
-                    limit: int | None = None, batch_size: int = 16, temperature: float = 0.0,
-                    seed: int | None = None, max_context: int | None = None, engine: Engine | None = None,
-                    tokenizer: Any = None) -> dict[str, Any]:
-    """Evaluate ``cfg.model`` on every size of the set in ``data_dir``; returns the summary it writes."""
+                    limit: int | None = None, batch_size: int = 16, temperature: float = TEMPERATURE,
+                    top_p: float = TOP_P, seed: int | None = SEED, max_chunks: int | None = None,
+                    truncation: Truncation | None = None, max_context: int | None = None,
+                    engine: Engine | None = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` on every size of the set in ``data_dir``; returns the summary it writes.
+
+    Memory mode reads every chunk unless ``max_chunks`` is given (see :func:`eval_agent_config`).
+    """
     if mode not in ("memory", "full-context"):
         raise ValueError(f"--mode {mode!r}: expected 'memory' or 'full-context'")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit {limit}: expected a positive number of questions per size")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
+    if temperature < 0:
+        raise ValueError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p {top_p}: expected a value in (0, 1]")
+    if mode != "memory" and (max_chunks is not None or truncation is not None):
+        raise ValueError(f"--max-chunks / --truncation: apply to --mode memory only, not {mode}")
     out = Path(out_dir)
+    for _, d in eval_sets(data_dir):  # a set built for another task fails here, before any model loads
+        require_columns(d, COLUMNS, "longqa")
     sets = [(n, load_rows(d)[:limit]) for n, d in eval_sets(data_dir)]
-    meta: dict[str, Any] = {"task": "longqa", "model": cfg.model.name, "data": str(Path(data_dir).resolve()),
-                            "mode": mode, "limit": limit, "temperature": temperature, "seed": seed,
-                            "engine": cfg.engine.kind, "templates": dict(cfg.agent.templates)}
-    if mode == "memory":
-        a = cfg.agent
-        meta["agent"] = {"chunk_tokens": a.chunk_tokens, "memory_tokens": a.memory_tokens,
+    from memtrain.precision import compute_dtype_name  # torch: only when evaluating
+
+    protocol: dict[str, Any] = {"decoding": "greedy" if temperature == 0 else "sampled",
+                                "temperature": temperature, "top_p": top_p, "seed": seed, "samples": SAMPLES,
+                                "compute_dtype": compute_dtype_name(cfg.model.compute_dtype,
+                                                                    cfg.model.device)}
+    agent_cfg = eval_agent_config(cfg.agent, max_chunks, truncation) if mode == "memory" else None
+    if agent_cfg is not None:
+        a = agent_cfg
+        every = a.max_chunks is None
+        protocol.update({"chunk_tokens": a.chunk_tokens, "memory_tokens": a.memory_tokens,
                          "answer_tokens": a.answer_tokens, "max_chunks": a.max_chunks,
-                         "truncation": a.truncation}
+                         "truncation": None if every else a.truncation,
+                         "reads": "every chunk" if every else f"at most {a.max_chunks} chunks"})
     else:
-        meta["answer_tokens"] = cfg.agent.answer_tokens
+        protocol["answer_tokens"] = cfg.agent.answer_tokens
+    meta: dict[str, Any] = {"task": "longqa", "model": cfg.model.name, "data": str(Path(data_dir).resolve()),
+                            "mode": mode, "limit": limit, "engine": cfg.engine.kind,
+                            "templates": dict(cfg.agent.templates), "protocol": protocol}
     check_resume(out, meta)
+    if agent_cfg is not None and agent_cfg.max_chunks is not None:
+        logger.warning("longqa eval: --max-chunks %d: longer documents are truncated (%s); MemAgent's "
+                       "protocol reads every chunk", agent_cfg.max_chunks, agent_cfg.truncation)
+    elif agent_cfg is not None:
+        logger.info("longqa eval: reading every chunk (agent.max_chunks=%s of the config is a training "
+                    "budget; --max-chunks N truncates)", cfg.agent.max_chunks)
     done = done_keys(out)
     todo = [(n, [r for r in rows if f"{n}/{r['id']}" not in done]) for n, rows in sets]
     if any(rows for _, rows in todo):
         engine, tokenizer = load_engine(cfg, engine, tokenizer)
-        params = SamplingParams(temperature=temperature, seed=seed)
-        agent = MemoryAgent(engine, tokenizer, cfg.agent)
+        params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+        agent = MemoryAgent(engine, tokenizer, agent_cfg or cfg.agent)
         context = 0
         if mode == "full-context":
             context = max_context or model_context_length(cfg.model.name, tokenizer)
@@ -173,5 +246,10 @@ def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode
     keys = {f"{n}/{r['id']}" for n, rows in sets for r in rows}
     records = [r for r in read_jsonl(out / EXAMPLES) if r["key"] in keys]
     summary = summarize(records, "longqa", [str(n) for n, _ in sets], meta, EXTRA_KEYS)
+    if agent_cfg is not None and agent_cfg.max_chunks is not None:
+        cut = sum(bool(r.get("truncated")) for r in records)
+        summary["warnings"] = [truncation_warning(agent_cfg.max_chunks, agent_cfg.truncation, cut,
+                                                  len(records))]
+        logger.warning("longqa eval: %s", summary["warnings"][0])
     write_report(out, summary, EXTRA_KEYS)
     return summary

@@ -5,7 +5,8 @@ Every evaluation writes into one run directory::
     eval.json        what was evaluated (task, model, data, mode, budgets); a resume must match it
     examples.jsonl   one record per (group, example), appended as results come in
     summary.json     per-group means of every metric (``memtrain.scoring.METRICS``), counts, the average
-    results.md       the same as a Markdown table (metrics in %, like the paper's tables)
+    results.md       the same as a Markdown table (metrics in %, like the paper's tables), under the
+                     summary's ``warnings`` (e.g. a truncated longqa evaluation) and ``protocol``
     accuracy.png     longqa: accuracy vs. document length; searchqa: accuracy per data set
 
 Groups are the document sizes (longqa, labelled by number of paragraphs) or the data sets (searchqa). A
@@ -49,15 +50,27 @@ def done_keys(out_dir: Path) -> set[str]:
     return {r["key"] for r in read_jsonl(path)}
 
 
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: old then, new now`` for every differing key; nested dicts (e.g. ``protocol``) by dotted key."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} then, {b!r} now")
+    return out
+
+
 def check_resume(out_dir: Path, meta: Mapping[str, Any]) -> None:
     """Start a run directory, or continue one that evaluated exactly the same thing (else a clear error)."""
     out_dir = Path(out_dir)
     path = out_dir / EVAL_META
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        diff = _differences(old, meta)
         if diff:
-            shown = "; ".join(f"{k}: {old.get(k)!r} then, {meta.get(k)!r} now" for k in diff)
+            shown = "; ".join(diff)
             raise ValueError(f"{out_dir} holds an evaluation of something else ({shown}); use another --out "
                              "or delete it")
         return
@@ -116,10 +129,14 @@ def markdown_table(summary: Mapping[str, Any], extra_keys: Sequence[str] = ()) -
     task = summary["task"]
     head = [group_label(task), "n", *METRICS, *extra_keys]
     mode = f" ({summary['mode']})" if summary.get("mode") else ""
-    lines = [f"# {task}: {summary.get('model', '?')}{mode}", "",
-             f"Metrics in %; `{summary['reward_metric']}` is the training reward, "
-             f"`{summary['main_metric']}` the paper's headline metric.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"# {task}: {summary.get('model', '?')}{mode}", ""]
+    lines += [x for w in summary.get("warnings", ()) for x in (f"> **WARNING: {w}**", "")]
+    if summary.get("protocol"):  # what defines the numbers (decoding, seed, budgets, chunks read)
+        lines += ["Protocol: " + ", ".join(f"{k} `{'none' if v is None else v}`"
+                                           for k, v in summary["protocol"].items()), ""]
+    lines += [f"Metrics in %; `{summary['reward_metric']}` is the training reward, "
+              f"`{summary['main_metric']}` the paper's headline metric.", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in summary["order"]:
         row = summary["groups"][g]
         if row["metrics"] is None:
@@ -233,4 +250,6 @@ def compare_table(summaries: Sequence[Mapping[str, Any]], labels: Sequence[str],
         partial = len(s["average_over"]) < len(groups)
         cells.append(_pct(avg) + ("*" if partial and avg is not None else ""))
         lines.append("| " + " | ".join([label, *cells]) + " |")
+    lines += [f"\n**WARNING ({label})**: {w}" for s, label in zip(summaries, labels, strict=True)
+              for w in s.get("warnings", ())]
     return "\n".join(lines) + "\n"

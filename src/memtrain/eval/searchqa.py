@@ -14,7 +14,7 @@ from typing import Any
 
 from memtrain.agent.search import SearchAgent, SearchAgentConfig, SearchEpisode
 from memtrain.config import Config
-from memtrain.data.dataset import load_rows
+from memtrain.data.dataset import load_rows, require_columns
 from memtrain.data.searchqa import eval_sets
 from memtrain.engines.base import Engine, SamplingParams
 from memtrain.eval.longqa import load_engine
@@ -59,6 +59,7 @@ def run_searchqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, re
                          "corpus JSONL), or set search.retriever in the config")
     groups: dict[str, list[dict[str, Any]]] = {}
     for _, d in eval_sets(data_dir):
+        require_columns(d, ("id", "question", "answers"), "searchqa")
         for row in load_rows(d):
             groups.setdefault(str(row.get("dataset") or Path(d).name), []).append(row)
     groups = {name: rows[:limit] for name, rows in groups.items()}

@@ -7,14 +7,15 @@ code (forward passes, micro-batches, optimizer) lives in ``memtrain.rl.update``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-LossAgg = Literal["seq_mean_token_mean", "token_mean"]
-LOSS_AGG_MODES: tuple[str, ...] = ("seq_mean_token_mean", "token_mean")
+LossAgg = Literal["seq_mean_token_mean", "token_mean", "session_mean"]
+LOSS_AGG_MODES: tuple[str, ...] = ("seq_mean_token_mean", "token_mean", "session_mean")
 
 
 def _as_float_tensor(x: Tensor | Sequence[float] | Sequence[Sequence[float]], name: str) -> Tensor:
@@ -161,25 +162,88 @@ def clipped_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask
     return per_token, stats
 
 
-def aggregate(per_token: Tensor, mask: Tensor, mode: LossAgg = "seq_mean_token_mean",
-              num_seqs_total: int | None = None, num_tokens_total: int | None = None) -> Tensor:
-    """Reduce a per-token loss [B, T] to a scalar.
+def truncated_is_weights(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor,
+                         cap: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Token-level truncated importance weights min(pi_train / pi_sampler, cap) for the train/inference gap.
 
-    - ``seq_mean_token_mean`` (paper Eq. 4): mean over each sequence's tokens, then sum / num_seqs_total.
-      Every sequence (E2E step or IMR sample) weighs the same, however long.
+    The sampler (e.g. a bf16 engine) draws tokens from a slightly different distribution than the trainer
+    scores; weighting each token's policy-gradient term by the ratio makes the gradient that of the trainer's
+    own distribution again, and truncating at ``cap`` bounds the variance (TIS, as verl's token-level
+    ``rollout_is`` with ``rollout_is_threshold``). Weights are detached (a correction, not a path for the
+    gradient), 0 where masked. ``trainer_logp``/``sampler_logp``/``mask``: [B, T]. Stats over the mask:
+    weight_mean, raw_ratio_max (before truncation), trunc_frac (tokens at the cap), mismatch_kl (mean
+    sampler - trainer log-prob: the k1 estimate of KL(sampler || trainer) on sampled tokens).
+    """
+    if cap <= 0:
+        raise ValueError(f"cap: expected > 0, got {cap}")
+    if trainer_logp.shape != sampler_logp.shape or trainer_logp.shape != mask.shape:
+        raise ValueError(f"trainer_logp {tuple(trainer_logp.shape)}, sampler_logp "
+                         f"{tuple(sampler_logp.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    with torch.no_grad():
+        mask_f = mask.to(torch.float32)
+        log_ratio = (trainer_logp.detach().float() - sampler_logp.float()) * mask_f
+        raw = torch.exp(log_ratio.clamp(-20.0, 20.0))
+        weights = raw.clamp(max=cap) * mask_f
+        valid = mask.bool()
+        stats = {
+            "weight_mean": _masked_mean(weights, mask_f),
+            "raw_ratio_max": raw[valid].max() if valid.any() else torch.tensor(1.0),
+            "trunc_frac": _masked_mean((raw > cap).to(torch.float32), mask_f),
+            "mismatch_kl": _masked_mean(-log_ratio, mask_f),
+        }
+    return weights, stats
+
+
+def session_sizes(sessions: Sequence[Hashable | None]) -> list[int]:
+    """For each sequence, how many sequences (of this list) share its session; None is a session of its own.
+
+    A session is one rollout: an E2E trajectory (all its memory turns + the final turn), one IMR sample, one
+    search episode. ``session_mean`` gives each sequence the weight 1 / its session's size.
+    """
+    counts = Counter(s for s in sessions if s is not None)
+    return [1 if s is None else counts[s] for s in sessions]
+
+
+def num_sessions(sessions: Sequence[Hashable | None]) -> int:
+    """The number of distinct sessions in ``sessions`` (each None counts as one)."""
+    return len({s for s in sessions if s is not None}) + sum(1 for s in sessions if s is None)
+
+
+def aggregate(per_token: Tensor, mask: Tensor, mode: LossAgg = "seq_mean_token_mean",
+              num_seqs_total: int | None = None, num_tokens_total: int | None = None,
+              session_size: Tensor | Sequence[int] | None = None,
+              num_sessions_total: int | None = None) -> Tensor:
+    """Reduce a per-token loss [B, T] to a scalar. With L_i = the mean of sequence i's per-token loss:
+
+    - ``seq_mean_token_mean`` (paper Eq. 4): sum_i L_i / num_seqs_total. Every sequence (E2E step or IMR
+      sample) weighs the same, however long; so a trajectory with more chunks (more turns) weighs more.
     - ``token_mean`` (reference scripts): sum over all tokens / num_tokens_total. Long outputs weigh more.
+    - ``session_mean``: sum_i L_i / session_size_i / num_sessions_total, i.e. the mean over sessions of
+      the mean over each session's sequences. Every rollout (trajectory, IMR sample, search episode) weighs
+      the same, whatever its number of turns. ``session_size`` [B]: the number of sequences in row i's
+      session over the WHOLE batch (``session_sizes``); required for this mode.
 
     The totals default to this batch's own counts. Passing the WHOLE batch's totals while calling this on
     micro-batches makes the sum of the micro-batch losses equal the full-batch loss exactly, so gradient
     accumulation reproduces the full-batch gradient.
     """
     mask_f = mask.to(per_token.dtype)
-    if mode == "seq_mean_token_mean":
+    if mode in ("seq_mean_token_mean", "session_mean"):
         lengths = mask_f.sum(-1)
         if (lengths == 0).any():
             raise ValueError("aggregate: a sequence with no unmasked token cannot have a per-sequence mean")
-        n = per_token.shape[0] if num_seqs_total is None else num_seqs_total
-        return ((per_token * mask_f).sum(-1) / lengths).sum() / n
+        seq_loss = (per_token * mask_f).sum(-1) / lengths  # L_i
+        if mode == "seq_mean_token_mean":
+            n = per_token.shape[0] if num_seqs_total is None else num_seqs_total
+            return seq_loss.sum() / n
+        if session_size is None:
+            raise ValueError("aggregate: mode 'session_mean' needs session_size (sequences per session)")
+        size = torch.as_tensor(session_size, dtype=per_token.dtype, device=per_token.device)
+        if size.shape != seq_loss.shape or bool((size < 1).any()):
+            raise ValueError(f"aggregate: session_size must be [{seq_loss.shape[0]}] values >= 1, got "
+                             f"{size.tolist()}")
+        n_sessions = float((1.0 / size).sum()) if num_sessions_total is None else num_sessions_total
+        return (seq_loss / size).sum() / n_sessions
     if mode == "token_mean":
         n_tok = mask_f.sum() if num_tokens_total is None else num_tokens_total
         return (per_token * mask_f).sum() / n_tok

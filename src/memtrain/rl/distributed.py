@@ -7,7 +7,8 @@ and joins the process group (NCCL on GPUs, gloo on CPUs). Per step:
 1. every rank draws the same batch of rows (same seed, same data position) and keeps its contiguous share
    (:meth:`DistContext.shard`): whole rows, so a row's GRPO groups (its G1 trajectories, their IMR groups)
    never straddle ranks and each rank's advantages are exactly the single-process ones;
-2. the policy loss is normalised by the GLOBAL number of sequences / tokens (:meth:`DistContext.totals`), each
+2. the policy loss is normalised by the GLOBAL number of sequences / tokens / sessions
+   (:meth:`DistContext.totals`; a session = one rollout, never split over ranks since rows are whole), each
    rank back-propagates its micro-batches, and :meth:`DistContext.reduce_gradients` sums the gradients over
    ranks: the result is the gradient of the whole batch, as one process would compute it, and every rank
    then takes the same clipped optimizer step (a non-finite loss or gradient on any rank skips it everywhere);
@@ -40,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from memtrain.log import logger
+from memtrain.rl.core import num_sessions
 
 if TYPE_CHECKING:
     from memtrain.rl.trainer import Scored
@@ -50,12 +52,13 @@ T = TypeVar("T")
 # already normalised by the global totals, so their per-rank parts add up; means are re-weighted by tokens
 # or sequences; anything else (grad_norm, lr, skipped_*) is computed after the gradient reduction and equal
 # on every rank.
-SUM_STATS = frozenset({"loss", "pg_loss", "kl", "num_seqs", "num_tokens", "num_seqs_memory", "num_seqs_final",
-                       "num_seqs_imr", "num_micro_batches"})
-TOKEN_MEAN_STATS = frozenset({"entropy", "clip_frac", "approx_kl", "ratio_mean", "old_logprob_mean_diff"})
+SUM_STATS = frozenset({"loss", "pg_loss", "kl", "num_seqs", "num_tokens", "num_sessions", "num_seqs_memory",
+                       "num_seqs_final", "num_seqs_imr", "num_seqs_search", "num_micro_batches"})
+TOKEN_MEAN_STATS = frozenset({"entropy", "clip_frac", "approx_kl", "ratio_mean", "old_logprob_mean_diff",
+                              "mismatch_kl", "tis_frac", "tis_weight_mean", "tis_trunc_frac"})
 SEQ_MEAN_STATS = frozenset({"adv_mean", "adv_abs_mean", "old_logprob_sampler_frac"})
 MIN_STATS = frozenset({"ratio_min"})
-MAX_STATS = frozenset({"ratio_max", "old_logprob_max_diff"})
+MAX_STATS = frozenset({"ratio_max", "old_logprob_max_diff", "tis_ratio_max"})
 
 _BUCKET_ELEMENTS = 1 << 25  # gradients are summed in flat buckets of at most this many elements
 
@@ -160,14 +163,19 @@ class DistContext:
 
     # -- the update ----------------------------------------------------------------------------------------
 
-    def totals(self, seqs: Sequence[Any]) -> tuple[int, int]:
-        """(sequences, completion tokens) of the whole step, over all ranks: the loss normalisers."""
-        local = torch.tensor([len(seqs), sum(len(s.completion_ids) for s in seqs)], dtype=torch.int64,
-                             device=self.device)
+    def totals(self, seqs: Sequence[Any]) -> tuple[int, int, int]:
+        """(sequences, completion tokens, sessions) of the whole step, over all ranks: the loss normalisers.
+
+        A session (``TrainSequence.session``, one rollout; None = a session of its own) lives on one rank,
+        because whole rows are sharded, so the per-rank counts simply add up.
+        """
+        n_sessions = num_sessions([getattr(s, "session", None) for s in seqs])
+        local = torch.tensor([len(seqs), sum(len(s.completion_ids) for s in seqs), n_sessions],
+                             dtype=torch.int64, device=self.device)
         if self.enabled:
             dist.all_reduce(local, op=dist.ReduceOp.SUM)
-        n_seqs, n_tokens = local.cpu().tolist()
-        return int(n_seqs), int(n_tokens)
+        n_seqs, n_tokens, n_sessions = local.cpu().tolist()
+        return int(n_seqs), int(n_tokens), int(n_sessions)
 
     def reduce_gradients(self, params: Sequence[torch.nn.Parameter], finite: bool) -> bool:
         """Sum every parameter's gradient over ranks and return whether the loss was finite on every rank.

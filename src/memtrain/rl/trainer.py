@@ -53,7 +53,7 @@ from memtrain.rl.distributed import (
 from memtrain.rl.metrics import RunLogger
 from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler
 from memtrain.rl.tasks import Rollout, Task, check_rows, make_task
-from memtrain.rl.update import TrainSequence, policy_update
+from memtrain.rl.update import TrainSequence, check_trainable_sampling, policy_update
 
 CONFIG_FILE = "config.yaml"
 _RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", ckpt_io.CHECKPOINTS_DIR)
@@ -142,11 +142,13 @@ def score_groups(rollouts: list[Rollout], std_norm: bool, dynamic_filter: bool) 
 
 
 def training_sequences(scored: Scored) -> list[TrainSequence]:
-    """One sequence per turn of every kept rollout, each with its rollout's advantage."""
+    """One sequence per turn of every kept rollout, each with its rollout's advantage (broadcast) and the
+    rollout as its session (``rl.loss_agg=session_mean`` weighs every rollout the same)."""
     seqs = []
-    for r, adv, kept in zip(scored.rollouts, scored.advantages, scored.kept, strict=True):
+    for index, (r, adv, kept) in enumerate(zip(scored.rollouts, scored.advantages, scored.kept, strict=True)):
         if not kept:
             continue
+        session = f"{r.group}#{index}"  # unique within the step (and rank): rollouts are never merged
         for turn in r.turns:
             if turn.completion_ids:
                 seqs.append(
@@ -157,6 +159,7 @@ def training_sequences(scored: Scored) -> list[TrainSequence]:
                         old_logprobs=list(turn.logprobs),
                         kind=turn.kind,
                         group=r.group,
+                        session=session,
                     )
                 )
     return seqs
@@ -208,9 +211,12 @@ def build_policy(config: Config, device: str, resume_from: Path | None) -> tuple
 
     Reference: None with LoRA (the base model with adapters disabled) or without KL; otherwise a frozen copy
     of the INITIAL weights (``model.name``), also when resuming. Trainable weights are float32 whatever
-    ``model.dtype`` says for ``auto`` (AdamW steps of lr 1e-6 vanish in bf16; GPUs autocast to bf16).
+    ``model.dtype`` says for ``auto`` (AdamW steps of lr 1e-6 vanish in bf16); ``model.compute_dtype`` is
+    attached to the policy and the reference alike, so training, the KL reference and the HF engine all
+    autocast to it (``memtrain.precision``).
     """
     from memtrain.models import load_policy
+    from memtrain.precision import resolve_compute_dtype, set_compute_dtype
 
     dtype = "float32" if config.model.dtype == "auto" else config.model.dtype
     lora = config.model.lora
@@ -229,6 +235,12 @@ def build_policy(config: Config, device: str, resume_from: Path | None) -> tuple
         model = apply_lora(model, lora)
         if resume_from is not None:
             ckpt_io.load_adapter_weights(model, resume_from)
+    compute = resolve_compute_dtype(config.model.compute_dtype, device)
+    for m in (model, ref):
+        if m is not None:
+            set_compute_dtype(m, compute)
+    logger.info("compute dtype %s (model.compute_dtype=%s on %s); weights %s", str(compute).split(".")[-1],
+                config.model.compute_dtype, device, str(next(model.parameters()).dtype).split(".")[-1])
     model.train()
     return model, ref
 
@@ -262,7 +274,9 @@ def prepare_run_dir(out_dir: Path, config: Config, resume: bool) -> Path | None:
                 "on resume; start a new run (another --out) for a different config"
             )
         ckpt_io.remove_partial_checkpoints(out_dir)
-        checkpoint = ckpt_io.latest_checkpoint(out_dir)
+        # newest complete step_* dir, even when `latest` was lost in a copy; refuses to restart over history
+        every = min(load_config(config_path).train.checkpoint_every, config.train.checkpoint_every)
+        checkpoint = ckpt_io.resume_checkpoint(out_dir, every)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, config_path)
     return checkpoint
@@ -391,6 +405,7 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
     cfg_t = config.train
     _check_engine(config)
     _check_parallel(config)
+    check_trainable_sampling(config.rl)  # rl.top_p < 1 cannot be trained on exactly
     if not config.data.path:
         raise ValueError(
             "data.path is empty: set it to a dataset directory built by `memtrain data ...` "

@@ -14,17 +14,23 @@ optimizer step:
 3. non-finite loss/gradient check (skip the step and zero the gradients), grad-norm clipping, optimizer
    and scheduler step.
 
-Log-probs are computed in float32 from the RAW logits (no temperature) of the completion positions only
-(``logits_to_keep``), with bf16 autocast when a float32 model sits on a GPU. Raw logits are the engines'
-convention (``Completion.logprobs``), so sampler and trainer log-probs are comparable at any rollout
-temperature; at the paper's temperature 1.0 this is also exactly the sampling distribution.
+Log-probs are computed in float32 under the SAMPLING distribution softmax(logits / rl.temperature) of the
+completion positions only (``logits_to_keep``), the matmuls under autocast to the model's compute dtype
+(``model.compute_dtype``, ``memtrain.precision``: bf16 over float32 master weights where the device has fast
+bf16, CPU or GPU): the policy, the old log-probs and the KL reference alike (as verl's actor and TRL's
+GRPOTrainer divide the logits by the rollout temperature, also for the reference). That is what the engines
+report (``Completion.logprobs``), so the importance ratio is exactly 1 on the first update after sampling at
+any temperature (and the same compute dtype). Top-p truncation cannot be recomputed here, so training
+refuses ``rl.top_p < 1`` (``check_trainable_sampling``). In bf16 the engine and the trainer may round
+differently, so their log-probs can differ slightly (logged as old_logprob_* and mismatch_kl);
+``rl.tis_cap`` corrects for it with truncated importance weights (``core.truncated_is_weights``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,10 +38,20 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from memtrain.config import RLConfig
+from memtrain.config import ConfigError, RLConfig
 from memtrain.log import logger
-from memtrain.rl.core import aggregate, clipped_policy_loss, k3_kl
+from memtrain.precision import autocast_for
+from memtrain.rl.core import (
+    aggregate,
+    clipped_policy_loss,
+    k3_kl,
+    num_sessions,
+    session_sizes,
+    truncated_is_weights,
+)
 from memtrain.rl.distributed import DistContext
+
+__all__ = ["autocast_for"]  # re-exported: it lived here before memtrain.precision
 
 KINDS: tuple[str, ...] = ("memory", "final", "imr", "search")  # = memtrain.agent.types.TurnKind
 
@@ -47,7 +63,9 @@ class TrainSequence:
     ``old_logprobs``: per completion token, the log-probs the tokens were sampled with
     (``Completion.logprobs`` from the engine), or None. ``kind``: 'memory' (an E2E step that rewrites the
     memory), 'final' (the answer step), 'imr' or 'search' (a search-agent turn: memory + query or answer).
-    ``group``: its advantage group (for logging/filtering).
+    ``group``: its advantage group (for logging/filtering). ``session``: the rollout it belongs to (an E2E
+    trajectory's memory and final turns share one; an IMR sample or search episode is one), used by
+    ``rl.loss_agg=session_mean`` to give every rollout the same total weight; None: a session of its own.
     """
 
     prompt_ids: list[int]
@@ -56,6 +74,7 @@ class TrainSequence:
     old_logprobs: list[float] | None = None
     kind: str = "final"
     group: str = ""
+    session: str | None = None
 
     def __post_init__(self) -> None:
         where = f"TrainSequence(group={self.group!r}, kind={self.kind!r})"
@@ -106,14 +125,6 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int
 def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype
-
-
-def autocast_for(model: torch.nn.Module) -> AbstractContextManager[Any]:
-    """bf16 autocast for a float32 model on a GPU (fp32 master weights, bf16 compute); nothing on CPU."""
-    device, dtype = _device_dtype(model)
-    if device.type == "cuda" and dtype == torch.float32:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @dataclass
@@ -178,7 +189,8 @@ def _collate(seqs: Sequence[HasTokens], rows: list[int], device: torch.device) -
 
 def _forward_logprobs(model: torch.nn.Module, batch: _Batch, temperature: float = 1.0,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Per-token log p(label) [B, keep] in float32 (differentiable when grad is on) and optional entropies."""
+    """Per-token log p(label) [B, keep] under softmax(logits / temperature), in float32 (differentiable when
+    grad is on), and optional entropies of that same tempered distribution (as verl reports them)."""
     device, _ = _device_dtype(model)  # a reference model may live on another device than the batch
     with autocast_for(model):
         out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
@@ -221,7 +233,8 @@ def sequence_logprobs(model: torch.nn.Module, seqs: Sequence[HasTokens], micro_b
 
     Runs in eval mode (no dropout) in padded micro-batches of at most ``micro_batch_tokens`` tokens. Use it to
     recompute old log-probs before the first of several updates on one rollout batch, or to check an engine.
-    ``temperature`` divides the logits; 1.0 (raw logits) is what the engines report and the update uses.
+    ``temperature`` divides the logits: pass the rollout's (``rl.temperature``) to get what the engines
+    report for tokens sampled at that temperature and what the update uses.
     """
     return [lp for lp, _ in _no_grad_passes(model, seqs, micro_batch_tokens, temperature, False)]
 
@@ -276,8 +289,21 @@ def _warn_low_precision(params: list[torch.nn.Parameter], lr: float) -> None:
     if low and id(params[0]) not in _warned_low_precision:
         _warned_low_precision.add(id(params[0]))
         logger.warning("trainable weights are %s: AdamW steps of size lr=%g are mostly below their "
-                       "resolution and get rounded away; load the policy in float32 (model.dtype=float32); "
-                       "bf16 autocast is applied on GPU automatically", "/".join(sorted(low)), lr)
+                       "resolution and get rounded away; load the policy in float32 (model.dtype=float32) "
+                       "and let model.compute_dtype run the matmuls in bf16", "/".join(sorted(low)), lr)
+
+
+def check_trainable_sampling(cfg: RLConfig) -> None:
+    """Refuse rollout settings whose sampling distribution the update cannot recompute.
+
+    Top-p sampling draws from the renormalised nucleus; the update scores tokens under the full
+    softmax(logits / T), so the PPO ratio and the KL would be those of another distribution (a biased update).
+    """
+    if cfg.top_p < 1.0:
+        raise ConfigError(f"rl.top_p={cfg.top_p:g}: training needs rl.top_p=1.0 (the update scores tokens "
+                          "under softmax(logits / rl.temperature) and cannot reproduce top-p truncation, so "
+                          "the ratio and KL would be biased); lower rl.temperature instead (top-p is fine "
+                          "for evaluation)")
 
 
 # What a rank with fewer micro-batches than the others trains on under FSDP2, with zero weight.
@@ -285,20 +311,23 @@ _PADDING = (TrainSequence(prompt_ids=[0], completion_ids=[0], advantage=0.0),)
 
 
 def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequence], cfg: RLConfig,
-                                ref: torch.nn.Module | None = None, totals: tuple[int, int] | None = None,
+                                ref: torch.nn.Module | None = None,
+                                totals: tuple[int, int, int] | None = None,
                                 passes: int | None = None) -> dict[str, float | str]:
     """Forward/backward every micro-batch, accumulating into ``.grad`` the gradient of the full-batch loss.
 
     Does not zero existing gradients and does not step. Loss per token = clipped pg term + kl_coef * k3 KL,
-    aggregated with ``cfg.loss_agg`` over the WHOLE batch (global sequence/token counts), so the sum over
-    micro-batches is the full-batch loss whatever the micro-batch plan. Returns the stats described in
+    aggregated with ``cfg.loss_agg`` over the WHOLE batch (global sequence/token/session counts), so the sum
+    over micro-batches is the full-batch loss whatever the micro-batch plan. Returns the stats described in
     ``policy_update`` (without grad_norm/lr/skipped); stops early with loss=nan when a micro-batch loss is
-    not finite. ``totals``: the (sequences, tokens) to normalise by when ``seqs`` is one rank's share of a
-    data-parallel batch (``memtrain.rl.distributed``); default: this batch's own. ``passes`` (FSDP2, where
-    every forward/backward is a collective that all ranks must join): run exactly this many forward/backward
-    passes, those beyond this rank's micro-batches on a one-token dummy sequence with a zero-weight loss, and
-    do not stop at a non-finite loss (loss=nan all the same; the caller skips the step).
+    not finite. ``totals``: the (sequences, tokens, sessions) to normalise by when ``seqs`` is one rank's
+    share of a data-parallel batch (``memtrain.rl.distributed``); default: this batch's own. Sessions never
+    straddle ranks (whole rows are sharded), so each sequence's session size is known locally. ``passes``
+    (FSDP2, where every forward/backward is a collective that all ranks must join): run exactly this many
+    forward/backward passes, those beyond this rank's micro-batches on a one-token dummy sequence with a
+    zero-weight loss, and do not stop at a non-finite loss (loss=nan all the same; the caller skips the step).
     """
+    check_trainable_sampling(cfg)
     if cfg.old_logprobs == "sampler":
         missing = [i for i, s in enumerate(seqs) if s.old_logprobs is None]
         if missing:
@@ -309,20 +338,27 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
     ref_model, ref_ctx = _reference_context(model, ref, cfg.kl_coef)
     num_seqs = len(seqs)
     num_tokens = sum(len(s.completion_ids) for s in seqs)
+    sizes = session_sizes([s.session for s in seqs])  # sequences per session, over this whole (local) batch
+    sessions = num_sessions([s.session for s in seqs])
     plan = plan_micro_batches([s.length for s in seqs], cfg.micro_batch_tokens)
     if passes is not None and passes < len(plan):
         raise ValueError(f"passes={passes} is fewer than the {len(plan)} micro-batches of this batch")
     work: list[tuple[Sequence[TrainSequence], list[int]]] = [(seqs, rows) for rows in plan]
     work += [(_PADDING, [0])] * ((passes or 0) - len(plan))
-    norm_seqs, norm_tokens = totals if totals is not None else (num_seqs, num_tokens)
+    norm_seqs, norm_tokens, norm_sessions = totals if totals is not None else (num_seqs, num_tokens, sessions)
+    temperature = cfg.temperature  # the rollout's: policy, old and reference log-probs alike (as verl)
 
-    def agg(x: Tensor, mask: Tensor) -> Tensor:
-        return aggregate(x, mask, cfg.loss_agg, num_seqs_total=norm_seqs, num_tokens_total=norm_tokens)
+    def agg(x: Tensor, mask: Tensor, items: Sequence[TrainSequence], rows: list[int]) -> Tensor:
+        size = [sizes[i] for i in rows] if items is seqs else [1] * len(rows)
+        return aggregate(x, mask, cfg.loss_agg, num_seqs_total=norm_seqs, num_tokens_total=norm_tokens,
+                         session_size=size, num_sessions_total=norm_sessions)
 
     tot = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy_sum": 0.0, "clip_sum": 0.0, "approx_kl_sum": 0.0,
            "ratio_sum": 0.0}
     ratio_min, ratio_max = math.inf, -math.inf
     max_diff, diff_sum, diff_tokens, sampler_seqs = 0.0, 0.0, 0, 0
+    gap_sum = 0.0  # sum of sampler - recomputed log-prob over tokens with sampler log-probs (k1 mismatch KL)
+    tis = {"tokens": 0.0, "weight_sum": 0.0, "trunc_sum": 0.0, "ratio_max": -math.inf}
     finite = True
     for items, rows in work:
         padding = items is _PADDING
@@ -332,29 +368,41 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
         if ref_model is not None:
             # a separate reference runs in eval mode (no dropout); the peft policy keeps its mode
             with torch.no_grad(), ref_ctx(), _mode(ref_model, ref_model.training and ref_model is model):
-                ref_logp = _forward_logprobs(ref_model, batch)[0].to(device)
-        logp, entropy = _forward_logprobs(model, batch, with_entropy=True)
+                ref_logp = _forward_logprobs(ref_model, batch, temperature)[0].to(device)
+        logp, entropy = _forward_logprobs(model, batch, temperature, with_entropy=True)
         current = logp.detach()
         old = current
         sampler = [items[i].old_logprobs for i in rows]
+        tis_w = None
         if all(s is not None for s in sampler):
             sampler_logp = batch.scatter(sampler, device)  # type: ignore[arg-type]
             diff = ((sampler_logp - current).abs() * mask_f)
             mb_max = float(diff.max())
             max_diff = max(max_diff, mb_max)
             diff_sum += float(diff.sum())
+            gap_sum += float(((sampler_logp - current) * mask_f).sum())
             diff_tokens += int(batch.mask.sum())
             verified = cfg.old_logprobs == "auto" and mb_max <= cfg.old_logprob_tol
             if cfg.old_logprobs == "sampler" or verified:
                 old = sampler_logp
                 sampler_seqs += len(rows)
+            elif cfg.tis_cap is not None and not padding:
+                # old = the trainer's recompute: the PPO ratio no longer sees the sampler, so reweight
+                tis_w, tis_st = truncated_is_weights(current, sampler_logp, batch.mask, cfg.tis_cap)
+                n_mb = float(batch.mask.sum())
+                tis["tokens"] += n_mb
+                tis["weight_sum"] += float(tis_st["weight_mean"]) * n_mb
+                tis["trunc_sum"] += float(tis_st["trunc_frac"]) * n_mb
+                tis["ratio_max"] = max(tis["ratio_max"], float(tis_st["raw_ratio_max"]))
         adv = torch.tensor([items[i].advantage for i in rows], dtype=torch.float32, device=device)
         pg_tok, st = clipped_policy_loss(logp, old, adv, batch.mask, cfg.clip_low, cfg.clip_high)
-        pg = agg(pg_tok, batch.mask)
+        if tis_w is not None:
+            pg_tok = pg_tok * tis_w
+        pg = agg(pg_tok, batch.mask, items, rows)
         loss = pg
         kl = torch.zeros(())
         if ref_logp is not None:
-            kl = agg(k3_kl(logp, ref_logp) * mask_f, batch.mask)
+            kl = agg(k3_kl(logp, ref_logp) * mask_f, batch.mask, items, rows)
             loss = pg + cfg.kl_coef * kl
         if padding:
             loss = loss * 0.0  # the collectives of a real pass, nothing added to the gradient
@@ -403,6 +451,7 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
         "ratio_max": ratio_max if ratio_max != -math.inf else 1.0,
         "num_seqs": float(num_seqs),
         "num_tokens": float(num_tokens),
+        "num_sessions": float(sessions),
         **{f"num_seqs_{k}": float(v) for k, v in kinds.items()},
         "num_micro_batches": float(len(plan)),
         "adv_mean": sum(s.advantage for s in seqs) / max(num_seqs, 1),
@@ -411,6 +460,11 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
         "old_logprob_sampler_frac": sampler_seqs / max(num_seqs, 1),
         "old_logprob_max_diff": max_diff if diff_tokens else math.nan,
         "old_logprob_mean_diff": diff_sum / diff_tokens if diff_tokens else math.nan,
+        "mismatch_kl": gap_sum / diff_tokens if diff_tokens else math.nan,
+        "tis_frac": tis["tokens"] / max(num_tokens, 1),
+        "tis_weight_mean": tis["weight_sum"] / tis["tokens"] if tis["tokens"] else math.nan,
+        "tis_trunc_frac": tis["trunc_sum"] / tis["tokens"] if tis["tokens"] else math.nan,
+        "tis_ratio_max": tis["ratio_max"] if tis["tokens"] else math.nan,
         "nonfinite_loss": 0.0 if finite else 1.0,
     }
 
@@ -431,10 +485,16 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs
     (exact when this is the first update since sampling: ratio 1, no extra pass); 'sampler' = each sequence's
     ``old_logprobs`` (needed for a second update on the same rollout batch); 'auto' = the sampler's, per
     micro-batch, where all are present and within ``cfg.old_logprob_tol`` of the recomputed ones, else
-    recomputed. Returns floats: loss, pg_loss, kl (k3, before kl_coef), entropy, clip_frac, approx_kl,
-    ratio_mean/min/max, grad_norm (before clipping), lr (the one used), num_seqs, num_tokens,
+    recomputed. ``cfg.tis_cap``: where the old log-probs are the recomputed ones and the sampler's are
+    present, each token's clipped policy-gradient term is weighted by min(exp(recomputed - sampler),
+    tis_cap) (truncated importance sampling for the sampler/trainer mismatch, as verl).
+    Returns floats: loss, pg_loss, kl (k3, before kl_coef), entropy, clip_frac, approx_kl,
+    ratio_mean/min/max, grad_norm (before clipping), lr (the one used), num_seqs, num_tokens, num_sessions,
     num_seqs_{memory,final,imr,search}, num_micro_batches, adv_mean, adv_abs_mean, old_logprob_sampler_frac,
-    old_logprob_max_diff/mean_diff (nan without sampler log-probs), skipped_nonfinite (1.0: no step was
+    old_logprob_max_diff/mean_diff (nan without sampler log-probs), mismatch_kl (mean sampler - recomputed
+    log-prob: the train/inference gap as a k1 KL estimate; nan without sampler log-probs), tis_frac (share of
+    tokens reweighted by ``cfg.tis_cap``), tis_weight_mean/tis_trunc_frac/tis_ratio_max (nan when none
+    were), skipped_nonfinite (1.0: no step was
     taken and the gradients were zeroed), skipped_empty; and one string, old_logprob_source
     ('sampler' | 'recomputed' | 'mixed' | 'none'). An empty ``seqs`` (e.g. all groups filtered) takes no
     step and returns skipped_empty=1.

@@ -21,3 +21,4 @@ TRAINER_MODE = "memtrain_sync"
 PLUGIN_MODULE = "memtrain.backends.verl.plugin"
 ROW_COLUMN = "memtrain_row"  # verl dataset column holding the memtrain row as JSON
 META_KEY = "memtrain"        # AgentLoopOutput.extra_fields key with the output's rollout/group/reward
+CONFIG_SECTION = "memtrain"  # top-level section of the rendered verl config read by the memtrain_sync trainer

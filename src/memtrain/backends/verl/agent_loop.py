@@ -148,7 +148,7 @@ def rollout_outputs(rollouts: list[Rollout], uid: str, session: int, seconds: fl
             if not turn.completion_ids:
                 raise RuntimeError(f"an empty {turn.kind} completion (step {turn.step}) for rollout group "
                                    f"{rollout.group!r}: the prompt left no room to generate; raise "
-                                   "verl.instruction_tokens or lower agent.chunk_tokens")
+                                   "agent.instruction_tokens or lower agent.chunk_tokens")
             outputs.append(AgentLoopOutput(
                 prompt_ids=list(turn.prompt_ids), response_ids=list(turn.completion_ids),
                 response_mask=[1] * len(turn.completion_ids), response_logprobs=list(turn.logprobs),

@@ -20,8 +20,9 @@ from typing import Any
 
 import yaml
 
-from memtrain.backends.verl import AGENT_NAME, ESTIMATOR_NAME, PLUGIN_MODULE, TRAINER_MODE
+from memtrain.backends.verl import AGENT_NAME, CONFIG_SECTION, ESTIMATOR_NAME, PLUGIN_MODULE, TRAINER_MODE
 from memtrain.config import Config
+from memtrain.rl.update import check_trainable_sampling
 
 CONFIG_NAME = "memtrain_ppo"
 AGENT_LOOP_FILE = "agent_loop.yaml"
@@ -65,7 +66,13 @@ class RunPaths:
 
 def rows_per_session(config: Config) -> int:
     """Most outputs one session (one of the rollout.n runs of a row) can return: its model calls."""
-    steps = config.search.max_turns if config.train.task == "searchqa" else config.agent.max_chunks + 1
+    if config.train.task == "searchqa":
+        steps = config.search.max_turns
+    elif config.agent.max_chunks is None:
+        raise ValueError("agent.max_chunks is null (read every chunk): the verl backend sizes its batches by "
+                         "the most model calls per session, so training with it needs a number (paper: 8)")
+    else:
+        steps = config.agent.max_chunks + 1
     imr = config.rl.imr_group_size if config.train.task == "proxy" and config.rl.imr else 0
     return steps + imr
 
@@ -73,7 +80,7 @@ def rows_per_session(config: Config) -> int:
 def prompt_tokens(config: Config) -> int:
     """The longest prompt the agent renders: instruction + problem + chunk (or search results) + memory."""
     body = config.search.results_tokens if config.train.task == "searchqa" else config.agent.chunk_tokens
-    return config.verl.instruction_tokens + body + config.agent.memory_tokens
+    return config.agent.instruction_tokens + body + config.agent.memory_tokens
 
 
 def response_tokens(config: Config) -> int:
@@ -106,6 +113,11 @@ def render_verl_config(config: Config, paths: RunPaths, model_path: str, num_row
                        resume: bool = False) -> dict[str, Any]:
     """The primary verl config (a nested dict) for ``config``; ``num_rows`` sizes the epochs."""
     cfg_rl, cfg_t, cfg_o, cfg_v = config.rl, config.train, config.optim, config.verl
+    check_trainable_sampling(cfg_rl)  # verl's actor cannot reproduce top-p truncation either
+    if cfg_rl.loss_agg not in LOSS_AGG:
+        raise ValueError(f"rl.loss_agg={cfg_rl.loss_agg}: the verl backend offers "
+                         f"{', '.join(LOSS_AGG)} (verl's loss_agg_mode has no per-session weighting); use "
+                         "one of them or the native trainer")
     if num_rows < cfg_t.batch_size:
         raise ValueError(f"the dataset has {num_rows} rows, fewer than train.batch_size={cfg_t.batch_size}: "
                          "verl drops incomplete batches, so no step could run")
@@ -127,7 +139,9 @@ def render_verl_config(config: Config, paths: RunPaths, model_path: str, num_row
                              "use_remove_padding": True}
     if lora is not None:
         model.update(lora_rank=lora.rank, lora_alpha=lora.alpha, target_modules=lora.target_modules)
-    filter_groups = cfg_rl.dynamic_filter and cfg_rl.fill_filtered_batches
+    # the DAPO filter itself (per E2E group and per IMR group) is memtrain_sync's; verl's filter_groups drops
+    # whole rows by their E2E rewards and refills the batch: only the refill of rl.fill_filtered_batches
+    refill = cfg_rl.dynamic_filter and cfg_rl.fill_filtered_batches
     env = {"VERL_USE_EXTERNAL_MODULES": PLUGIN_MODULE, "TENSORBOARD_DIR": str(paths.tensorboard),
            "VERL_FILE_LOGGER_PATH": str(paths.metrics_file), "TOKENIZERS_PARALLELISM": "true"}
     return {
@@ -137,9 +151,9 @@ def render_verl_config(config: Config, paths: RunPaths, model_path: str, num_row
             "adv_estimator": ESTIMATOR_NAME,
             "norm_adv_by_std_in_grpo": cfg_rl.adv_std_norm,
             "use_kl_in_reward": False,
-            # verl's DAPO filter (whole rows whose rewards are all equal) always refills the batch
-            "filter_groups": {"enable": filter_groups, "metric": "reward"},
+            "filter_groups": {"enable": refill, "metric": "reward"},
         },
+        CONFIG_SECTION: {"dynamic_filter": cfg_rl.dynamic_filter},
         "data": {
             "train_files": [str(paths.train_file)],
             "val_files": [str(paths.train_file)],  # required by verl; validation is off (test_freq -1)
