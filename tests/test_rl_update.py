@@ -383,5 +383,51 @@ def test_every_update_statistic_has_a_rule_for_combining_over_ranks(tiny_model_d
     cfg = RLConfig(kl_coef=0.0, tis_cap=2.0, old_logprobs="recompute")
     stats = policy_update(model, build_optimizer(model, OptimConfig(lr=1e-4)), _random_seqs(3, 0), cfg)
     ruled = d.SUM_STATS | d.TOKEN_MEAN_STATS | d.SEQ_MEAN_STATS | d.MIN_STATS | d.MAX_STATS
-    same_on_every_rank = {"grad_norm", "lr", "skipped_nonfinite", "skipped_empty", "old_logprob_source"}
+    same_on_every_rank = {"grad_norm", "lr", "skipped_nonfinite", "nonfinite_params", "skipped_empty",
+                          "old_logprob_source"}
     assert set(stats) - ruled - same_on_every_rank == set()
+
+
+# --- a step that makes the weights non-finite is undone -----------------------------------------------------
+
+def _state_copy(opt: torch.optim.Optimizer) -> dict[int, dict[str, torch.Tensor]]:
+    return {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+
+
+def test_step_that_makes_weights_nonfinite_is_undone_and_counted(tiny_model_dir: Path) -> None:
+    """A finite but huge lr (config validation only rejects inf/nan) overflows float32 weights: the step is
+    undone exactly (weights, AdamW moments, scheduler) and reported as a non-finite skip."""
+    model = _load(tiny_model_dir)
+    opt = build_optimizer(model, OptimConfig(lr=1e-3))
+    sched = build_scheduler(opt, warmup_steps=0)
+    seqs = _random_seqs(4, seed=21)
+    assert policy_update(model, opt, seqs, RLConfig(kl_coef=0.0), scheduler=sched)["nonfinite_params"] == 0.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = _state_copy(opt)
+    opt.param_groups[0]["lr"] = 1e39
+    stats = policy_update(model, opt, seqs, RLConfig(kl_coef=0.0), scheduler=sched)
+    assert stats["skipped_nonfinite"] == 1.0 and stats["nonfinite_params"] == 1.0
+    assert math.isfinite(float(stats["grad_norm"]))  # the gradients were fine: the result was not
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+        assert p.grad is None
+    assert _state_copy(opt).keys() == moments.keys()
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            assert torch.equal(v, moments[id(p)][k]), k
+    assert sched.last_epoch == 1
+    opt.param_groups[0]["lr"] = 1e-3  # the next normal step proceeds from the restored state
+    assert policy_update(model, opt, seqs, RLConfig(kl_coef=0.0), scheduler=sched)["skipped_nonfinite"] == 0.0
+    assert {int(s["step"]) for s in opt.state.values()} == {2}
+
+
+def test_first_step_undone_leaves_no_optimizer_state_and_no_copy_raises(tiny_model_dir: Path) -> None:
+    from memtrain.rl.update import NonFiniteParamsError
+
+    model = _load(tiny_model_dir)
+    opt = build_optimizer(model, OptimConfig(lr=1e39))
+    stats = policy_update(model, opt, _random_seqs(3, seed=22), RLConfig(kl_coef=0.0))
+    assert stats["nonfinite_params"] == 1.0 and len(opt.state) == 0
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    with pytest.raises(NonFiniteParamsError, match=r"made some weights non-finite, and no copy was kept"):
+        policy_update(model, opt, _random_seqs(3, seed=22), RLConfig(kl_coef=0.0), snapshot_max_bytes=0)

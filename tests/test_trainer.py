@@ -212,3 +212,37 @@ def test_fill_filtered_batches_rolls_out_more_rows(tiny_model_dir: Path, tmp_pat
     assert row["filtered_groups"] == row["groups"] > 0
     assert row["skipped_empty"] == 1.0 and row["num_seqs"] == 0.0
     assert row["documents"] == 4  # counters summed over both rounds
+
+
+def test_huge_lr_never_writes_nonfinite_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """lr=1e39 passes config validation (finite) but overflows float32 weights: each step is undone and
+    counted, the run stops after train.max_nonfinite of them, and no checkpoint (no NaN weights) exists."""
+    data = write_proxy_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    config = tiny_config(tiny_model_dir, data, ["rl.dynamic_filter=false", "optim.lr=1e39", "train.steps=5"])
+    with pytest.raises(NonFiniteError, match=r"3 consecutive steps \(up to step 3\).*none yet"):
+        train(config, run)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [(r["skipped_nonfinite"], r["nonfinite_params"]) for r in rows] == [(1.0, 1.0)] * 3
+    assert not list((run / "checkpoints").glob("step_*"))
+
+
+def test_failed_start_writes_nothing_and_the_same_command_then_runs(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Bad data or a bad model fail before config.yaml is written, so the rerun is not refused as a run."""
+    data = write_proxy_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError):
+        train(tiny_config(tiny_model_dir, tmp_path / "nope"), run)
+    assert not run.exists()
+    empty_model = tmp_path / "empty-model"
+    empty_model.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tiny_model_dir / f).is_file():
+            (empty_model / f).write_bytes((tiny_model_dir / f).read_bytes())
+    with pytest.raises(ValueError, match=r"no config\.json"):  # tokenizer fine, weights missing
+        train(tiny_config(empty_model, data, ["train.steps=1"]), run)
+    assert not (run / "config.yaml").exists() and [p.name for p in run.iterdir()] == [".lock"]
+    train(tiny_config(tiny_model_dir, data, ["train.steps=1", "train.tensorboard=false"]), run)
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]

@@ -193,3 +193,101 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}:{i + 1}: not valid JSON ({exc.msg})") from exc
     return rows
+
+
+class NotWritableError(ValueError):
+    """An output directory the process cannot write: one line naming it and the OS's reason."""
+
+
+def check_writable(directory: str | Path, what: str = "output") -> Path:
+    """Create ``directory`` (and its parents) and a temp file in it, so that a read-only, full or forbidden
+    output fails in one line at the start of a job instead of after hours of work (or, as root, where
+    permission bits are ignored, only the real write can tell)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".memtrain-write-check-") as fh:
+            fh.write(b"x")
+            fh.flush()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(directory) else ""
+        raise NotWritableError(f"{what} {directory}: cannot write there: {reason}{where}") from exc
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------------
+# Run-directory locks: one writer per --out
+# --------------------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+_held_locks: dict[str, tuple[int, int]] = {}  # realpath of the directory -> (fd, depth)
+
+
+class DirLockedError(ValueError):
+    """Another process is writing the same run directory (a user error: the CLI prints it as one line)."""
+
+
+def acquire_dir_lock(directory: Path) -> Path:
+    """Lock ``directory`` (created if needed) for this process with ``flock`` on ``DIR/.lock``.
+
+    Two trainers or evaluations writing one ``--out`` would interleave rows and delete each other's temp
+    checkpoints, so the second one is refused with a line naming the directory and the holder (pid, host).
+    The kernel drops the lock when the holder exits in any way, SIGKILL included, so a crash never leaves a
+    stale lock; the file itself is left in place (unlinking it would let two processes lock different files).
+    Re-entrant within a process; pair with :func:`release_dir_lock`. A filesystem without ``flock`` gets a
+    warning and no lock.
+    """
+    import fcntl
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(directory)
+    if key in _held_locks:
+        fd, depth = _held_locks[key]
+        _held_locks[key] = (fd, depth + 1)
+        return directory / LOCK_FILE
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "holder unknown"
+        os.close(fd)
+        raise DirLockedError(f"{directory} is in use by another memtrain process ({holder}); wait for it to "
+                             "finish or choose another --out") from None
+    except OSError as exc:  # e.g. ENOLCK on an NFS mount without lock support
+        os.close(fd)
+        logger.warning("%s: cannot lock (%s); make sure no other process writes this directory", path,
+                       exc.strerror or exc)
+        return path
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+              "\n".encode(), 0)
+    _held_locks[key] = (fd, 1)
+    return path
+
+
+def release_dir_lock(directory: Path) -> None:
+    """Undo one :func:`acquire_dir_lock` of this process (the lock is dropped when the last one is undone)."""
+    import fcntl
+
+    key = os.path.realpath(directory)
+    if key not in _held_locks:
+        return
+    fd, depth = _held_locks.pop(key)
+    if depth > 1:
+        _held_locks[key] = (fd, depth - 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+@contextmanager
+def locked_dir(directory: Path) -> Iterator[Path]:
+    """``directory`` locked for the duration of the block (:func:`acquire_dir_lock`)."""
+    acquire_dir_lock(directory)
+    try:
+        yield Path(directory)
+    finally:
+        release_dir_lock(directory)

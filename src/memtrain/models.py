@@ -119,6 +119,42 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
+_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def config_context_length(config: Any) -> int | None:
+    """Positions a model config was trained for, or ``None`` when it names none."""
+    for attr in _POSITION_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def engine_context_length(engine: Any) -> int | None:
+    """Positions of the model an in-process engine generates with (``HFEngine.model``); ``None`` for a
+    server engine, whose server enforces its own limit."""
+    return config_context_length(getattr(getattr(engine, "model", None), "config", None))
+
+
+def model_context_length(model_name: str, tokenizer: Any) -> int:
+    """Positions the model was trained for (``max_position_embeddings``), else the tokenizer's limit."""
+    from memtrain.log import logger
+
+    try:
+        from transformers import AutoConfig
+
+        found = config_context_length(AutoConfig.from_pretrained(resolve(model_name, kind="model")))
+        if found is not None:
+            return found
+    except (OSError, ValueError) as exc:
+        logger.debug("no model config for %s (%s)", model_name, exc)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 10**7:
+        return limit
+    raise ValueError(f"cannot tell the context length of {model_name!r}; pass --max-context TOKENS")
+
+
 def load_policy(name: str, dtype: str = "auto", device: str | None = None,
                 inference_compute_dtype: str | None = None) -> Any:
     """A causal LM ready for generation/training on ``device`` (default: CUDA if present, else CPU).

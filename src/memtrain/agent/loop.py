@@ -28,8 +28,10 @@ from memtrain.agent.chunking import ChunkedDocument, chunk_document
 from memtrain.agent.imr import ImrPrompt, Ner, build_imr_prompt
 from memtrain.agent.seeding import derive_seed
 from memtrain.agent.types import Trajectory, Turn
+from memtrain.budgets import check_context_budget
 from memtrain.config import AgentConfig
 from memtrain.engines.base import Completion, Engine, GenerationRequest, SamplingParams
+from memtrain.models import engine_context_length
 from memtrain.prompts import render, template
 from memtrain.scoring import score
 
@@ -92,11 +94,17 @@ class _State:
 class MemoryAgent:
     """Runs the chunked-reading memory agent over a batch of samples with any :class:`Engine`."""
 
-    def __init__(self, engine: Engine, tokenizer: Any, config: AgentConfig) -> None:
+    def __init__(self, engine: Engine, tokenizer: Any, config: AgentConfig,
+                 context_length: int | None = None) -> None:
+        """``context_length``: the model's positions (default: read from an in-process engine's model; a
+        server engine enforces its own). Budgets that do not fit fail here, before any generation."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self.context_length = context_length if context_length is not None else engine_context_length(engine)
+        if self.context_length is not None:
+            check_context_budget(config, self.context_length)
 
     @property
     def initial_memory(self) -> str:

@@ -8,6 +8,7 @@ each memory state comes first, under a header line.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ from pydantic import ValidationError
 
 from memtrain.agent.loop import MemoryAgent, TurnCallback
 from memtrain.agent.types import Trajectory, Turn
+from memtrain.budgets import apply_default_budgets
 from memtrain.config import Config, load_config
 from memtrain.engines.base import SamplingParams
+from memtrain.progress import Progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,9 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=["hf", "openai"], help="generation engine (default: engine.kind, hf)")
     p.add_argument("--base-url", help="OpenAI-compatible server URL for --engine openai")
     p.add_argument("--config", help="YAML config whose model/agent/engine sections are used")
-    p.add_argument("--chunk-tokens", type=int, help="document tokens per chunk (default 5120)")
-    p.add_argument("--memory-tokens", type=int, help="cap on each memory (default 1024)")
-    p.add_argument("--answer-tokens", type=int, help="cap on the final answer (default 1024)")
+    p.add_argument("--chunk-tokens", type=int, help="document tokens per chunk (default without --config: "
+                   "1024 for smollm2 on CPU, else 5120, the paper's)")
+    p.add_argument("--memory-tokens", type=int, help="cap on each memory (default 128 for smollm2 on CPU, "
+                   "else 1024)")
+    p.add_argument("--answer-tokens", type=int, help="cap on the final answer (default 64 for smollm2 on "
+                   "CPU, else 1024)")
     p.add_argument("--max-chunks", type=int, help="at most this many chunks (default 8)")
     p.add_argument("--truncation", choices=["centre", "head", "error"],
                    help="longer documents: keep head and tail (centre, default), the head, or fail")
@@ -82,14 +88,24 @@ def answer_document(agent: MemoryAgent, document: str, question: str, params: Sa
                      on_turn=on_turn)[0]
 
 
-def _progress(turn_index: int, turn: Turn, num_chunks: int) -> None:
+def _progress(turn_index: int, turn: Turn, num_chunks: int, progress: Progress | None = None) -> None:
+    rates = f" [{progress.brief()}]" if progress is not None else ""
     if turn.kind == "memory":
         cap = " (memory cap hit)" if turn.hit_cap else ""
-        print(f"chunk {turn.step + 1}/{num_chunks} read: memory of {len(turn.completion_ids)} tokens{cap}",
-              file=sys.stderr, flush=True)
+        print(f"chunk {turn.step + 1}/{num_chunks} read: memory of {len(turn.completion_ids)} tokens{cap}"
+              f"{rates}", file=sys.stderr, flush=True)
     else:
         cap = " (answer cap hit)" if turn.hit_cap else ""
-        print(f"answered with {len(turn.completion_ids)} tokens{cap}", file=sys.stderr, flush=True)
+        print(f"answered with {len(turn.completion_ids)} tokens{cap}{rates}", file=sys.stderr, flush=True)
+
+
+def _reporter(progress: Progress) -> TurnCallback:
+    """Per-turn lines carrying the shared reporter's turns, tokens/s and ETA."""
+    def on_turn(turn_index: int, turn: Turn, num_chunks: int) -> None:
+        progress.on_turn(turn_index, turn, num_chunks)
+        _progress(turn_index, turn, num_chunks, progress)
+
+    return on_turn
 
 
 def _make_engine(cfg: Config, tokenizer: Any) -> Any:
@@ -112,16 +128,19 @@ def _answer(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         raise ValueError(f"--temperature {args.temperature}: expected >= 0 (0 = greedy)")
     cfg = build_config(args)
+    print(apply_default_budgets(cfg, args.config), file=sys.stderr, flush=True)
     from memtrain.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.name)
-    agent = MemoryAgent(_make_engine(cfg, tokenizer), tokenizer, cfg.agent)
+    agent = MemoryAgent(_make_engine(cfg, tokenizer), tokenizer, cfg.agent)  # checks the model's context
     doc = agent.chunk({"id": args.document, "context": document})
     note = f", truncated ({cfg.agent.truncation})" if doc.truncated else ""
     print(f"{args.document}: {doc.num_tokens} tokens -> {len(doc.chunks)} chunks of <= "
           f"{cfg.agent.chunk_tokens}{note}", file=sys.stderr, flush=True)
     params = SamplingParams(temperature=args.temperature, seed=args.seed)
-    traj = answer_document(agent, document, args.question, params, doc_id=args.document, on_turn=_progress)
+    progress = Progress(args.document, 1, len(doc.chunks) + 1, interval_s=math.inf)
+    traj = answer_document(agent, document, args.question, params, doc_id=args.document,
+                           on_turn=_reporter(progress))
     if args.show_memory:
         for t, memory in enumerate(traj.memories[1:], start=1):
             print(f"=== memory after chunk {t}/{len(traj.chunks)} ===\n{memory}\n")

@@ -9,6 +9,8 @@ import argparse
 import time
 from pathlib import Path
 
+from memtrain.io import check_writable
+
 
 def _files(spec: str, flag: str) -> list[Path]:
     paths = [Path(p.strip()) for p in spec.split(",") if p.strip()]
@@ -75,6 +77,7 @@ def _longqa(args: argparse.Namespace) -> int:
     )
 
     start = time.time()
+    check_writable(Path(args.out).parent, f"--out {args.out}: directory")  # before hours of building
     sizes = parse_sizes(args.num_docs)
     if args.train and len(sizes) != 1:
         raise ValueError(f"--train builds one document size; got --num-docs {args.num_docs} (e.g. use 200)")
@@ -120,6 +123,7 @@ def _searchqa(args: argparse.Namespace) -> int:
 
     if args.num_tasks is not None and args.num_tasks < 1:
         raise ValueError(f"--num-tasks {args.num_tasks}: expected a positive integer")
+    check_writable(Path(args.out).parent, f"--out {args.out}: directory")
     files = _files(args.qa, "--qa")
     tasks = build_searchqa(files, args.objectives, args.seed, args.num_tasks)
     info = {"params": {"qa": [str(p) for p in files], "objectives": args.objectives, "seed": args.seed,

@@ -78,9 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     px.set_defaults(func=_proxy)
 
 
-def build_config(args: argparse.Namespace) -> Any:
+def build_config(args: argparse.Namespace, agent_budgets: bool = True) -> Any:
+    """The config with overrides and flags; ``agent_budgets``: without --config, budgets that fit the model
+    and device (printed), overrides winning."""
     from memtrain.config import load_config
+    from memtrain.io import check_writable
 
+    check_writable(args.out, "--out")  # before any data or model loads
     cfg = load_config(args.config, args.overrides)
     if args.model:
         cfg.model.name = args.model
@@ -88,6 +92,10 @@ def build_config(args: argparse.Namespace) -> Any:
         cfg.engine.kind = args.engine
     if args.base_url:
         cfg.engine.base_url = args.base_url
+    if agent_budgets:
+        from memtrain.budgets import apply_default_budgets
+
+        print(apply_default_budgets(cfg, args.config), file=sys.stderr, flush=True)
     return cfg
 
 
@@ -118,7 +126,8 @@ def _longqa(args: argparse.Namespace) -> int:
 def _searchqa(args: argparse.Namespace) -> int:
     from memtrain.eval.searchqa import run_searchqa_eval
 
-    summary = run_searchqa_eval(build_config(args), args.data, args.out, retriever=args.retriever,
+    cfg = build_config(args, agent_budgets=False)  # the search agent has its own budgets (search.*)
+    summary = run_searchqa_eval(cfg, args.data, args.out, retriever=args.retriever,
                                 limit=args.limit, batch_size=args.batch_size, temperature=args.temperature,
                                 seed=args.seed)
     _print(summary, args.out)

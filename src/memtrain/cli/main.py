@@ -2,14 +2,17 @@
 
 Each sub-command lives in its own module under ``memtrain.cli`` and exposes
 ``register(subparsers) -> None``; it sets ``func`` on its parser, which receives the parsed args and
-returns an exit code. Expected user errors (bad config, bad data, missing asset) are printed as one
-clear line, never as a traceback.
+returns an exit code. Expected user errors (bad config, bad data, missing asset) and OS errors (read-only
+or full disk, permission denied, port in use, bad host) are printed as one clear line that keeps the real
+cause, never as a traceback; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import socket
 import sys
 
 from memtrain import __version__
@@ -37,6 +40,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from memtrain.engines.openai import EngineError
 
     return (UserError, AssetError, ConfigError, EngineError, FileNotFoundError, ValueError)
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OS error that keeps its real cause: reason, errno name and the path(s) or host.
+
+    ``socket.gaierror`` (bad host) carries no host of its own; commands that bind or connect name it.
+    """
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
+    if isinstance(exc, socket.gaierror):
+        code = "host lookup failed"
+    where = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    return f"{where + ': ' if where else ''}{reason}{f' ({code})' if code else ''}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `memtrain data show DIR | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # read-only or full disk, permission denied, port in use, bad host: not our bug
+        if args.log_level.upper() == "DEBUG":
+            raise
+        print(f"memtrain {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"memtrain {args.command}: interrupted", file=sys.stderr)
         return 130

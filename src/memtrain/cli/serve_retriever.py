@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from pathlib import Path
+
+from memtrain.cli.main import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +43,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+def _bind_error(host: str, port: int, exc: OSError) -> UserError:
+    from memtrain.cli.main import os_error_line
+
+    return UserError(f"--host {host} --port {port}: cannot serve there: {os_error_line(exc)}")
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Bind (and release) ``host:port`` the way the server will, so that a port in use or a bad host fails
+    in one line before the index is loaded or built (minutes for a large corpus)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does
+            sock.bind(address)
+    except OSError as exc:
+        raise _bind_error(host, port, exc) from exc
+
+
 def _serve(args: argparse.Namespace) -> int:
     from memtrain.log import logger
     from memtrain.retrieval.service import RETRIEVER_META, TOKEN_ENV, Retriever, RetrieverServer, is_loopback
@@ -48,14 +70,18 @@ def _serve(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not token:
         logger.warning("serve-retriever: --host %s is reachable from other machines and no token is set: "
                        "anyone who can connect can query it; set %s (or --token)", args.host, TOKEN_ENV)
+    check_bindable(args.host, args.port)
     if args.corpus is not None:
         retriever = Retriever.for_corpus(args.corpus, args.index, args.kind, args.embedder)
     elif (args.index / RETRIEVER_META).is_file():
         retriever = Retriever.open(args.index)
     else:
         raise ValueError(f"--index {args.index} holds no index yet; pass --corpus FILE to build it")
-    server = RetrieverServer(retriever, args.host, args.port, max_body_bytes=args.max_body, token=token,
-                             threads=args.threads, timeout_s=args.timeout)
+    try:
+        server = RetrieverServer(retriever, args.host, args.port, max_body_bytes=args.max_body, token=token,
+                                 threads=args.threads, timeout_s=args.timeout)
+    except OSError as exc:  # taken meanwhile by another process
+        raise _bind_error(args.host, args.port, exc) from exc
     print(f"retriever: {retriever.kind} index of {len(retriever)} passages serving on {server.url} "
           f"(GET /health, POST /search{'; bearer token required' if token else ''}); Ctrl-C stops it",
           flush=True)

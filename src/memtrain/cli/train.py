@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from memtrain.config import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +52,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=_merge)
 
 
+def check_before_training(config: Config, out: Path) -> None:
+    """What can fail in one line before anything loads: the run directory is writable, and the memory
+    agent's budgets fit the model's context (when its config tells the context; searchqa has its own)."""
+    from memtrain.budgets import check_context_budget
+    from memtrain.io import check_writable
+    from memtrain.models import model_context_length
+
+    check_writable(out, "--out")
+    if config.train.task != "searchqa":
+        try:
+            context = model_context_length(config.model.name, None)
+        except ValueError:
+            return  # unknown context: the engine enforces its own limit
+        check_context_budget(config.agent, context, config.model.name)
+
+
 def _train(args: argparse.Namespace) -> int:
     from memtrain.cli.main import UserError
     from memtrain.config import load_config
@@ -73,6 +93,7 @@ def _train(args: argparse.Namespace) -> int:
             return run_verl(config, out, resume=args.resume, dry_run=args.dry_run)
         except FileExistsError as exc:
             raise UserError(str(exc)) from exc
+    check_before_training(config, out)
     try:
         train(config, out, resume=args.resume)
     except (FileExistsError, NonFiniteError) as exc:

@@ -50,6 +50,7 @@ from memtrain.data.entities import (
     shift_spans,
     variant_forms,
 )
+from memtrain.io import check_writable
 from memtrain.log import logger, progress_bar
 from memtrain.prompts import MASK_TOKEN, PROXY_QUESTION
 from memtrain.retrieval.index import BM25Index, DenseIndex, build_index, load_index
@@ -590,6 +591,7 @@ def build_proxy_dataset(cfg: ProxyConfig) -> dict[str, Any]:
         raise ValueError("no output directory: pass --out DIR (or `out:` in the config file)")
     out = Path(cfg.out)
     check_output_dir(out, cfg.overwrite)
+    check_writable(out.parent, f"--out {out}: directory")  # before the corpus and index load (minutes)
     wall = time.time()
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     timings: dict[str, float] = {}

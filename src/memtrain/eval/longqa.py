@@ -38,6 +38,8 @@ from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
 from memtrain.eval.report import EXAMPLES, check_resume, done_keys, summarize, write_report
 from memtrain.io import append_jsonl, read_jsonl
 from memtrain.log import logger
+from memtrain.models import model_context_length
+from memtrain.progress import Progress, estimate_turns
 from memtrain.prompts import render
 from memtrain.scoring import extract_answer, score
 
@@ -100,24 +102,9 @@ def load_engine(cfg: Config, engine: Engine | None = None, tokenizer: Any = None
     return engine, tokenizer
 
 
-def model_context_length(model_name: str, tokenizer: Any) -> int:
-    """Positions the model was trained for (``max_position_embeddings``), else the tokenizer's limit."""
-    from memtrain.assets import resolve
-
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(resolve(model_name, kind="model"))
-        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(config, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    except (OSError, ValueError) as exc:
-        logger.debug("no model config for %s (%s)", model_name, exc)
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < 10**7:
-        return limit
-    raise ValueError(f"cannot tell the context length of {model_name!r}; pass --max-context TOKENS")
+def _turns(agent: AgentConfig, row: Mapping[str, Any]) -> int:
+    """Estimated memory-agent turns of one row (for the progress total)."""
+    return estimate_turns(len(row["context"]), agent.chunk_tokens, agent.max_chunks)
 
 
 def _sample(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,8 +113,11 @@ def _sample(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _memory_records(agent: MemoryAgent, rows: list[dict[str, Any]], size: int,
-                    params: SamplingParams) -> list[dict[str, Any]]:
-    trajs = agent.run([_sample(r) for r in rows], params, n=1)
+                    params: SamplingParams, progress: Progress | None = None) -> list[dict[str, Any]]:
+    if progress is not None:
+        progress.batch([_turns(agent.config, r) for r in rows])
+    trajs = agent.run([_sample(r) for r in rows], params, n=1,
+                      on_turn=None if progress is None else progress.on_turn)
     out = []
     for row, traj in zip(rows, trajs, strict=True):
         out.append({"key": f"{size}/{row['id']}", "group": str(size), "id": row["id"], "status": "ok",
@@ -228,19 +218,27 @@ def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode
     if any(rows for _, rows in todo):
         engine, tokenizer = load_engine(cfg, engine, tokenizer)
         params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-        agent = MemoryAgent(engine, tokenizer, agent_cfg or cfg.agent)
+        # the memory agent checks its budgets against the model's context; full-context mode has none
+        agent = MemoryAgent(engine, tokenizer, agent_cfg) if agent_cfg is not None else None
         context = 0
         if mode == "full-context":
             context = max_context or model_context_length(cfg.model.name, tokenizer)
             logger.info("longqa eval: full-context mode, model context %d tokens", context)
+        pending = [r for _, rows in todo for r in rows]
+        progress = Progress("longqa eval", len(pending), sum(_turns(agent.config, r) for r in pending)
+                            if agent is not None else len(pending))
         for n, rows in todo:
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
-                records = (_memory_records(agent, batch, n, params) if mode == "memory" else
-                           _full_context_records(engine, tokenizer, cfg, batch, n, params, context))
+                if agent is not None:
+                    records = _memory_records(agent, batch, n, params, progress)
+                else:
+                    records = _full_context_records(engine, tokenizer, cfg, batch, n, params, context)
+                    progress.add(docs=len(batch), turns=len(batch))
                 append_jsonl(out / EXAMPLES, records)
                 logger.info("longqa eval: %d docs: %d/%d questions done", n, start + len(batch), len(rows))
-        if mode == "memory":
+        progress.finish()
+        if agent is not None:
             logger.info("longqa eval: memory cap hit-rate %.3f, answer cap hit-rate %.3f",
                         *agent.cap_rates().values())
     keys = {f"{n}/{r['id']}" for n, rows in sets for r in rows}

@@ -36,7 +36,7 @@ from memtrain.agent.imr import ImrChoice, ImrPrompt, draw_imr_choice, run_imr
 from memtrain.agent.loop import MemoryAgent
 from memtrain.agent.seeding import derive_seed
 from memtrain.agent.types import Trajectory, Turn
-from memtrain.config import Config
+from memtrain.config import AgentConfig, Config
 from memtrain.data.dataset import load_rows, require_columns
 from memtrain.engines.base import Engine, SamplingParams
 from memtrain.eval.longqa import load_engine
@@ -44,6 +44,7 @@ from memtrain.eval.report import EXAMPLES, PLOT, SUMMARY, TABLE, check_resume, d
 from memtrain.eval.stats import CONFIDENCE, RESAMPLES, bootstrap_ci, paired_difference_ci
 from memtrain.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from memtrain.log import logger
+from memtrain.progress import Progress, estimate_turns
 from memtrain.prompts import render, template
 from memtrain.scoring import METRICS, REWARD_METRIC, extract_answer, score
 
@@ -98,11 +99,13 @@ def _imr_record(choice: ImrChoice | None, memory_empty: bool, text: str | None,
 
 
 def _batch_records(agent: MemoryAgent, engine: Engine, rows: list[dict[str, Any]], params: SamplingParams,
-                   seed: int) -> list[dict[str, Any]]:
+                   seed: int, progress: Progress | None = None) -> list[dict[str, Any]]:
     """E2E trajectory + one IMR question per document of one batch, as records."""
     cfg = agent.config
     samples = [{k: r[k] for k in COLUMNS} | {"answers": list(r["answers"])} for r in rows]
-    trajs = agent.run(samples, params, n=1)
+    if progress is not None:
+        progress.batch([_turns(cfg, r) - 1 for r in rows])  # the agent's turns; IMR comes after
+    trajs = agent.run(samples, params, n=1, on_turn=None if progress is None else progress.on_turn)
     initial = template("initial_memory", cfg.templates)
     question = template("imr_question", cfg.templates)
     choices: list[ImrChoice | None] = []
@@ -117,9 +120,17 @@ def _batch_records(agent: MemoryAgent, engine: Engine, rows: list[dict[str, Any]
                                        entity=choice.entity, label=choice.entity, prompt_ids=ids,
                                        prompt_text=text, entity_label=choice.entity_label)))
     answers = run_imr(engine, [p for _, p in asked], params, 1, cfg.answer_tokens)
+    if progress is not None:  # the IMR question of each document is one more turn (none where not asked)
+        progress.total_turns -= len(rows) - len(asked)
+        progress.add(turns=len(answers), tokens=sum(len(t.completion_ids) for ts in answers for t in ts))
     imr_turns = {i: turns[0] for (i, _), turns in zip(asked, answers, strict=True)}
     return [_record(row, traj, choice, imr_turns.get(i)) for i, (row, traj, choice)
             in enumerate(zip(rows, trajs, choices, strict=True))]
+
+
+def _turns(agent: AgentConfig, row: Mapping[str, Any]) -> int:
+    """Estimated turns of one document: its memory-agent turns and the IMR question."""
+    return estimate_turns(len(row["context"]), agent.chunk_tokens, agent.max_chunks) + 1
 
 
 def _record(row: Mapping[str, Any], traj: Trajectory, choice: ImrChoice | None,
@@ -279,12 +290,16 @@ def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit
     if todo:
         engine, tokenizer = load_engine(cfg, engine, tokenizer)
         agent = MemoryAgent(engine, tokenizer, a)
+        pending = [r for _, batch in todo for r in batch]
+        progress = Progress("proxy eval", len(pending), sum(_turns(a, r) for r in pending))
         for b, batch in todo:
             params = SamplingParams(temperature=temperature, top_p=top_p, seed=derive_seed(seed, b))
-            records = [r for r in _batch_records(agent, engine, batch, params, seed) if r["key"] not in done]
+            records = [r for r in _batch_records(agent, engine, batch, params, seed, progress)
+                       if r["key"] not in done]
             append_jsonl(out / EXAMPLES, records)
             done.update(r["key"] for r in records)
             logger.info("proxy eval: batch %d/%d done (%d documents)", b + 1, len(batches), len(batch))
+        progress.finish()
     by_key = {r["key"]: r for r in read_jsonl(out / EXAMPLES)} if (out / EXAMPLES).is_file() else {}
     records = [by_key[str(r["id"])] for r in rows]
     summary = summarize_proxy(records, {**meta, "limit": limit})

@@ -22,7 +22,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from memtrain.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from memtrain.io import (
+    LOCK_FILE,
+    acquire_dir_lock,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+)
 from memtrain.scoring import METRICS, REWARD_METRIC
 
 EVAL_META = "eval.json"
@@ -63,8 +70,15 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "
 
 
 def check_resume(out_dir: Path, meta: Mapping[str, Any]) -> None:
-    """Start a run directory, or continue one that evaluated exactly the same thing (else a clear error)."""
+    """Start a run directory, or continue one that evaluated exactly the same thing (else a clear error).
+
+    The directory is locked first (``memtrain.io.acquire_dir_lock``) and stays locked until this process
+    exits, so two evaluations never append to one ``examples.jsonl``. A new ``eval.json`` is written only
+    after a local engine's model has shown it loads (its tokenizer), so a failed start leaves nothing that
+    would refuse the same command.
+    """
     out_dir = Path(out_dir)
+    acquire_dir_lock(out_dir)  # held for the process's lifetime (re-entrant: one process may eval again)
     path = out_dir / EVAL_META
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -74,9 +88,13 @@ def check_resume(out_dir: Path, meta: Mapping[str, Any]) -> None:
             raise ValueError(f"{out_dir} holds an evaluation of something else ({shown}); use another --out "
                              "or delete it")
         return
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+    if out_dir.is_dir() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
         raise ValueError(f"--out {out_dir}: directory is not empty and holds no {EVAL_META}; refusing to mix "
                          "results (choose a new or empty directory)")
+    if meta.get("engine") == "hf" and isinstance(meta.get("model"), str):
+        from memtrain.models import load_tokenizer
+
+        load_tokenizer(meta["model"])  # a missing or broken model fails in one line before eval.json
     atomic_write_json(path, dict(meta))
 
 

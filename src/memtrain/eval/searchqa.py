@@ -21,6 +21,7 @@ from memtrain.eval.longqa import load_engine
 from memtrain.eval.report import EXAMPLES, check_resume, done_keys, summarize, write_report
 from memtrain.io import append_jsonl, read_jsonl
 from memtrain.log import logger
+from memtrain.progress import Progress
 from memtrain.retrieval.service import SearchBackend, open_retriever
 
 EXTRA_KEYS = ("turns", "searches", "malformed", "no_answer")
@@ -81,13 +82,21 @@ def run_searchqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, re
         engine, tokenizer = load_engine(cfg, engine, tokenizer)
         agent = SearchAgent(engine, tokenizer, backend, agent_cfg)
         params = SamplingParams(temperature=temperature, seed=seed)
+        pending = sum(len(rows) for rows in todo.values())
+        # turns are known only when an episode ends: the total is each episode's max_turns until then
+        progress = Progress("searchqa eval", pending, pending * agent_cfg.max_turns)
         for name, rows in todo.items():
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
                 episodes = agent.run([sample_of(r) for r in batch], params, n=1)
+                turns = sum(len(ep.turns) for ep in episodes)
+                progress.total_turns -= len(batch) * agent_cfg.max_turns - turns
+                progress.add(docs=len(batch), turns=turns,
+                             tokens=sum(len(t.completion_ids) for ep in episodes for t in ep.turns))
                 append_jsonl(out / EXAMPLES, [episode_record(r, name, ep)
                                               for r, ep in zip(batch, episodes, strict=True)])
                 logger.info("searchqa eval: %s: %d/%d tasks done", name, start + len(batch), len(rows))
+        progress.finish()
         logger.info("searchqa eval: %s", ", ".join(f"{k} {v}" for k, v in agent.stats.items()))
     keys = {f"{name}/{r['id']}" for name, rows in groups.items() for r in rows}
     records = [r for r in read_jsonl(out / EXAMPLES) if r["key"] in keys]

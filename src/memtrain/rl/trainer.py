@@ -16,8 +16,9 @@ Per step (MEMTRAIN.md section 4):
 Determinism: every random draw of a step (rollout sampling seeds, IMR choices) derives from
 ``(train.seed, step, round)``, the data order from ``(train.seed, epoch)``; with the optimizer, scheduler and
 RNG states in the checkpoint, a resumed run repeats exactly the steps an uninterrupted one would take.
-Non-finite loss or gradients skip the step (no parameter change); ``train.max_nonfinite`` in a row stop
-the run with :class:`NonFiniteError`, leaving the last checkpoint as it was.
+Non-finite loss or gradients skip the step (no parameter change), and so does a step that made a weight
+non-finite (undone from a copy, ``memtrain.rl.update.SNAPSHOT_MAX_BYTES``); ``train.max_nonfinite`` in a row
+stop the run with :class:`NonFiniteError`, leaving the last checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from memtrain.agent.loop import derive_seed
 from memtrain.config import Config, load_config, save_config
 from memtrain.engines.base import Engine, SamplingParams
+from memtrain.io import LOCK_FILE, acquire_dir_lock, release_dir_lock
 from memtrain.log import logger
 from memtrain.rl import checkpoint as ckpt_io
 from memtrain.rl.core import group_advantages, uniform_groups_mask
@@ -53,7 +55,7 @@ from memtrain.rl.distributed import (
 from memtrain.rl.metrics import RunLogger
 from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler
 from memtrain.rl.tasks import Rollout, Task, check_rows, make_task
-from memtrain.rl.update import TrainSequence, check_trainable_sampling, policy_update
+from memtrain.rl.update import NonFiniteParamsError, TrainSequence, check_trainable_sampling, policy_update
 
 CONFIG_FILE = "config.yaml"
 _RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", ckpt_io.CHECKPOINTS_DIR)
@@ -245,11 +247,11 @@ def build_policy(config: Config, device: str, resume_from: Path | None) -> tuple
     return model, ref
 
 
-def prepare_run_dir(out_dir: Path, config: Config, resume: bool) -> Path | None:
+def check_run_dir(out_dir: Path, config: Config, resume: bool) -> Path | None:
     """Check ``out_dir`` against the run it may hold and return the checkpoint to resume from (or None).
 
-    A fresh run needs an empty/new directory; ``--resume`` needs the same config up to RESUMABLE_KEYS.
-    Writes the (possibly updated, e.g. more steps) resolved config.
+    A fresh run needs an empty/new directory (its lock file aside); ``--resume`` needs the same config up to
+    RESUMABLE_KEYS. Writes nothing but removes what a killed checkpoint writer left behind.
     """
     config_path = out_dir / CONFIG_FILE
     holds_run = any((out_dir / m).exists() for m in _RUN_MARKERS)
@@ -257,7 +259,7 @@ def prepare_run_dir(out_dir: Path, config: Config, resume: bool) -> Path | None:
         raise FileExistsError(
             f"{out_dir} already holds a training run; pass --resume to continue it, or choose another --out"
         )
-    if out_dir.is_dir() and not holds_run and any(out_dir.iterdir()):
+    if out_dir.is_dir() and not holds_run and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
         raise FileExistsError(
             f"{out_dir} is not empty and is not a memtrain run directory (no {CONFIG_FILE}); "
             "choose a new or empty --out"
@@ -277,8 +279,19 @@ def prepare_run_dir(out_dir: Path, config: Config, resume: bool) -> Path | None:
         # newest complete step_* dir, even when `latest` was lost in a copy; refuses to restart over history
         every = min(load_config(config_path).train.checkpoint_every, config.train.checkpoint_every)
         checkpoint = ckpt_io.resume_checkpoint(out_dir, every)
+    return checkpoint
+
+
+def write_run_config(out_dir: Path, config: Config) -> None:
+    """The (possibly updated, e.g. more steps) resolved config: what marks ``out_dir`` as a run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, config_path)
+    save_config(config, out_dir / CONFIG_FILE)
+
+
+def prepare_run_dir(out_dir: Path, config: Config, resume: bool) -> Path | None:
+    """:func:`check_run_dir`, then :func:`write_run_config`; returns the checkpoint to resume from."""
+    checkpoint = check_run_dir(out_dir, config, resume)
+    write_run_config(out_dir, config)
     return checkpoint
 
 
@@ -396,9 +409,12 @@ def progress_line(row: dict[str, Any], steps: int) -> str:
 
 
 def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
-    """Train ``config`` into ``out_dir`` (or continue the run there with ``resume``); returns ``out_dir``."""
+    """Train ``config`` into ``out_dir`` (or continue the run there with ``resume``); returns ``out_dir``.
+
+    Nothing is written before the data, the tokenizer and (after the run-directory checks) the model have
+    loaded, so a failed start can be rerun as it was; the directory is locked while the run lasts.
+    """
     from memtrain.data.dataset import load_rows
-    from memtrain.engines.factory import make_engine
     from memtrain.models import load_tokenizer
 
     out_dir = Path(out_dir)
@@ -414,8 +430,30 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
     threads = set_threads(cfg_t.threads)
     ctx = init_from_env(_device(config), cfg_t.parallel)  # torchrun data parallel (memtrain.rl.distributed)
 
-    # --- run directory: fresh, or resumed from its latest checkpoint (rank 0 prepares, the others follow) --
-    resume_from = ctx.on_main(lambda: prepare_run_dir(out_dir, config, resume))
+    # --- inputs first: bad data or a bad tokenizer fail here, before the run directory is touched ----------
+    tokenizer = load_tokenizer(config.model.name)
+    task = make_task(config, tokenizer)
+    rows = load_rows(config.data.path)
+    check_rows(task, rows, config.data.path)
+
+    # --- one writer per run directory: rank 0 holds its lock until the run ends (released by the kernel if
+    # the process dies), so a second trainer on the same --out is refused before it writes anything
+    ctx.on_main(lambda: acquire_dir_lock(out_dir))
+    try:
+        return _train_locked(config, out_dir, resume, ctx, threads, tokenizer, task, rows)
+    finally:
+        if ctx.is_main:
+            release_dir_lock(out_dir)
+
+
+def _train_locked(config: Config, out_dir: Path, resume: bool, ctx: DistContext, threads: int, tokenizer: Any,
+                  task: Task, rows: list[dict]) -> Path:
+    """``train`` once the inputs are checked and the run directory is locked."""
+    from memtrain.engines.factory import make_engine
+
+    cfg_t = config.train
+    # --- run directory: fresh, or resumed from its latest checkpoint (rank 0 checks, the others follow) ----
+    resume_from = ctx.on_main(lambda: check_run_dir(out_dir, config, resume))
     state = ckpt_io.load_trainer_state(resume_from) if resume_from is not None else None
     start_step = int(state["step"]) if state else 0
     fingerprint = ckpt_io.config_fingerprint(config)
@@ -425,6 +463,7 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
             f"differs from this config's {fingerprint} (was {out_dir / CONFIG_FILE} edited?)"
         )
     if start_step >= cfg_t.steps:
+        ctx.on_main(lambda: write_run_config(out_dir, config))
         logger.info(
             "%s: already at step %d of %d; nothing to do (raise train.steps to continue)",
             out_dir,
@@ -433,18 +472,15 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
         )
         return out_dir
 
-    # --- seeds, data, task ---------------------------------------------------------------------------------
+    # --- seeds -------------------------------------------------------------------------------------------
     random.seed(cfg_t.seed)
     np.random.seed(cfg_t.seed % 2**32)
     torch.manual_seed(cfg_t.seed)
-    tokenizer = load_tokenizer(config.model.name)
-    task = make_task(config, tokenizer)
-    rows = load_rows(config.data.path)
-    check_rows(task, rows, config.data.path)
 
     # --- policy, reference, optimizer, schedule (+ their states when resuming) -----------------------------
     device = _device(config)
-    model, ref = build_policy(config, device, resume_from)
+    model, ref = build_policy(config, device, resume_from)  # a bad model fails here, before config.yaml
+    ctx.on_main(lambda: write_run_config(out_dir, config))
     ctx.broadcast_parameters(model)
     if ctx.fsdp:  # FSDP2: shard the policy (and the frozen reference) before the optimizer sees it
         shard_model(model, ctx)
@@ -491,8 +527,13 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
             # 4. one policy update on every turn of the kept rollouts
             t_update = time.perf_counter()
             seqs = training_sequences(batch.scored)
-            stats = policy_update(model, optimizer, seqs, config.rl, ref=ref, scheduler=scheduler,
-                                  grad_clip=config.optim.grad_clip, dp=ctx if ctx.enabled else None)
+            try:
+                stats = policy_update(model, optimizer, seqs, config.rl, ref=ref, scheduler=scheduler,
+                                      grad_clip=config.optim.grad_clip, dp=ctx if ctx.enabled else None)
+            except NonFiniteParamsError as exc:  # weights not restorable: stop before they are saved
+                last = ckpt_io.latest_checkpoint(out_dir)
+                raise NonFiniteError(f"step {step}: {exc}. Last good checkpoint: "
+                                     f"{last if last is not None else 'none yet'}") from exc
             stats = reduce_update_stats(stats, ctx)  # data-parallel: over ranks (else unchanged)
             scored = gather_scored(batch.scored, ctx)  # data-parallel: every rank's rollouts (else unchanged)
             time_update = time.perf_counter() - t_update

@@ -12,7 +12,7 @@ optimizer step:
    backward pass of the micro-batch's share of the GLOBALLY normalised loss, so that the accumulated
    gradient equals the full-batch gradient exactly;
 3. non-finite loss/gradient check (skip the step and zero the gradients), grad-norm clipping, optimizer
-   and scheduler step.
+   step, non-finite parameter check (undo the step from a copy taken before it), scheduler step.
 
 Log-probs are computed in float32 under the SAMPLING distribution softmax(logits / rl.temperature) of the
 completion positions only (``logits_to_keep``), the matmuls under autocast to the model's compute dtype
@@ -28,6 +28,7 @@ differently, so their log-probs can differ slightly (logged as old_logprob_* and
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -473,10 +474,71 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramet
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+# Finite gradients do not guarantee finite weights: a huge (finite) lr, or AdamW's normalised step on a weight
+# already near the float limit, overflows. The step is undone from a copy of the trainable state (weights +
+# optimizer moments) taken just before it: free for LoRA, but for full fine-tuning it doubles that state's
+# memory, so above this many bytes no copy is kept and such a step stops the run instead
+# (:class:`NonFiniteParamsError`) before anything is saved; the last checkpoint stays good either way. (The
+# update cannot be predicted from lr * grad: AdamW normalises the gradient, so only the result tells.)
+SNAPSHOT_MAX_BYTES = 2 * 1024**3
+
+
+class NonFiniteParamsError(RuntimeError):
+    """The optimizer step made a weight non-finite and no copy was kept to undo it (SNAPSHOT_MAX_BYTES)."""
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _nbytes(t: Tensor) -> int:
+    return _local(t).numel() * _local(t).element_size()
+
+
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element is finite, with one device sync: the max-abs norm is inf/nan exactly when some
+    element is (unlike the 2-norm, it cannot overflow on large finite weights)."""
+    local = [_local(t).detach() for t in tensors if _local(t).numel()]
+    if not local:
+        return True
+    norms = torch._foreach_norm(local, math.inf)
+    return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
+
+
+@dataclass
+class _Snapshot:
+    """Copies of the stepped weights and of the optimizer state, to undo one optimizer step exactly."""
+
+    params: list[torch.nn.Parameter]
+    values: list[Tensor]
+    state: dict[Any, dict[str, Any]]
+
+    @classmethod
+    def take(cls, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+             max_bytes: int | None) -> _Snapshot | None:
+        size = sum(_nbytes(p) for p in params) + sum(
+            _nbytes(v) for st in optimizer.state.values() for v in st.values() if isinstance(v, Tensor))
+        if max_bytes is not None and size > max_bytes:
+            return None
+        state = {p: {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+                     for k, v in st.items()} for p, st in optimizer.state.items()}
+        return cls(params, [p.detach().clone() for p in params], state)
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, self.values, strict=True):
+                p.copy_(v)
+        for p in [p for p in optimizer.state if p not in self.state]:  # state the step created
+            del optimizer.state[p]
+        for p, st in self.state.items():
+            optimizer.state[p] = st
+
+
 def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs: Sequence[TrainSequence],
                   cfg: RLConfig, ref: torch.nn.Module | None = None,
                   scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                  grad_clip: float | None = 1.0, dp: DistContext | None = None) -> dict[str, float | str]:
+                  grad_clip: float | None = 1.0, dp: DistContext | None = None,
+                  snapshot_max_bytes: int | None = SNAPSHOT_MAX_BYTES) -> dict[str, float | str]:
     """Exactly one optimizer step of the GRPO objective on ``seqs``; returns stats for logging.
 
     ``ref``: the frozen reference policy for the KL term; None with a peft model = the same model with its
@@ -494,8 +556,10 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs
     old_logprob_max_diff/mean_diff (nan without sampler log-probs), mismatch_kl (mean sampler - recomputed
     log-prob: the train/inference gap as a k1 KL estimate; nan without sampler log-probs), tis_frac (share of
     tokens reweighted by ``cfg.tis_cap``), tis_weight_mean/tis_trunc_frac/tis_ratio_max (nan when none
-    were), skipped_nonfinite (1.0: no step was
-    taken and the gradients were zeroed), skipped_empty; and one string, old_logprob_source
+    were), skipped_nonfinite (1.0: no step was taken, or it was undone, and the gradients were zeroed),
+    nonfinite_params (1.0: the reason was that the step made a weight non-finite; it was undone from a copy,
+    see SNAPSHOT_MAX_BYTES; without a copy :class:`NonFiniteParamsError` is raised), skipped_empty; and one
+    string, old_logprob_source
     ('sampler' | 'recomputed' | 'mixed' | 'none'). An empty ``seqs`` (e.g. all groups filtered) takes no
     step and returns skipped_empty=1.
 
@@ -510,7 +574,7 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs
     totals = dp.totals(seqs) if dp is not None else None
     if (not seqs and dp is None) or (totals is not None and totals[0] == 0):
         return {"loss": 0.0, "num_seqs": 0.0, "num_tokens": 0.0, "skipped_empty": 1.0,
-                "skipped_nonfinite": 0.0, "lr": lr, "old_logprob_source": "none"}
+                "skipped_nonfinite": 0.0, "nonfinite_params": 0.0, "lr": lr, "old_logprob_source": "none"}
     passes = None
     if dp is not None and dp.fsdp:
         passes = dp.max_int(len(plan_micro_batches([s.length for s in seqs], cfg.micro_batch_tokens)))
@@ -529,10 +593,36 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs
         skipped = not math.isfinite(grad_norm)
         if skipped:
             logger.warning("non-finite gradient norm (%s); skipping this update", grad_norm)
+    bad_params = False
     if not skipped:
-        optimizer.step()
-        if scheduler is not None:
+        stepped = [p for p in params if p.grad is not None]
+        snapshot = _Snapshot.take(stepped, optimizer, snapshot_max_bytes)
+        try:
+            optimizer.step()
+            finite = _all_finite(stepped)
+        except RuntimeError as exc:  # torch's own overflow check on a huge lr, after the moments moved
+            if "overflow" not in str(exc):
+                if snapshot is not None:
+                    snapshot.restore(optimizer)
+                raise
+            finite = False
+        if dp is not None:  # FSDP2: each rank checked its own shards; all ranks undo (or keep) the step
+            finite = dp.max_int(0 if finite else 1) == 0
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            if snapshot is None:
+                size, limit = sum(_nbytes(p) for p in stepped) / 2**30, (snapshot_max_bytes or 0) / 2**30
+                raise NonFiniteParamsError(
+                    f"the optimizer step (lr {lr:g}) made some weights non-finite, and no copy was kept to "
+                    f"undo it (trainable state above {limit:g} GiB, weights alone {size:.2f} GiB); lower "
+                    "optim.lr")
+            snapshot.restore(optimizer)
+            bad_params = skipped = True
+            logger.warning("the optimizer step (lr %g) made some weights non-finite; undone, skipping this "
+                           "update", lr)
+        elif scheduler is not None:
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    stats.update(grad_norm=grad_norm, lr=lr, skipped_nonfinite=1.0 if skipped else 0.0, skipped_empty=0.0)
+    stats.update(grad_norm=grad_norm, lr=lr, skipped_nonfinite=1.0 if skipped else 0.0,
+                 nonfinite_params=1.0 if bad_params else 0.0, skipped_empty=0.0)
     return stats
