@@ -35,7 +35,14 @@ from memtrain.config import AgentConfig, Config
 from memtrain.data.dataset import load_rows, require_columns
 from memtrain.data.longqa import eval_sets
 from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
-from memtrain.eval.report import EXAMPLES, check_resume, done_keys, summarize, write_report
+from memtrain.eval.report import (
+    EXAMPLES,
+    check_decoding_args,
+    check_resume,
+    done_keys,
+    summarize,
+    write_report,
+)
 from memtrain.io import append_jsonl, read_jsonl
 from memtrain.log import logger
 from memtrain.models import model_context_length
@@ -173,14 +180,7 @@ def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode
     """
     if mode not in ("memory", "full-context"):
         raise ValueError(f"--mode {mode!r}: expected 'memory' or 'full-context'")
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit {limit}: expected a positive number of questions per size")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
-    if temperature < 0:
-        raise ValueError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"--top-p {top_p}: expected a value in (0, 1]")
+    check_decoding_args(limit, batch_size, temperature, top_p, unit="questions per size")
     if mode != "memory" and (max_chunks is not None or truncation is not None):
         raise ValueError(f"--max-chunks / --truncation: apply to --mode memory only, not {mode}")
     out = Path(out_dir)

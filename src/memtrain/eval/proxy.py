@@ -40,9 +40,20 @@ from memtrain.config import AgentConfig, Config
 from memtrain.data.dataset import load_rows, require_columns
 from memtrain.engines.base import Engine, SamplingParams
 from memtrain.eval.longqa import load_engine
-from memtrain.eval.report import EXAMPLES, PLOT, SUMMARY, TABLE, check_resume, done_keys, load_summary
+from memtrain.eval.report import (
+    EXAMPLES,
+    PLOT,
+    SUMMARY,
+    TABLE,
+    check_decoding_args,
+    check_resume,
+    done_keys,
+    load_summary,
+    new_figure,
+    save_figure,
+)
 from memtrain.eval.stats import CONFIDENCE, RESAMPLES, bootstrap_ci, paired_difference_ci
-from memtrain.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from memtrain.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from memtrain.log import logger
 from memtrain.progress import Progress, estimate_turns
 from memtrain.prompts import render, template
@@ -215,14 +226,7 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
 
 def plot(summary: Mapping[str, Any], path: Path) -> Path:
     """Bars per metric, E2E and IMR side by side, with the 95% intervals as error bars."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, ax = new_figure()
     width = 0.4
     for i, part in enumerate(PARTS):
         block = summary[part]["metrics"]
@@ -234,16 +238,9 @@ def plot(summary: Mapping[str, Any], path: Path) -> Path:
         ax.bar([j + i * width for j in range(len(METRICS))], means, width, yerr=err, capsize=3,
                label=f"{part.upper()} (n={summary[part]['n']})")
     ax.set_xticks([j + width / 2 for j in range(len(METRICS))], list(METRICS))
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
     ax.set_title(f"proxy: {summary.get('model', '?')}")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, ax, path)
 
 
 def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit: int | None = None,
@@ -255,14 +252,7 @@ def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit
     ``limit`` is not part of the resume check: a run can be extended to more documents in the same
     directory, and its summary covers the first ``limit`` documents of the set.
     """
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit {limit}: expected a positive number of documents")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
-    if temperature < 0:
-        raise ValueError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"--top-p {top_p}: expected a value in (0, 1]")
+    check_decoding_args(limit, batch_size, temperature, top_p, unit="documents")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"--seed {seed!r}: expected an integer (it also seeds the IMR question draw)")
     out = Path(out_dir)

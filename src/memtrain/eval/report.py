@@ -173,17 +173,50 @@ def markdown_table(summary: Mapping[str, Any], extra_keys: Sequence[str] = ()) -
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: Mapping[str, Any], path: Path, metrics: Sequence[str] = METRICS) -> Path:
-    """longqa: each metric vs. number of documents (log x); searchqa: grouped bars per data set."""
-    import io
+def check_decoding_args(limit: int | None, batch_size: int, temperature: float, top_p: float,
+                        unit: str = "examples") -> None:
+    """The one-line errors every evaluation gives for bad --limit / --batch-size / --temperature / --top-p."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: expected a positive number of {unit}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
+    if temperature < 0:
+        raise ValueError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p {top_p}: expected a value in (0, 1]")
 
+
+def new_figure() -> tuple[Any, Any]:
+    """A (figure, axes) pair of the reports' size, drawn off-screen."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    return plt.subplots(figsize=(7, 4), dpi=100)
+
+
+def save_figure(fig: Any, ax: Any, path: Path) -> Path:
+    """Finish a report figure (percent axis, grid, legend) and write it as PNG atomically."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot(summary: Mapping[str, Any], path: Path, metrics: Sequence[str] = METRICS) -> Path:
+    """longqa: each metric vs. number of documents (log x); searchqa: grouped bars per data set."""
+    import matplotlib.ticker
+
+    fig, ax = new_figure()
     order = [g for g in summary["order"] if summary["groups"][g]["metrics"] is not None]
     if summary["task"] == "longqa":
         xs = [int(g) for g in order]
@@ -201,16 +234,9 @@ def plot(summary: Mapping[str, Any], path: Path, metrics: Sequence[str] = METRIC
                    [100 * summary["groups"][g]["metrics"][m] for g in order], width, label=m)
         ax.set_xticks([j + width * (len(metrics) - 1) / 2 for j in range(len(order))], order)
         ax.set_xlabel("data set")
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
     ax.set_title(f"{summary['task']}: {summary.get('model', '?')}")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, ax, path)
 
 
 def write_report(out_dir: Path, summary: Mapping[str, Any], extra_keys: Sequence[str] = ()) -> None:
