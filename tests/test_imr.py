@@ -218,3 +218,21 @@ def test_target_masking_follows_the_rules_of_the_proxy_data(tok) -> None:
     assert "In [TARGET] the Curie lab may grow" in prompts["May"]
     assert "United States" not in prompts["United States"] and "told us" in prompts["United States"]
     assert "Curie" not in prompts["Marie Curie"] and prompts["Marie Curie"].count(TARGET_TOKEN) == 3
+
+
+def test_the_trajectories_of_a_sample_share_the_chunk_entity_work(tok, cfg, monkeypatch) -> None:
+    """G1 trajectories read the same chunks: their maskable entities are computed once per chunk, and the
+    draws are the same as without the cache."""
+    import memtrain.agent.imr as imr
+
+    sample = _sample()
+    agent = MemoryAgent(ScriptedEngine(_reply, tok), tok, cfg)
+    trajs = agent.run([sample], SamplingParams(temperature=1.0), n=4)
+    calls = []
+    real = imr._chunk_entities
+    monkeypatch.setattr(imr, "_chunk_entities", lambda *a: calls.append(a[2]) or real(*a))
+    cached = agent.imr_prompts(trajs, [sample], random.Random(3))
+    assert sorted(calls) == sorted(set(calls)) and len(calls) <= len(trajs[0].chunks)
+    rng = random.Random(3)
+    uncached = [build_imr_prompt(t, sample, tok, cfg, rng, trajectory_index=i) for i, t in enumerate(trajs)]
+    assert cached == uncached

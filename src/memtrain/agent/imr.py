@@ -121,9 +121,28 @@ def _chunk_entities(traj: Trajectory, sample: Mapping[str, Any], chunk_l: int,
     return out
 
 
+ChunkCache = dict[tuple[int, int, tuple[int, int]], list[tuple[str, str, str]]]
+
+
+def _cached_entities(traj: Trajectory, sample: Mapping[str, Any], chunk_l: int, ner: Ner | None,
+                     cache: ChunkCache | None) -> list[tuple[str, str, str]]:
+    """:func:`_chunk_entities`, computed once per chunk of a sample: the G1 trajectories of a sample read the
+    same chunks, so without ``cache`` their IMR draws would mask every chunk G1 times over."""
+    if cache is None:
+        return _chunk_entities(traj, sample, chunk_l, ner)
+    key = (traj.sample_index, chunk_l, traj.chunk_char_spans[chunk_l])
+    if key not in cache:
+        cache[key] = _chunk_entities(traj, sample, chunk_l, ner)
+    return cache[key]
+
+
 def build_imr_prompt(traj: Trajectory, sample: dict, tokenizer: Any, config: AgentConfig, rng: random.Random,
-                     ner: Ner | None = None, trajectory_index: int = -1) -> ImrPrompt | None:
-    """Draw (k, l, entity) for one finished trajectory and render its IMR prompt; None if none exists."""
+                     ner: Ner | None = None, trajectory_index: int = -1,
+                     cache: ChunkCache | None = None) -> ImrPrompt | None:
+    """Draw (k, l, entity) for one finished trajectory and render its IMR prompt; None if none exists.
+
+    ``cache``: share one dict over the trajectories of one batch of samples (see :func:`_cached_entities`).
+    """
     num_chunks = len(traj.chunks)
     if len(traj.memories) != num_chunks + 1:
         raise ValueError(f"trajectory of sample {traj.sample_id!r} is unfinished: "
@@ -132,7 +151,7 @@ def build_imr_prompt(traj: Trajectory, sample: dict, tokenizer: Any, config: Age
     steps = [k for k in range(1, num_chunks + 1) if traj.memories[k] != initial]
     if not steps:
         return None
-    entities = [_chunk_entities(traj, sample, j, ner) for j in range(max(steps))]
+    entities = [_cached_entities(traj, sample, j, ner, cache) for j in range(max(steps))]
     steps = [k for k in steps if any(entities[:k])]
     if not steps:
         return None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from memtrain.agent.chunking import ChunkedDocument, chunk_document
-from memtrain.agent.imr import ImrPrompt, Ner, build_imr_prompt
+from memtrain.agent.imr import ChunkCache, ImrPrompt, Ner, build_imr_prompt
 from memtrain.agent.seeding import derive_seed
 from memtrain.agent.types import Trajectory, Turn
 from memtrain.budgets import check_context_budget
@@ -235,9 +235,10 @@ class MemoryAgent:
         ``samples`` is the list given to :meth:`run`; the result is aligned with ``trajectories``.
         """
         out: list[ImrPrompt | None] = []
+        cache: ChunkCache = {}  # the trajectories of a sample share its chunks and their maskable entities
         for i, traj in enumerate(trajectories):
             p = build_imr_prompt(traj, samples[traj.sample_index], self.tokenizer, self.config, rng, ner=ner,
-                                 trajectory_index=i)
+                                 trajectory_index=i, cache=cache)
             self.stats["imr_prompts" if p is not None else "imr_none"] += 1
             out.append(p)
         return out
