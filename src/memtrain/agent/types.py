@@ -7,9 +7,10 @@ The trainer turns each :class:`Turn` into one training sequence (``prompt_ids + 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 TurnKind = Literal["memory", "final", "imr", "search"]
+TURN_KINDS: tuple[str, ...] = get_args(TurnKind)  # the one list: training sequences and statistics use it
 
 
 @dataclass

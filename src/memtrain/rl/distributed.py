@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from memtrain.agent.types import TURN_KINDS
 from memtrain.log import logger
 from memtrain.rl.core import num_sessions
 
@@ -52,8 +53,8 @@ T = TypeVar("T")
 # already normalised by the global totals, so their per-rank parts add up; means are re-weighted by tokens
 # or sequences; anything else (grad_norm, lr, skipped_*) is computed after the gradient reduction and equal
 # on every rank.
-SUM_STATS = frozenset({"loss", "pg_loss", "kl", "num_seqs", "num_tokens", "num_sessions", "num_seqs_memory",
-                       "num_seqs_final", "num_seqs_imr", "num_seqs_search", "num_micro_batches"})
+SUM_STATS = frozenset({"loss", "pg_loss", "kl", "num_seqs", "num_tokens", "num_sessions", "num_micro_batches",
+                       *(f"num_seqs_{kind}" for kind in TURN_KINDS)})
 TOKEN_MEAN_STATS = frozenset({"entropy", "clip_frac", "approx_kl", "ratio_mean", "old_logprob_mean_diff",
                               "mismatch_kl", "tis_frac", "tis_weight_mean", "tis_trunc_frac"})
 SEQ_MEAN_STATS = frozenset({"adv_mean", "adv_abs_mean", "old_logprob_sampler_frac"})

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from memtrain.agent.types import TURN_KINDS
 from memtrain.config import ConfigError, RLConfig
 from memtrain.log import logger
 from memtrain.precision import autocast_for
@@ -54,7 +55,7 @@ from memtrain.rl.distributed import DistContext
 
 __all__ = ["autocast_for"]  # re-exported: it lived here before memtrain.precision
 
-KINDS: tuple[str, ...] = ("memory", "final", "imr", "search")  # = memtrain.agent.types.TurnKind
+KINDS = TURN_KINDS
 
 
 @dataclass
