@@ -20,6 +20,7 @@ from memtrain.budgets import (
     SMALL_CPU_BUDGETS,
     apply_default_budgets,
     check_context_budget,
+    context_need,
     default_budgets,
 )
 from memtrain.cli import eval as eval_cli
@@ -139,6 +140,10 @@ def test_context_check_names_every_budget() -> None:
     with pytest.raises(ValueError, match=r"agent.answer_tokens 4000 \(final turn\) = 5124 tokens > "
                                          r"the model's 4096 positions"):
         check_context_budget(long_answer, 4096)
+    # proxy training and evaluation also hold an IMR turn (memory + chunk + answer): the largest one here
+    with pytest.raises(ValueError, match=r"agent.answer_tokens 4000 \(IMR turn\) = 5224 tokens > "):
+        check_context_budget(long_answer, 4096, imr=True)
+    assert context_need(long_answer, imr=True)[0] == 1024 + 100 + 100 + 4000
 
 
 def test_agent_fails_before_generating_when_budgets_exceed_the_context(tiny_model_dir: Path) -> None:
@@ -274,3 +279,21 @@ def test_train_checks_out_and_context_before_anything_loads(tmp_path: Path, tiny
     err = capsys.readouterr().err.strip()
     assert "agent.chunk_tokens 9000" in err and "8192 positions" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_checkpoint_is_evaluated_with_the_budgets_it_was_trained_with(tmp_path: Path) -> None:
+    """`eval proxy --model RUN/checkpoints/latest` next to the base model must read documents the same way:
+    the defaults for a checkpoint are its training run's budgets, not the paper's."""
+    from memtrain.config import load_config, save_config
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_000005"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"model_name": "smollm2-135m"}))
+    (run / "checkpoints" / "latest").symlink_to("step_000005")
+    save_config(load_config(None, ["agent.chunk_tokens=256", "agent.memory_tokens=96",
+                                   "agent.answer_tokens=32"]), run / "config.yaml")
+    cfg = load_config(None, [f"model.name={run / 'checkpoints' / 'latest'}"])
+    line = apply_default_budgets(cfg, device="cuda")
+    assert (cfg.agent.chunk_tokens, cfg.agent.memory_tokens, cfg.agent.answer_tokens) == (256, 96, 32)
+    assert "trained with" in line

@@ -259,3 +259,17 @@ def test_tis_stats_and_when_it_applies() -> None:
     close = [TrainSequence([0], [a], 1.0, [float(log_p[a]) - 1e-3]) for a in range(3)]
     auto = accumulate_policy_gradients(model, close, cfg.model_copy(update={"old_logprobs": "auto"}))
     assert auto["old_logprob_source"] == "sampler" and auto["tis_frac"] == 0.0
+
+
+def test_inference_loading_follows_the_compute_dtype(tiny_model_dir) -> None:
+    """Evaluation loads weights in the compute dtype (auto), or autocasts explicitly requested fp32 weights
+    to it; it never silently computes in another dtype than the one the eval records."""
+    from memtrain.models import load_policy
+    from memtrain.precision import autocast_dtype
+
+    bf16 = load_policy(str(tiny_model_dir), "auto", "cpu", inference_compute_dtype="bfloat16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    fp32 = load_policy(str(tiny_model_dir), "float32", "cpu", inference_compute_dtype="bfloat16")
+    assert next(fp32.parameters()).dtype == torch.float32 and autocast_dtype(fp32) == torch.bfloat16
+    plain = load_policy(str(tiny_model_dir), "float32", "cpu", inference_compute_dtype="float32")
+    assert autocast_dtype(plain) is None

@@ -73,10 +73,13 @@ def test_latest_found_from_step_dirs_when_the_link_is_lost_or_copied(tmp_path: P
         ck.resume_checkpoint(run)
     # no checkpoint dir at all, but metrics.jsonl says one was due after step 2
     shutil.rmtree(root)
-    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
     with pytest.raises(FileNotFoundError, match="records step 2, after which a checkpoint was written"):
         ck.resume_checkpoint(run, checkpoint_every=2)
     assert ck.resume_checkpoint(run, checkpoint_every=5) is None  # killed before its first checkpoint
+    # step 2's row is written before its checkpoint: killed while saving the first one, the run resumes
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    assert ck.resume_checkpoint(run, checkpoint_every=2) is None
 
 
 def test_truncated_metrics_rows_are_moved_not_erased(tmp_path: Path) -> None:

@@ -21,26 +21,32 @@ SMALL_CPU_BUDGETS = {"chunk_tokens": 1024, "memory_tokens": 128, "answer_tokens"
 SMALL_MODELS = ("smollm2",)  # the embedded CPU model, by short name, HF name or asset directory
 
 
-def context_need(agent: AgentConfig) -> tuple[int, str]:
+def context_need(agent: AgentConfig, imr: bool = False) -> tuple[int, str]:
     """The most tokens one turn can hold (prompt + response) and that sum spelled out by budget name.
 
     A memory turn holds instruction/problem, the previous memory, a chunk and the new memory it writes; the
-    final turn holds instruction/problem, the memory and the answer.
+    final turn holds instruction/problem, the memory and the answer; with ``imr`` (proxy training and
+    evaluation) an IMR turn holds instruction/problem, a memory, a chunk and the answer.
     """
     a = agent
-    read = a.instruction_tokens + a.chunk_tokens + 2 * a.memory_tokens
-    final = a.instruction_tokens + a.memory_tokens + a.answer_tokens
     head = f"agent.instruction_tokens {a.instruction_tokens}"
-    if read >= final:
-        return read, (f"{head} + agent.chunk_tokens {a.chunk_tokens} + agent.memory_tokens {a.memory_tokens} "
-                      f"(memory read) + agent.memory_tokens {a.memory_tokens} (memory written)")
-    return final, (f"{head} + agent.memory_tokens {a.memory_tokens} + agent.answer_tokens {a.answer_tokens} "
-                   "(final turn)")
+    turns = [(a.instruction_tokens + a.chunk_tokens + 2 * a.memory_tokens,
+              f"{head} + agent.chunk_tokens {a.chunk_tokens} + agent.memory_tokens {a.memory_tokens} (memory "
+              f"read) + agent.memory_tokens {a.memory_tokens} (memory written)"),
+             (a.instruction_tokens + a.memory_tokens + a.answer_tokens,
+              f"{head} + agent.memory_tokens {a.memory_tokens} + agent.answer_tokens {a.answer_tokens} "
+              "(final turn)")]
+    if imr:
+        turns.append((a.instruction_tokens + a.chunk_tokens + a.memory_tokens + a.answer_tokens,
+                      f"{head} + agent.chunk_tokens {a.chunk_tokens} + agent.memory_tokens {a.memory_tokens} "
+                      f"+ agent.answer_tokens {a.answer_tokens} (IMR turn)"))
+    return max(turns, key=lambda t: t[0])
 
 
-def check_context_budget(agent: AgentConfig, context: int, model: str = "the model") -> None:
+def check_context_budget(agent: AgentConfig, context: int, model: str = "the model",
+                         imr: bool = False) -> None:
     """Fail in one line, before any generation, when a turn's budgets exceed the model's positions."""
-    need, terms = context_need(agent)
+    need, terms = context_need(agent, imr)
     if need <= context:
         return
     over = need - context
@@ -75,14 +81,36 @@ def run_device(cfg: Any) -> str:
     return default_device()
 
 
+def training_run_budgets(model: str) -> tuple[dict[str, int], str] | None:
+    """The budgets a checkpoint was trained with (``RUN/checkpoints/step_N`` -> ``RUN/config.yaml``), so
+    that evaluating a trained model next to its base model reads the documents the same way; None when
+    ``model`` is not a memtrain checkpoint directory."""
+    from pathlib import Path
+
+    from memtrain.config import ConfigError, load_config
+
+    path = Path(model).expanduser()
+    run_config = path.resolve().parent.parent / "config.yaml"
+    if not (path / "meta.json").is_file() or not run_config.is_file():
+        return None
+    try:
+        trained = load_config(run_config).agent
+    except ConfigError:
+        return None
+    return ({f: getattr(trained, f) for f in BUDGET_FIELDS},
+            f"the budgets {model} was trained with ({run_config})")
+
+
 def apply_default_budgets(cfg: Any, config_path: Any = None, device: str | None = None) -> str:
     """Fill the budgets the user did not set (no ``--config``; flags and overrides always win) and return
-    the "budgets in force" line every agent command prints."""
+    the "budgets in force" line every agent command prints: a checkpoint's training budgets, else the
+    defaults for the model and device."""
     agent: AgentConfig = cfg.agent
     if config_path is not None:
         why = f"from {config_path}"
     else:
-        budgets, why = default_budgets(cfg.model.name, device or run_device(cfg))
+        budgets, why = (training_run_budgets(cfg.model.name)
+                        or default_budgets(cfg.model.name, device or run_device(cfg)))
         explicit = [f for f in BUDGET_FIELDS if f in agent.model_fields_set]
         for field, value in budgets.items():
             if field not in explicit:

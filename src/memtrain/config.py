@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+ComputeDtype = Literal["auto", "float32", "bfloat16"]  # model.compute_dtype (memtrain.precision)
+
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be turned into a valid config."""
@@ -66,7 +68,7 @@ class ModelConfig(Section):
 
     name: str = "smollm2-135m"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    compute_dtype: ComputeDtype = Field(
         "auto",
         description="dtype of the matmuls in training forward/backward, the KL reference and HF-engine "
         "generation, under autocast over float32 master weights: auto = bf16 where the device has fast bf16 "

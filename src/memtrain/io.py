@@ -281,13 +281,3 @@ def release_dir_lock(directory: Path) -> None:
         return
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
-
-
-@contextmanager
-def locked_dir(directory: Path) -> Iterator[Path]:
-    """``directory`` locked for the duration of the block (:func:`acquire_dir_lock`)."""
-    acquire_dir_lock(directory)
-    try:
-        yield Path(directory)
-    finally:
-        release_dir_lock(directory)

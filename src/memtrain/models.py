@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from memtrain.assets import ASSETS, resolve
+from memtrain.assets import ASSETS, AssetError, resolve
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -66,7 +66,7 @@ def _local_source(name: str, what: str) -> str:
     transformers sees it (its errors for an empty dir are long tracebacks)."""
     try:
         path = resolve(name, kind="model")
-    except Exception as exc:
+    except AssetError as exc:  # a missing path or a bad embedded asset: one line (OS errors stay OS errors)
         raise ModelLoadError(str(exc)) from exc
     if not os.path.exists(path):
         return path  # a hub name (resolve refuses path-like names that do not exist)
@@ -161,22 +161,27 @@ def load_policy(name: str, dtype: str = "auto", device: str | None = None,
 
     ``inference_compute_dtype`` (``model.compute_dtype``, for evaluation and ``memtrain answer``): with
     ``dtype="auto"`` the weights are loaded directly in the compute dtype it resolves to (bf16 where the
-    device runs it fast): nothing trains, so no float32 master copy is needed.
+    device runs it fast): nothing trains, so no float32 master copy is needed; float32 weights asked for
+    explicitly compute under autocast to it (:mod:`memtrain.precision`).
     """
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
     path = _local_source(name, "model")
-    if dtype == "auto" and inference_compute_dtype is not None:
+    compute = None
+    if inference_compute_dtype is not None:
         from memtrain.precision import resolve_compute_dtype
 
-        weights = resolve_compute_dtype(inference_compute_dtype, device)
-    else:
-        weights = resolve_dtype(dtype, device)
+        compute = resolve_compute_dtype(inference_compute_dtype, device)
+    weights = compute if dtype == "auto" and compute is not None else resolve_dtype(dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=weights)
     except Exception as exc:  # OSError (hub/offline), SafetensorError (damaged weights), ...
         raise _load_failed(name, path, "model", exc) from exc
+    if compute is not None and weights != compute:
+        from memtrain.precision import set_compute_dtype
+
+        set_compute_dtype(model, compute)
     return model.to(device)
 
 

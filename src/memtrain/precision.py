@@ -16,12 +16,13 @@ from __future__ import annotations
 import functools
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 
-ComputeDtype = Literal["auto", "float32", "bfloat16"]
-COMPUTE_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
+from memtrain.config import ComputeDtype
+
+COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDtype)
 _ATTR = "_memtrain_compute_dtype"
 
 # /proc/cpuinfo flags of CPUs whose bf16 matmuls are fast: x86 AMX / AVX512-BF16, Arm's BF16 extension

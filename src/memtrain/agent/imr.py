@@ -42,7 +42,6 @@ from memtrain.data.entities import (
     DEFAULT_MAX_MASKS,
     Span,
     candidates,
-    count_matches,
     find_leaks,
     mask_forms,
     normalize_spans,
@@ -69,16 +68,24 @@ class ImrPrompt:
     entity_label: str = ""    # NER label of the entity (e.g. GPE, DATE)
 
 
-def _maskable(chunk: str, spans: list[Span]) -> list[tuple[str, str, str]]:
-    """(entity, label, masked chunk) for every candidate of ``chunk`` that the masking rule can hide: no
-    variant survives and at most ``DEFAULT_MAX_MASKS`` replacements."""
+def _mask_target(chunk: str, entity: str, variants: list[str]) -> str | None:
+    """``chunk`` with ``entity`` and its variants masked as ``[TARGET]``; None when the rule cannot hide it
+    (not in the chunk, a variant survives, or more than ``DEFAULT_MAX_MASKS`` replacements)."""
+    masked = mask_forms(chunk, entity, TARGET_TOKEN, variants)
+    if 0 < masked.count <= DEFAULT_MAX_MASKS and not find_leaks(masked.text, entity, variants):
+        return masked.text
+    return None
+
+
+def _maskable(chunk: str, spans: list[Span], masked_in: str | None = None) -> list[tuple[str, str, str]]:
+    """(entity, label, masked chunk) for every candidate of ``chunk`` that the masking rule can hide; the
+    masking is applied to ``masked_in`` (default ``chunk``: the text the prompt will show)."""
     others = [chunk[s:e] for s, e, _ in spans]
     out = []
     for c in candidates(chunk, spans, MAX_ENTITY_OCCURRENCES, MAX_ENTITY_WORDS):
         variants = variant_forms(c.text, c.label, others)
-        masked = mask_forms(chunk, c.text, TARGET_TOKEN, variants)
-        if 0 < masked.count <= DEFAULT_MAX_MASKS and not find_leaks(masked.text, c.text, variants):
-            out.append((c.text, c.label, masked.text))
+        if (masked := _mask_target(chunk if masked_in is None else masked_in, c.text, variants)) is not None:
+            out.append((c.text, c.label, masked))
     return out
 
 
@@ -108,17 +115,9 @@ def _chunk_entities(traj: Trajectory, sample: Mapping[str, Any], chunk_l: int,
                              f"({len(context)} characters)")
         if lo <= s and e <= hi:
             inside.append((s - lo, e - lo, label))
-    found = _maskable(context[lo:hi], inside)
-    if chunk == context[lo:hi]:
-        return found
-    # The chunk is the decoded token slice: for byte-level tokenizers it equals context[lo:hi]; for others,
-    # keep only entities that the chunk text really contains, masked in the chunk itself.
-    out = []
-    for entity, label, _ in found:
-        masked = mask_forms(chunk, entity, TARGET_TOKEN)
-        if count_matches(chunk, entity) > 0 and not find_leaks(masked.text, entity):
-            out.append((entity, label, masked.text))
-    return out
+    # The chunk is the decoded token slice: for byte-level tokenizers it equals context[lo:hi]; for others
+    # the entities (found in the context) are masked, variants and checks included, in the chunk itself.
+    return _maskable(context[lo:hi], inside, masked_in=chunk)
 
 
 ChunkCache = dict[tuple[int, int, tuple[int, int]], list[tuple[str, str, str]]]

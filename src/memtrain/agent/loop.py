@@ -102,6 +102,7 @@ class MemoryAgent:
         self.tokenizer = tokenizer
         self.config = config
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self._instruction_lengths: dict[str, int] = {}
         self.context_length = context_length if context_length is not None else engine_context_length(engine)
         if self.context_length is not None:
             check_context_budget(config, self.context_length)
@@ -123,11 +124,17 @@ class MemoryAgent:
     def final_prompt(self, problem: str, memory: str) -> tuple[str, list[int]]:
         return render(self.tokenizer, "final", self.config.templates, problem=problem, memory=memory)
 
+    def _instruction_length(self, problem: str) -> int:
+        """Tokens of the memory prompt without memory and chunk (cached: a proxy set asks one question)."""
+        if problem not in self._instruction_lengths:
+            self._instruction_lengths[problem] = len(self.memory_prompt(problem, "", "")[1])
+        return self._instruction_lengths[problem]
+
     def check_problem_budget(self, sample: Mapping[str, Any], index: int) -> None:
         """Fail, naming the sample, when instruction + problem (the memory prompt without memory and chunk)
         exceed ``agent.instruction_tokens``: the prompt would silently overflow the context the chunk and
         memory budgets were sized for (MEMTRAIN.md section 1)."""
-        n = len(self.memory_prompt(sample["question"], "", "")[1])
+        n = self._instruction_length(sample["question"])
         if n > self.config.instruction_tokens:
             raise ValueError(
                 f"sample {index} (id {sample.get('id')!r}): instruction + problem take {n} tokens, over "
@@ -228,12 +235,18 @@ class MemoryAgent:
                           scores=score(answer, golds) if golds else {}, truncated=s.doc.truncated,
                           num_doc_tokens=s.doc.num_tokens, empty_memories=s.empty_memories)
 
+    def check_imr_budget(self) -> None:
+        """The IMR turn (memory + chunk + answer) must fit the model's context too (see memtrain.budgets)."""
+        if self.context_length is not None:
+            check_context_budget(self.config, self.context_length, imr=True)
+
     def imr_prompts(self, trajectories: list[Trajectory], samples: list[dict], rng: random.Random,
                     ner: Ner | None = None) -> list[ImrPrompt | None]:
         """One IMR prompt per trajectory (``None`` where no valid choice exists, counted in ``imr_none``).
 
         ``samples`` is the list given to :meth:`run`; the result is aligned with ``trajectories``.
         """
+        self.check_imr_budget()
         out: list[ImrPrompt | None] = []
         cache: ChunkCache = {}  # the trajectories of a sample share its chunks and their maskable entities
         for i, traj in enumerate(trajectories):

@@ -65,7 +65,8 @@ def check_before_training(config: Config, out: Path) -> None:
             context = model_context_length(config.model.name, None)
         except ValueError:
             return  # unknown context: the engine enforces its own limit
-        check_context_budget(config.agent, context, config.model.name)
+        check_context_budget(config.agent, context, config.model.name,
+                             imr=config.train.task == "proxy" and config.rl.imr)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -86,6 +87,7 @@ def _train(args: argparse.Namespace) -> int:
             )
     config = load_config(config_path, args.overrides)
     out = args.out or Path("runs") / config_path.stem
+    check_before_training(config, out)
     if args.backend == "verl":
         from memtrain.backends.verl.launch import run as run_verl
 
@@ -93,7 +95,6 @@ def _train(args: argparse.Namespace) -> int:
             return run_verl(config, out, resume=args.resume, dry_run=args.dry_run)
         except FileExistsError as exc:
             raise UserError(str(exc)) from exc
-    check_before_training(config, out)
     try:
         train(config, out, resume=args.resume)
     except (FileExistsError, NonFiniteError) as exc:

@@ -398,13 +398,16 @@ class ProxyBuilder:
     # -------------------------------------------------------------------------------------------- documents
 
     def _assemble(
-        self, rows: list[int], texts: list[str], ents: dict[int, list[Span]], cand: Candidate
+        self, rows: list[int], texts: list[str], ents: dict[int, list[Span]], cand: Candidate,
+        others: set[str] | None = None,
     ) -> tuple[str, list[dict[str, Any]], int, list[str], int] | str:
         """The masked document, the entity spans in it and the numbers of masks and of masked variants; or
         why ``cand`` cannot be the answer: it needs more than ``max_masks`` masks, or a variant survives
-        (e.g. in a ``Document i:`` header). The cheap checks come first: most candidates fail one."""
+        (e.g. in a ``Document i:`` header). The cheap checks come first: most candidates fail one.
+        ``others``: the texts of every NER span of the passages (computed once per document by the caller)."""
         answer = cand.text
-        others = {texts[i][s:e] for i, row in enumerate(rows) for s, e, _ in ents[row]}
+        if others is None:
+            others = span_texts(rows, texts, ents)
         variants = variant_forms(answer, cand.label, others)
         masked = [mask_forms(text, answer, MASK_TOKEN, variants) for text in texts]
         if sum(m.count for m in masked) > self.cfg.max_masks:
@@ -443,8 +446,9 @@ class ProxyBuilder:
         """The first candidate whose masked document passes the masking checks, with that document."""
         ents = self.tagger(order)
         texts = self.store.texts(order)
+        others = span_texts(order, texts, ents)
         for cand in cand_order:
-            built = self._assemble(order, texts, ents, cand)
+            built = self._assemble(order, texts, ents, cand, others)
             if not isinstance(built, str):
                 return cand, built
             self.counts[f"candidates_rejected_{built}"] += 1
@@ -561,6 +565,11 @@ class ProxyBuilder:
                 "leak_rate": self.leaked_docs / max(len(self.masks), 1),
             },
         }
+
+
+def span_texts(rows: list[int], texts: list[str], ents: dict[int, list[Span]]) -> set[str]:
+    """The texts of every NER span of a document's passages (where a candidate's variants are looked up)."""
+    return {texts[i][s:e] for i, row in enumerate(rows) for s, e, _ in ents[row]}
 
 
 def distribution(values: list[int]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from memtrain.eval.report import (
     summarize,
     write_report,
 )
-from memtrain.io import append_jsonl, read_jsonl
+from memtrain.io import append_jsonl, read_jsonl, release_dir_lock
 from memtrain.log import logger
 from memtrain.models import model_context_length
 from memtrain.progress import Progress, estimate_turns
@@ -250,4 +250,5 @@ def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode
                                                   len(records))]
         logger.warning("longqa eval: %s", summary["warnings"][0])
     write_report(out, summary, EXTRA_KEYS)
+    release_dir_lock(out)  # taken by check_resume: the run is complete
     return summary

@@ -53,7 +53,7 @@ from memtrain.eval.report import (
     save_figure,
 )
 from memtrain.eval.stats import CONFIDENCE, RESAMPLES, bootstrap_ci, paired_difference_ci
-from memtrain.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from memtrain.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, release_dir_lock
 from memtrain.log import logger
 from memtrain.progress import Progress, estimate_turns
 from memtrain.prompts import render, template
@@ -280,6 +280,7 @@ def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit
     if todo:
         engine, tokenizer = load_engine(cfg, engine, tokenizer)
         agent = MemoryAgent(engine, tokenizer, a)
+        agent.check_imr_budget()  # every document gets an IMR question
         pending = [r for _, batch in todo for r in batch]
         progress = Progress("proxy eval", len(pending), sum(_turns(a, r) for r in pending))
         for b, batch in todo:
@@ -296,6 +297,7 @@ def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit
     atomic_write_json(out / SUMMARY, summary)
     atomic_write_text(out / TABLE, markdown_table(summary))
     plot(summary, out / PLOT)
+    release_dir_lock(out)  # taken by check_resume: the run is complete
     return summary
 
 

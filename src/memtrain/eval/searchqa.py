@@ -18,8 +18,15 @@ from memtrain.data.dataset import load_rows, require_columns
 from memtrain.data.searchqa import eval_sets
 from memtrain.engines.base import Engine, SamplingParams
 from memtrain.eval.longqa import load_engine
-from memtrain.eval.report import EXAMPLES, check_resume, done_keys, summarize, write_report
-from memtrain.io import append_jsonl, read_jsonl
+from memtrain.eval.report import (
+    EXAMPLES,
+    check_decoding_args,
+    check_resume,
+    done_keys,
+    summarize,
+    write_report,
+)
+from memtrain.io import append_jsonl, read_jsonl, release_dir_lock
 from memtrain.log import logger
 from memtrain.progress import Progress
 from memtrain.retrieval.service import SearchBackend, open_retriever
@@ -50,10 +57,7 @@ def run_searchqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, re
 
     ``retriever`` overrides ``cfg.search.retriever``; ``backend`` (an open retriever) overrides both.
     """
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit {limit}: expected a positive number of tasks per data set")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
+    check_decoding_args(limit, batch_size, temperature, 1.0, unit="tasks per data set")
     spec = retriever or cfg.search.retriever
     if backend is None and not spec:
         raise ValueError("--retriever: required (URL of `memtrain serve-retriever`, an index directory or a "
@@ -102,4 +106,5 @@ def run_searchqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, re
     records = [r for r in read_jsonl(out / EXAMPLES) if r["key"] in keys]
     summary = summarize(records, "searchqa", list(groups), meta, EXTRA_KEYS)
     write_report(out, summary, EXTRA_KEYS)
+    release_dir_lock(out)  # taken by check_resume: the run is complete
     return summary

@@ -241,8 +241,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _checkpointed_metric_steps(run_dir: Path, checkpoint_every: int) -> list[int]:
-    """Steps in metrics.jsonl after which a checkpoint was due (a multiple of ``checkpoint_every`` whose
-    update was not skipped)."""
+    """Steps in metrics.jsonl after which a checkpoint was surely written: a multiple of
+    ``checkpoint_every`` whose update was not skipped, followed by a later logged step (step N's row is
+    written before its checkpoint: a run killed saving its first checkpoint has the row only)."""
     from memtrain.io import read_jsonl
     from memtrain.rl.metrics import METRICS_FILE
 
@@ -256,7 +257,9 @@ def _checkpointed_metric_steps(run_dir: Path, checkpoint_every: int) -> list[int
             "skipped_nonfinite"
         ) != 1.0:
             steps.append(step)
-    return steps
+    logged = [row.get("step") for row in read_jsonl(path) if isinstance(row.get("step"), int)]
+    last = max(logged, default=0)
+    return [s for s in steps if s < last]
 
 
 def resume_checkpoint(run_dir: Path, checkpoint_every: int | None = None) -> Path | None:

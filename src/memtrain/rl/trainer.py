@@ -277,8 +277,8 @@ def check_run_dir(out_dir: Path, config: Config, resume: bool) -> Path | None:
             )
         ckpt_io.remove_partial_checkpoints(out_dir)
         # newest complete step_* dir, even when `latest` was lost in a copy; refuses to restart over history
-        every = min(load_config(config_path).train.checkpoint_every, config.train.checkpoint_every)
-        checkpoint = ckpt_io.resume_checkpoint(out_dir, every)
+        # the cadence the logged steps ran with (the run's config), not the one asked for now
+        checkpoint = ckpt_io.resume_checkpoint(out_dir, load_config(config_path).train.checkpoint_every)
     return checkpoint
 
 
@@ -286,13 +286,6 @@ def write_run_config(out_dir: Path, config: Config) -> None:
     """The (possibly updated, e.g. more steps) resolved config: what marks ``out_dir`` as a run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)
-
-
-def prepare_run_dir(out_dir: Path, config: Config, resume: bool) -> Path | None:
-    """:func:`check_run_dir`, then :func:`write_run_config`; returns the checkpoint to resume from."""
-    checkpoint = check_run_dir(out_dir, config, resume)
-    write_run_config(out_dir, config)
-    return checkpoint
 
 
 def _device(config: Config) -> str:

@@ -53,8 +53,6 @@ from memtrain.rl.core import (
 )
 from memtrain.rl.distributed import DistContext
 
-__all__ = ["autocast_for"]  # re-exported: it lived here before memtrain.precision
-
 KINDS = TURN_KINDS
 
 
