@@ -14,7 +14,7 @@ rl.top_p < 1, so at any training temperature the two agree.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -54,3 +54,23 @@ class Engine(Protocol):
     def generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
         """Return, for each request, ``request.params.n`` completions."""
         ...
+
+
+@runtime_checkable
+class PolicyFollower(Protocol):
+    """An engine the trainer can keep sampling from the policy it updates (the optional part of Engine).
+
+    ``sync_weights(model)`` is called once before the first rollout and after every optimizer step: afterwards
+    the engine must sample from ``model``'s current weights (the HF engine wraps the model itself, so it has
+    nothing to copy; the vLLM engine reloads them and checks the copy). It returns numbers for the step's
+    metrics row (e.g. ``sync_s``), and raises on a sync it cannot verify. An engine without it (a remote
+    server) cannot be trained with; the trainer says so before the first step.
+    """
+
+    def sync_weights(self, model: Any) -> dict[str, float]:
+        ...
+
+
+def can_follow_policy(engine: Engine) -> bool:
+    """Whether the trainer can keep ``engine`` in step with the policy (it implements ``sync_weights``)."""
+    return callable(getattr(engine, "sync_weights", None))

@@ -235,6 +235,13 @@ class HFEngine:
     def eos_token_ids(self) -> frozenset[int]:
         return eos_token_ids(self.model, self.tokenizer)
 
+    def sync_weights(self, model: Any) -> dict[str, float]:
+        """Nothing to copy: this engine samples from the trainer's own model object."""
+        if model is not self.model:
+            raise ValueError("HFEngine.sync_weights: the engine wraps another model object than the one "
+                             "being trained; build it with make_engine(..., model=<the policy>)")
+        return {}
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
