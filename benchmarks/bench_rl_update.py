@@ -26,7 +26,8 @@ from memtrain.config import OptimConfig, RLConfig
 from memtrain.models import load_policy
 from memtrain.precision import resolve_compute_dtype, set_compute_dtype
 from memtrain.rl.optim import build_optimizer
-from memtrain.rl.update import TrainSequence, plan_micro_batches, policy_update, sequence_logprobs
+from memtrain.rl.rollout import TrainSequence
+from memtrain.rl.update import plan_micro_batches, policy_update, sequence_logprobs
 
 
 def peak_rss_gib() -> float:

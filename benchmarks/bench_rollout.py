@@ -1,20 +1,28 @@
-"""Agent-loop rollout throughput: MemoryAgent + HFEngine waves vs. each conversation alone with ``generate``.
+"""Agent-loop rollout throughput: MemoryAgent waves on each engine, and each conversation alone (generate).
 
-Workload (defaults): SmolLM2-135M in fp32 on CPU, 4 documents x 4 samples = 16 conversations, each document
-exactly 3 chunks of 512 tokens, memory cap 128 tokens, answer cap 32, temperature 1.0 (an RL rollout).
+Workload (defaults): SmolLM2-135M (fp32 weights) on CPU, 4 documents x 4 samples = 16 conversations, each
+document exactly 3 chunks of 512 tokens, memory cap 128 tokens, answer cap 32, temperature 1.0 (a rollout).
 
 * agent loop: ``MemoryAgent.run`` - every wave batches the next turn of all unfinished conversations in one
-  ``HFEngine.generate`` call (identical step-0 prompts of a document share one prefill).
-* baseline: the same conversations one after another, each turn one plain ``model.generate`` call
-  (sampling, top_k=0, top_p=1.0, log-probs via ``output_logits``), prompts rendered by the same templates.
+  ``generate`` call of the engine (the samples of a document share their step-0 prefill). ``--engines``
+  names the engines run on the same workload, one after another: ``hf-fp32``, ``hf-bf16`` (the HF engine
+  under that compute dtype, as the trainer sets it), ``vllm-fp32``, ``vllm-bf16`` (the in-process vLLM
+  engine built from the same model, eager), ``vllm-bf16-compiled`` (``enforce_eager=false``: torch.compile,
+  ~2 minutes the first time, cached). Each engine first serves one short warm-up request (vLLM builds its
+  bf16 kernels on the first call).
+* baseline (unless ``--skip-alone``): the same conversations one after another, each turn one plain
+  ``model.generate`` call in fp32 (sampling, top_k=0, top_p=1.0, log-probs via ``output_logits``), prompts
+  rendered by the same templates.
 
-Both report generated tokens/s and prompt tokens/s (all prompt tokens of all turns / wall time) from the
-same run; the ratio is printed. The machine's fp32 matmul ceiling is measured too (square matmuls), and
-prefill is timed inside the model's forward (calls with more than one input position), so the fraction of
-the ceiling reached during prefill is reported from FLOPs counted for the prefill shapes actually run.
+Every run reports generated tokens/s and prompt tokens/s (all prompt tokens of all turns / wall time); the
+ratios between runs are printed. The machine's matmul ceilings are measured too, and HF prefill is timed
+inside the model's forward (calls with more than one input position), so the fraction of the ceiling reached
+during prefill is reported from FLOPs counted for the prefill shapes actually run (not for vLLM, whose
+forward is its own). The vLLM engines need the vLLM environment (``make venv-vllm``; docs/vllm.md).
 
-    python benchmarks/bench_rollout.py [--docs 4] [--samples 4] [--chunks 3] [--chunk-tokens 512]
-        [--memory-tokens 128] [--answer-tokens 32] [--baseline-limit 16] [--out result.json]
+    python benchmarks/bench_rollout.py [--engines hf-fp32,hf-bf16,vllm-bf16] [--skip-alone] [--docs 4]
+        [--samples 4] [--chunks 3] [--chunk-tokens 512] [--memory-tokens 128] [--answer-tokens 32]
+        [--baseline-limit 16] [--out result.json]
 """
 
 from __future__ import annotations
@@ -29,11 +37,16 @@ import torch
 
 from _machine import ceilings, load_average, machine
 from memtrain.agent.loop import MemoryAgent
-from memtrain.config import AgentConfig
-from memtrain.engines.base import SamplingParams
+from memtrain.config import AgentConfig, EngineConfig
+from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
+from memtrain.engines.factory import make_engine
 from memtrain.engines.hf import HFEngine
 from memtrain.models import load_policy, load_tokenizer
+from memtrain.precision import set_compute_dtype
 from memtrain.prompts import render, template
+
+ENGINES = ("hf-fp32", "hf-bf16", "vllm-fp32", "vllm-bf16", "vllm-fp32-compiled", "vllm-bf16-compiled")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 WORDS = ["river", "city", "museum", "treaty", "engine", "orbit", "harvest", "castle", "signal", "painter",
          "island", "mineral", "council", "voyage", "theorem", "glacier", "festival", "archive", "bridge"]
@@ -157,26 +170,44 @@ def run_alone(model: Any, tokenizer: Any, cfg: AgentConfig, agent: MemoryAgent, 
     return stats
 
 
-def summarise(name: str, s: dict[str, float], timer: PrefillTimer, ceiling: float) -> dict[str, Any]:
-    """Rates of one run plus its prefill figures; printed at once, so a long run shows progress."""
+def build_engine(spec: str, model: Any, tokenizer: Any, model_name: str) -> Engine:
+    """The engine ``spec`` (one of ENGINES) over ``model``, whose compute dtype it sets like the trainer."""
+    kind, dtype, *compiled = spec.split("-")
+    set_compute_dtype(model, DTYPES[dtype])
+    if kind == "hf":
+        return HFEngine(model, tokenizer)
+    cfg = EngineConfig(kind="vllm", enforce_eager=not compiled)
+    return make_engine(cfg, model_name, model=model, tokenizer=tokenizer)
+
+
+def summarise(name: str, s: dict[str, float], timer: PrefillTimer | None, ceiling: float) -> dict[str, Any]:
+    """Rates of one run plus its prefill figures (HF only); printed at once, so a long run shows progress."""
     gen_rate = s["generated_tokens"] / s["seconds"]
     prompt_rate = s["prompt_tokens"] / s["seconds"]
-    prefill_gflops = timer.flops / timer.seconds / 1e9 if timer.seconds else 0.0
-    print(f"{name:>22}: {s['conversations']:3d} conversations, {s['turns']:3d} turns, "
+    row = {"name": name, **s, "generated_per_s": gen_rate, "prompt_per_s": prompt_rate,
+           "load_average": load_average()}
+    prefill = ""
+    if timer is not None:
+        gflops = timer.flops / timer.seconds / 1e9 if timer.seconds else 0.0
+        useful = timer.useful_flops / max(timer.flops, 1.0)
+        prefill = (f"; prefill {timer.seconds:.1f} s in {timer.calls} calls at {gflops:.1f} GFLOP/s = "
+                   f"{gflops / ceiling:.0%} of the ceiling ({useful:.0%} of those FLOPs on real tokens' "
+                   "linear layers)")
+        row.update(prefill_seconds=timer.seconds, prefill_calls=timer.calls, prefill_gflops=gflops,
+                   prefill_fraction_of_ceiling=gflops / ceiling, prefill_useful_fraction=useful)
+    print(f"{name:>26}: {s['conversations']:3d} conversations, {s['turns']:3d} turns, "
           f"{s['seconds']:7.1f} s ({s['cpu_seconds']:.0f} CPU-s), {s['generated_tokens']:6d} generated "
-          f"({gen_rate:6.2f}/s), {s['prompt_tokens']:6d} prompt tokens ({prompt_rate:7.1f}/s); "
-          f"prefill {timer.seconds:.1f} s in {timer.calls} calls at {prefill_gflops:.1f} GFLOP/s = "
-          f"{prefill_gflops / ceiling:.0%} of the ceiling ({timer.useful_flops / max(timer.flops, 1.0):.0%} "
-          "of those FLOPs on real tokens' linear layers)", flush=True)
-    return {"name": name, **s, "generated_per_s": gen_rate, "prompt_per_s": prompt_rate,
-            "prefill_seconds": timer.seconds, "prefill_calls": timer.calls, "prefill_gflops": prefill_gflops,
-            "prefill_fraction_of_ceiling": prefill_gflops / ceiling,
-            "prefill_useful_fraction": timer.useful_flops / max(timer.flops, 1.0)}
+          f"({gen_rate:6.2f}/s), {s['prompt_tokens']:6d} prompt tokens ({prompt_rate:7.1f}/s){prefill}; "
+          f"load average {load_average()}", flush=True)
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--engines", default="hf-fp32",
+                        help=f"comma-separated, run in this order on the same workload: {', '.join(ENGINES)}")
+    parser.add_argument("--skip-alone", action="store_true", help="no one-conversation-at-a-time baseline")
     parser.add_argument("--docs", type=int, default=4)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--chunks", type=int, default=3)
@@ -188,11 +219,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
+    engines = args.engines.split(",")
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        parser.error(f"--engines: unknown {', '.join(unknown)}; expected some of {', '.join(ENGINES)}")
     torch.set_num_threads(2)
     print(f"machine: {machine()}")
-    ceiling = matmul_ceiling()
-    print(f"fp32 matmul ceiling (2048^3, best of 5): {ceiling:.1f} GFLOP/s (this benchmark runs in fp32)")
-    ceilings()  # and both dtypes' ceilings, for comparison with the bf16 figures of bench_engine
+    ceiling = {torch.float32: matmul_ceiling()}
+    print(f"fp32 matmul ceiling (2048^3, best of 5): {ceiling[torch.float32]:.1f} GFLOP/s")
+    ceiling[torch.bfloat16] = ceilings()[torch.bfloat16]
 
     tokenizer = load_tokenizer(args.model)
     model = load_policy(args.model, dtype="float32", device="cpu")
@@ -200,36 +235,48 @@ def main() -> None:
                       answer_tokens=args.answer_tokens, max_chunks=args.chunks)
     samples = [{"id": f"doc{i}", "context": make_document(tokenizer, args.chunks * args.chunk_tokens, i),
                 "question": "Which building was built first?", "answers": ["x"]} for i in range(args.docs)]
-    agent = MemoryAgent(HFEngine(model, tokenizer), tokenizer, cfg)
-    assert all(len(agent.chunk(s).chunks) == args.chunks for s in samples)
-    print(f"model {args.model} (fp32), {args.docs} documents x {args.samples} samples, {args.chunks} "
+    print(f"model {args.model} (fp32 weights), {args.docs} documents x {args.samples} samples, {args.chunks} "
           f"chunks of {args.chunk_tokens} tokens, memory cap {args.memory_tokens}, "
-          f"answer cap {args.answer_tokens}, temperature 1.0")
+          f"answer cap {args.answer_tokens}, temperature 1.0; engines {', '.join(engines)}")
     timer = PrefillTimer(model)
+    warm_up = GenerationRequest(tokenizer(samples[0]["context"])["input_ids"][:args.chunk_tokens],
+                                SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=args.seed))
 
     rows = []
-    agent_stats = run_agent(agent, samples, args.samples, args.seed)
-    rows.append(summarise("agent loop (waves)", agent_stats, timer, ceiling))
-    timer.reset()
-    limit = args.baseline_limit or args.docs * args.samples
-    alone = run_alone(model, tokenizer, cfg, agent, samples, args.samples, limit, args.seed)
-    rows.append(summarise("each alone (generate)", alone, timer, ceiling))
-    gen_cpu = [r["generated_tokens"] / r["cpu_seconds"] for r in rows]
-    prompt_cpu = [r["prompt_tokens"] / r["cpu_seconds"] for r in rows]
-    print(f"per CPU-second of this process (less sensitive to other jobs): generated tokens "
-          f"{gen_cpu[0]:.2f} vs {gen_cpu[1]:.2f} = x{gen_cpu[0] / gen_cpu[1]:.2f}; prompt tokens "
-          f"{prompt_cpu[0]:.1f} vs {prompt_cpu[1]:.1f} = x{prompt_cpu[0] / prompt_cpu[1]:.2f}")
-    ratio_gen = rows[0]["generated_per_s"] / rows[1]["generated_per_s"]
-    ratio_prompt = rows[0]["prompt_per_s"] / rows[1]["prompt_per_s"]
-    print(f"speed-up of the agent loop: generated tokens/s x{ratio_gen:.2f}, "
-          f"prompt tokens/s x{ratio_prompt:.2f}")
-    print(f"agent stats: {agent.stats}, cap rates {agent.cap_rates()}")
+    for spec in engines:
+        engine = build_engine(spec, model, tokenizer, args.model)
+        engine.generate([warm_up])
+        agent = MemoryAgent(engine, tokenizer, cfg)
+        assert all(len(agent.chunk(s).chunks) == args.chunks for s in samples)
+        timer.reset()
+        stats = run_agent(agent, samples, args.samples, args.seed)
+        hf = spec.startswith("hf")
+        rows.append(summarise(f"agent loop, {spec}", stats, timer if hf else None,
+                              ceiling[DTYPES[spec.split("-")[1]]]))
+        if not hf:
+            engine.close()  # its memory back before the next engine
+    if not args.skip_alone:
+        set_compute_dtype(model, torch.float32)
+        timer.reset()
+        agent = MemoryAgent(HFEngine(model, tokenizer), tokenizer, cfg)
+        limit = args.baseline_limit or args.docs * args.samples
+        alone = run_alone(model, tokenizer, cfg, agent, samples, args.samples, limit, args.seed)
+        rows.append(summarise("each alone (generate)", alone, timer, ceiling[torch.float32]))
+    ratios = {}
+    for a in rows:
+        for b in rows:
+            if a is not b and (b["name"].endswith("hf-fp32") or b["name"].endswith("hf-bf16")
+                               or b["name"].startswith("each alone")):
+                key = f"{a['name']} / {b['name']}"
+                ratios[key] = a["generated_per_s"] / b["generated_per_s"]
+                cpu = (a["generated_tokens"] / a["cpu_seconds"]) / (b["generated_tokens"] / b["cpu_seconds"])
+                print(f"generated tok/s {key}: x{ratios[key]:.2f} (per CPU-second of this process: "
+                      f"x{cpu:.2f}; prompt tok/s x{a['prompt_per_s'] / b['prompt_per_s']:.2f})")
     print(f"load average at the end: {load_average()}")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"machine": machine(), "ceiling_gflops": ceiling, "rows": rows,
-                       "ratio_generated": ratio_gen, "ratio_prompt": ratio_prompt, "args": vars(args)}, f,
-                      indent=2)
+            json.dump({"machine": machine(), "ceiling_gflops": ceiling[torch.float32], "rows": rows,
+                       "ratios_generated": ratios, "args": vars(args)}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Time per GRPO training step of the CPU demo config, split into rollout / reference / update.
+"""Time per GRPO training step of the CPU demo config, split into rollout / reference / update / engine sync.
 
-The loop is the trainer's own (``memtrain.rl.trainer``: ``build_policy``, ``collect_rollouts``,
-``training_sequences``, ``policy_update``); the reference pass, which ``policy_update`` runs inside its
-micro-batch loop, is also timed on its own (``sequence_logprobs`` of the frozen reference over the same
-sequences) so it can be split off the update time. The DAPO filter is off here (``rl.dynamic_filter=false``)
-so every step updates on all its sequences: with it on, an untrained SmolLM2 leaves most groups uniform and
-the update time would measure mostly nothing.
+The loop is the trainer's own (``memtrain.rl.trainer``: ``build_policy``, ``collect_rollouts``;
+``memtrain.rl.rollout.training_sequences``; ``policy_update``); the reference pass, which ``policy_update``
+runs inside its micro-batch loop, is also timed on its own (``sequence_logprobs`` of the frozen reference
+over the same sequences) so it can be split off the update time. The DAPO filter is off here
+(``rl.dynamic_filter=false``) so every step updates on all its sequences: with it on, an untrained SmolLM2
+leaves most groups uniform and the update time would measure mostly nothing. The engine is the config's
+(``engine.kind=vllm``: the in-process vLLM engine, which reloads the weights after every update, column
+``sync_s``).
 
     python benchmarks/bench_train.py [--config configs/memtrain_demo_cpu.yaml] [--data runs/demo-data]
                                      [--steps 2] [KEY=VALUE ...]
@@ -43,12 +45,13 @@ def main() -> None:
 
     from memtrain.config import load_config
     from memtrain.data.dataset import load_rows
-    from memtrain.engines.hf import HFEngine
+    from memtrain.engines.factory import make_engine
     from memtrain.models import load_tokenizer
     from memtrain.precision import autocast_dtype
     from memtrain.rl.optim import build_optimizer, build_scheduler
-    from memtrain.rl.tasks import check_rows, make_task
-    from memtrain.rl.trainer import build_policy, collect_rollouts, step_metrics, training_sequences
+    from memtrain.rl.rollout import step_metrics, training_sequences
+    from memtrain.rl.tasks.registry import check_rows, make_task
+    from memtrain.rl.trainer import build_policy, collect_rollouts
     from memtrain.rl.update import policy_update, sequence_logprobs
 
     if not (Path(args.data) / "manifest.json").is_file():
@@ -67,7 +70,8 @@ def main() -> None:
     model, ref = build_policy(config, "cpu", None)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim.warmup_steps)
-    engine = HFEngine(model, tokenizer, batch_size=config.engine.batch_size)
+    engine = make_engine(config.engine, config.model.name, model=model, tokenizer=tokenizer)
+    engine.sync_weights(model)
 
     print(f"machine: {machine()}")
     ceilings()
@@ -76,15 +80,16 @@ def main() -> None:
     print(
         f"config: {args.config} ({config.model.name}, batch {config.train.batch_size}, G1 "
         f"{config.rl.group_size}, G2 {config.rl.imr_group_size}, chunk {config.agent.chunk_tokens}, memory "
-        f"{config.agent.memory_tokens}, max_chunks {config.agent.max_chunks}), dynamic_filter off"
+        f"{config.agent.memory_tokens}, max_chunks {config.agent.max_chunks}), dynamic_filter off, engine "
+        f"{config.engine.kind}"
     )
     header = (
         f"{'step':>4} {'rollout_s':>9} {'gen_tok':>7} {'gen_tok/s':>9} {'seqs':>5} {'seq_tok':>7} "
-        f"{'ref_s':>6} {'update_s':>8} {'upd_tok/s':>9} {'step_s':>7}"
+        f"{'ref_s':>6} {'update_s':>8} {'upd_tok/s':>9} {'sync_s':>6} {'step_s':>7}"
     )
     print(header)
     position = 0
-    totals = {"rollout": 0.0, "ref": 0.0, "update": 0.0, "gen": 0, "tok": 0}
+    totals = {"rollout": 0.0, "ref": 0.0, "update": 0.0, "sync": 0.0, "gen": 0, "tok": 0}
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
         batch = collect_rollouts(task, rows, engine, config, step, position)
@@ -102,20 +107,25 @@ def main() -> None:
             model, optimizer, seqs, config.rl, ref=ref, scheduler=scheduler, grad_clip=config.optim.grad_clip
         )
         t_upd = max(time.perf_counter() - t2 - t_ref, 1e-9)  # policy_update ran the reference pass too
-        step_s = t_roll + t_ref + t_upd
+        t3 = time.perf_counter()
+        synced = engine.sync_weights(model)  # the vLLM engine reloads and checks the weights; hf: nothing
+        t_sync = time.perf_counter() - t3
+        step_s = t_roll + t_ref + t_upd + t_sync
+        check = {k: round(v, 4) for k, v in synced.items() if k.startswith("sync_logprob")}
         print(
             f"{step:>4} {t_roll:>9.1f} {gen:>7} {gen / t_roll:>9.1f} {len(seqs):>5} {tokens:>7} "
-            f"{t_ref:>6.1f} {t_upd:>8.1f} {tokens / t_upd:>9.0f} {step_s:>7.1f}"
+            f"{t_ref:>6.1f} {t_upd:>8.1f} {tokens / t_upd:>9.0f} {t_sync:>6.1f} {step_s:>7.1f} {check or ''}"
         )
-        for k, v in (("rollout", t_roll), ("ref", t_ref), ("update", t_upd), ("gen", gen), ("tok", tokens)):
+        for k, v in (("rollout", t_roll), ("ref", t_ref), ("update", t_upd), ("sync", t_sync), ("gen", gen),
+                     ("tok", tokens)):
             totals[k] += v
     n = args.steps
     print(
         f"mean per step: rollout {totals['rollout'] / n:.1f}s "
         f"({totals['gen'] / totals['rollout']:.1f} generated tok/s), reference {totals['ref'] / n:.1f}s, "
         f"update {totals['update'] / n:.1f}s "
-        f"({totals['tok'] / totals['update']:.0f} tok/s forward+backward), "
-        f"step {(totals['rollout'] + totals['ref'] + totals['update']) / n:.1f}s"
+        f"({totals['tok'] / totals['update']:.0f} tok/s forward+backward), sync {totals['sync'] / n:.1f}s, "
+        f"step {(totals['rollout'] + totals['ref'] + totals['update'] + totals['sync']) / n:.1f}s"
     )
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20):.2f} GiB")
 

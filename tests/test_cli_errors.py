@@ -3,18 +3,22 @@ commands report progress, and budgets without a config follow the model and the 
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import logging
 import shutil
 import socket
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from memtrain.agent.loop import MemoryAgent
+from memtrain.assets import AssetError
 from memtrain.budgets import (
     PAPER_BUDGETS,
     SMALL_CPU_BUDGETS,
@@ -23,14 +27,18 @@ from memtrain.budgets import (
     context_need,
     default_budgets,
 )
-from memtrain.cli import eval as eval_cli
 from memtrain.cli.main import main
-from memtrain.config import AgentConfig, load_config
+from memtrain.config import AgentConfig, ConfigError, load_config
+from memtrain.data.dataset import DatasetError
 from memtrain.data.longqa import HotpotExample, build_longqa, write_longqa
 from memtrain.engines.scripted import ScriptedEngine
+from memtrain.errors import UserError
 from memtrain.eval.longqa import run_longqa_eval
-from memtrain.io import NotWritableError, check_writable
+from memtrain.eval.registry import register_eval
+from memtrain.io import DirLockedError, NotWritableError, check_writable
+from memtrain.models import ModelLoadError
 from memtrain.progress import Progress
+from memtrain.retrieval.service import RetrieverError
 
 
 def _error_line(err: str, command: str) -> str:
@@ -80,24 +88,63 @@ def test_unwritable_proxy_out_fails_before_the_corpus_loads(under_a_file: Path,
     assert rc == 1 and "cannot write there: Not a directory" in line and str(under_a_file) in line
 
 
-def test_os_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch: pytest.MonkeyPatch,
-                                                              tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:
-    def disk_full(args: Any) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/examples.jsonl")
+def _fail_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raise", dest="error", choices=sorted(FAILURES), required=True)
 
-    monkeypatch.setattr(eval_cli, "_proxy", disk_full)
-    argv = ["eval", "proxy", "--data", "d", "--out", str(tmp_path / "o")]
-    assert main(argv) == 1
+
+FAILURES: dict[str, Callable[[], BaseException]] = {
+    "disk-full": lambda: OSError(errno.ENOSPC, "No space left on device", "/runs/x/examples.jsonl"),
+    "bug": lambda: RuntimeError("an internal bug"),
+    "value-bug": lambda: ValueError("an internal check failed"),
+    "user": lambda: UserError("--data d: not a data set"),
+    "retriever": lambda: RetrieverError("retriever http://127.0.0.1:8001/search: HTTP 503: busy"),
+}
+
+
+@register_eval("fail", help="raises the error --raise names", main_metric="em", arguments=_fail_arguments,
+               agent_budgets=False)
+def fail_command(cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Raise the error ``--raise`` names, where a real evaluation would fail."""
+    raise FAILURES[args.error]()
+
+
+def test_os_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    argv = ["eval", "fail", "--data", "d", "--out", str(tmp_path / "o"), "--raise"]
+    assert main([*argv, "disk-full"]) == 1
     assert _error_line(capsys.readouterr().err, "eval") == (
         "memtrain eval: error: /runs/x/examples.jsonl: No space left on device (ENOSPC)")
-
-    def bug(args: Any) -> int:
-        raise RuntimeError("an internal bug")
-
-    monkeypatch.setattr(eval_cli, "_proxy", bug)
     with pytest.raises(RuntimeError, match="an internal bug"):
-        main(argv)
+        main([*argv, "bug"])
+
+
+def test_user_errors_are_one_line_and_an_internal_value_error_keeps_its_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for cls in (AssetError, ConfigError, DatasetError, DirLockedError, ModelLoadError, NotWritableError):
+        assert issubclass(cls, UserError) and issubclass(cls, ValueError)
+    argv = ["eval", "fail", "--data", "d", "--out", str(tmp_path / "o"), "--raise"]
+    assert main([*argv, "user"]) == 1
+    assert _error_line(capsys.readouterr().err, "eval") == "memtrain eval: error: --data d: not a data set"
+    assert main([*argv, "retriever"]) == 1  # a server that fails is not our bug either
+    assert "HTTP 503: busy" in _error_line(capsys.readouterr().err, "eval")
+    with pytest.raises(ValueError, match="an internal check failed") as info:
+        main([*argv, "value-bug"])
+    assert not isinstance(info.value, UserError)
+    # the same bug in a real process: a traceback and a failing exit status, not one polite line
+    script = tmp_path / "bug.py"
+    script.write_text(
+        "import sys\n"
+        "from memtrain.cli.main import main\n"
+        "from memtrain.eval.registry import register_eval\n\n\n"
+        "@register_eval('bug', help='an internal check fails', main_metric='em', agent_budgets=False)\n"
+        "def bug(cfg, args):\n"
+        "    raise ValueError('an internal check failed')\n\n\n"
+        "sys.exit(main(sys.argv[1:]))\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script), "eval", "bug", "--data", "d", "--out",
+                           str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().endswith("ValueError: an internal check failed")
+    assert "memtrain eval: error:" not in proc.stderr
 
 
 @pytest.fixture()

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from memtrain.engines.scripted import ScriptedEngine
 from memtrain.io import read_jsonl
 from memtrain.rl.distributed import DistContext, reduce_update_stats
-from memtrain.rl.tasks import TASKS, ProxyTask
+from memtrain.rl.tasks.proxy import ProxyTask
+from memtrain.rl.tasks.registry import TASKS
 from train_helpers import config_yaml, scripted_responder, tiny_config, write_proxy_dataset
 
 # answers long enough for the scripted replies; 4 rows = 2 per rank; float32 compute: 1 and 2 processes sum

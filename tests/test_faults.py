@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from memtrain.cli.main import main
 from memtrain.io import read_jsonl
 from memtrain.rl.checkpoint import latest_checkpoint
-from memtrain.rl.tasks import TASKS
+from memtrain.rl.tasks.registry import TASKS
 from memtrain.rl.trainer import train
 from test_trainer import ParityTask
 from train_helpers import config_yaml, tiny_config, write_proxy_dataset
@@ -93,7 +93,7 @@ def fault(real, args, kwargs):
 wrap(target, fault)
 if os.environ.get("MEMTRAIN_PARITY"):
     sys.path.insert(0, os.environ["MEMTRAIN_TESTS"])
-    from memtrain.rl.tasks import TASKS
+    from memtrain.rl.tasks.registry import TASKS
     from test_trainer import ParityTask
 
     TASKS["longqa"] = ParityTask
@@ -102,7 +102,7 @@ from memtrain.cli.main import main
 sys.exit(main(sys.argv[1:]))
 '''
 
-TIMING = ("time_rollout_s", "time_update_s", "step_time_s")
+TIMING = ("time_rollout_s", "time_update_s", "time_sync_s", "step_time_s")
 TRAIN_OVER = ["train.task=longqa", "rl.group_size=3", "optim.lr=1e-2", "train.keep_last=5", "train.steps=3",
               "train.tensorboard=false"]
 

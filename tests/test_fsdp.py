@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from memtrain.config import ConfigError, RLConfig, load_config
 from memtrain.engines.base import GenerationRequest, SamplingParams
 from memtrain.io import read_jsonl
-from memtrain.rl.tasks import TASKS
+from memtrain.rl.tasks.registry import TASKS
 from memtrain.rl.update import accumulate_policy_gradients, plan_micro_batches
 from test_distributed import (
     OVERRIDES,

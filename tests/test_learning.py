@@ -21,9 +21,8 @@ from memtrain.models import load_tokenizer
 from memtrain.precision import set_compute_dtype
 from memtrain.rl.core import e2e_rewards, group_advantages
 from memtrain.rl.optim import build_optimizer
-from memtrain.rl.tasks import Rollout
-from memtrain.rl.trainer import score_groups, training_sequences
-from memtrain.rl.update import TrainSequence, policy_update
+from memtrain.rl.rollout import E2E, IMR, Rollout, TrainSequence, score_groups, training_sequences
+from memtrain.rl.update import policy_update
 
 
 def _has_digit(text: str) -> bool:
@@ -144,9 +143,9 @@ def test_imr_coupling_gives_different_e2e_advantages_by_the_formula() -> None:
     assert float(adv0[0]) == float(adv0[1])
     # the trainer's path: Rollouts (trajectory i has i + 1 memory turns and a final turn; prompt [i, t]) and
     # per trajectory an IMR group of G2 one-turn samples (prompt [100 + i, j]) -> score_groups -> sequences
-    rollouts = [Rollout("s0/e2e", float(r), [_turn("memory", [i, t]) for t in range(i + 1)]
-                        + [_turn("final", [i, i + 1])], kind="e2e") for i, r in enumerate(rewards.tolist())]
-    rollouts += [Rollout(f"s0/{i}/imr", float(m), [_turn("imr", [100 + i, j])], kind="imr")
+    rollouts = [Rollout(E2E.group_id("s0"), float(r), [_turn("memory", [i, t]) for t in range(i + 1)]
+                        + [_turn("final", [i, i + 1])], kind=E2E) for i, r in enumerate(rewards.tolist())]
+    rollouts += [Rollout(IMR.group_id("s0", i), float(m), [_turn("imr", [100 + i, j])], kind=IMR)
                  for i, row in enumerate(imr) for j, m in enumerate(row)]
     seqs = training_sequences(score_groups(rollouts, std_norm=False, dynamic_filter=True))
     by_prompt = {tuple(s.prompt_ids): s for s in seqs}

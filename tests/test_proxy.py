@@ -29,6 +29,7 @@ from memtrain.data.proxy import (
     open_index,
     related_passages,
 )
+from memtrain.errors import UserError
 from memtrain.prompts import MASK_TOKEN, PROXY_QUESTION
 
 HEADER = re.compile(r"(?:^|\n\n)Document (\d+):\n")
@@ -383,3 +384,28 @@ def test_demo_sized_build_on_the_embedded_corpus(
         "spacy-sm",
         "en_core_web_sm",
     )
+
+
+def test_a_held_out_set_uses_no_article_of_the_sets_it_excludes(env) -> None:
+    train = build_proxy_dataset(_cfg(env, "train-part", num_docs=3))
+    held = build_proxy_dataset(
+        _cfg(env, "held-out", num_docs=3, seed=11, exclude_from=[train["params"]["out"]]))
+    store = PassageStore(Path(held["corpus"]["store"]))
+
+    def articles(out: str) -> set[int]:
+        return {a for r in load_rows(out) for a in store.articles(list(r["passage_ids"]))}
+
+    used, fresh = articles(train["params"]["out"]), articles(held["params"]["out"])
+    assert used and fresh and not used & fresh
+    assert held["excluded"]["articles"] == len(used) and held["excluded"]["passages"] >= len(used)
+    # the same seed without the exclusion draws on the excluded articles (so the test can fail)
+    same_seed = build_proxy_dataset(_cfg(env, "held-out-free", num_docs=3, seed=11))
+    assert articles(same_seed["params"]["out"]) & used
+
+
+def test_excluding_a_dataset_of_another_corpus_is_a_clear_error(env, tmp_path) -> None:
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, make_articles(n_per_topic=3, seed=5))
+    foreign = build_proxy_dataset(_cfg(env, "foreign", corpus=str(other), num_docs=1, passages=4, related=1))
+    with pytest.raises(UserError, match=r"--exclude-from .*same corpus"):
+        build_proxy_dataset(_cfg(env, "mixed", num_docs=1, exclude_from=[foreign["params"]["out"]]))

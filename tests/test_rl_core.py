@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from memtrain.rl.core import (
+    AggTotals,
     aggregate,
     clipped_policy_loss,
     e2e_rewards,
     group_advantages,
     group_index,
+    grpo_loss,
     k3_kl,
     num_sessions,
     session_sizes,
@@ -190,3 +192,78 @@ def test_full_loss_on_a_tiny_example_matches_hand_computation() -> None:
     assert float(loss) == pytest.approx((seq0 + seq1) / 2, rel=1e-6)
     tok_loss = aggregate(pg + 0.1 * kl, mask, "token_mean")
     assert float(tok_loss) == pytest.approx(((-1.0 + 0.1 * k) + (-1.2) + 2.0) / 3, rel=1e-6)
+
+
+# --- grpo_loss: Eq. 4 on a [2, 3] example worked out by hand ----------------------------------------------
+# Sequence 0 (A = +1) has ratios 1.0, 1.5, 0.9; sequence 1 (A = -1) has 0.5, 1.1 and a masked third token.
+# The clipped term max(-A r, -A clip(r, 0.8, 1.2)) per token:
+#   seq 0: -1.0 ; max(-1.5, -1.2) = -1.2 (clipped) ; -0.9          token mean -3.1 / 3
+#   seq 1: max(0.5, 0.8) = 0.8 (clipped) ; 1.1                     token mean  1.9 / 2
+# The reference differs from the policy by d = ref - logp = ln 2, 0, 0 | 0, -ln 2, so k3 = e^d - d - 1 is
+#   seq 0: 1 - ln 2 ; 0 ; 0                                        token mean (1 - ln 2) / 3
+#   seq 1: 0 ; ln 2 - 1/2                                          token mean (ln 2 - 1/2) / 2
+LN2 = math.log(2.0)
+PG_SEQ, PG_TOKENS = (-3.1 / 3, 1.9 / 2), [-1.0, -1.2, -0.9, 0.8, 1.1]
+KL_SEQ, KL_TOKENS = ((1 - LN2) / 3, (LN2 - 0.5) / 2), [1 - LN2, 0.0, 0.0, 0.0, LN2 - 0.5]
+# session_mean as on a micro-batch: seq 0's session has a second sequence elsewhere in the batch, which
+# holds 2 sessions in all: (L_0 / 2 + L_1 / 1) / 2
+SESSIONS = AggTotals(session_size=[2, 1], num_sessions=2)
+EXPECTED = {  # (pg_loss, kl) per aggregation
+    "seq_mean_token_mean": (sum(PG_SEQ) / 2, sum(KL_SEQ) / 2),
+    "token_mean": (sum(PG_TOKENS) / 5, sum(KL_TOKENS) / 5),
+    "session_mean": ((PG_SEQ[0] / 2 + PG_SEQ[1]) / 2, (KL_SEQ[0] / 2 + KL_SEQ[1]) / 2),
+}
+
+
+def _tiny_batch() -> dict[str, torch.Tensor]:
+    old = torch.tensor([[-1.0, -0.5, -2.0], [-0.3, -1.0, -0.7]])
+    logp = old + torch.log(torch.tensor([[1.0, 1.5, 0.9], [0.5, 1.1, 2.0]]))
+    ref = logp + torch.tensor([[LN2, 0.0, 0.0], [0.0, -LN2, 5.0]])  # the masked token's value is ignored
+    return {"logp": logp, "old_logp": old, "ref_logp": ref, "advantages": torch.tensor([1.0, -1.0]),
+            "mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "session_mean"])
+def test_grpo_loss_hand_computed_for_every_aggregation(agg: str) -> None:
+    b = _tiny_batch()
+    totals = SESSIONS if agg == "session_mean" else AggTotals()
+    pg, kl = EXPECTED[agg]
+    clip = {"clip_low": 0.2, "clip_high": 0.2, "agg": agg, "totals": totals}
+    loss, st = grpo_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], kl_coef=0.0, **clip)
+    assert float(loss) == pytest.approx(pg, rel=1e-6)
+    assert float(st["pg_loss"]) == pytest.approx(pg, rel=1e-6) and float(st["kl"]) == 0.0
+    assert float(st["clip_frac"]) == pytest.approx(2 / 5) and float(st["num_tokens"]) == 5.0
+    loss, st = grpo_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], ref_logp=b["ref_logp"],
+                         kl_coef=0.1, **clip)
+    assert float(loss) == pytest.approx(pg + 0.1 * kl, rel=1e-6)
+    assert float(st["pg_loss"]) == pytest.approx(pg, rel=1e-6)
+    assert float(st["kl"]) == pytest.approx(kl, rel=1e-6)
+
+
+def test_grpo_loss_gradient_skips_clipped_tokens_and_tis_weights_the_pg_term() -> None:
+    b = _tiny_batch()
+    logp = b["logp"].clone().requires_grad_(True)
+    args = (b["old_logp"], b["advantages"], b["mask"])
+    kw = {"kl_coef": 0.0, "clip_low": 0.2, "clip_high": 0.2, "agg": "token_mean"}
+    loss, _ = grpo_loss(logp, *args, **kw)
+    loss.backward()
+    # d(-A r)/dlogp = -A r on unclipped tokens, 0 on clipped and masked ones; token_mean divides by 5
+    assert logp.grad is not None
+    expected = [-1.0 / 5, 0.0, -0.9 / 5, 0.0, 1.1 / 5, 0.0]
+    assert logp.grad.flatten().tolist() == pytest.approx(expected, rel=1e-6)
+    # truncated IS weights multiply each token's clipped term (not the KL): -2.0 -1.2 -0.9 | 0.8 0.55
+    tis = torch.tensor([[2.0, 1.0, 1.0], [1.0, 0.5, 1.0]])
+    loss, _ = grpo_loss(b["logp"], *args, tis_weights=tis, **kw)
+    assert float(loss) == pytest.approx((-2.0 - 1.2 - 0.9 + 0.8 + 0.55) / 5, rel=1e-6)
+    loss, st = grpo_loss(b["logp"], *args, ref_logp=b["ref_logp"], tis_weights=tis, **{**kw, "kl_coef": 0.1})
+    assert float(st["kl"]) == pytest.approx(EXPECTED["token_mean"][1], rel=1e-6)
+
+
+def test_grpo_loss_refuses_a_kl_without_reference_and_unknown_aggregations() -> None:
+    b = _tiny_batch()
+    args = (b["logp"], b["old_logp"], b["advantages"], b["mask"])
+    with pytest.raises(ValueError, match=r"kl_coef=0\.1 needs ref_logp"):
+        grpo_loss(*args, kl_coef=0.1, clip_low=0.2, clip_high=0.2, agg="token_mean")
+    with pytest.raises(ValueError, match=r"unknown mode 'sum'; registered loss aggregations: "
+                                         r"seq_mean_token_mean, token_mean, session_mean"):
+        grpo_loss(*args, kl_coef=0.0, clip_low=0.2, clip_high=0.2, agg="sum")

@@ -17,8 +17,8 @@ from memtrain.engines.base import GenerationRequest, SamplingParams
 from memtrain.engines.hf import HFEngine
 from memtrain.models import load_tokenizer
 from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler, warmup_constant
+from memtrain.rl.rollout import TrainSequence
 from memtrain.rl.update import (
-    TrainSequence,
     accumulate_policy_gradients,
     plan_micro_batches,
     policy_update,

@@ -183,8 +183,9 @@ def test_sampled_episodes_are_seeded(tok: Any, retriever: Retriever, tiny_model_
 
 
 def test_searchqa_task_rollouts(tok: Any, retriever: Retriever) -> None:
-    from memtrain.rl.searchqa import SearchQATask
-    from memtrain.rl.tasks import TASKS, check_rows, make_task
+    from memtrain.rl.rollout import SEARCH
+    from memtrain.rl.tasks.registry import TASKS, check_rows, make_task
+    from memtrain.rl.tasks.searchqa import SearchQATask
 
     cfg = load_config(None, ["train.task=searchqa", "search.max_turns=3", "search.retriever=unused"])
     assert TASKS["searchqa"] is SearchQATask
@@ -193,7 +194,7 @@ def test_searchqa_task_rollouts(tok: Any, retriever: Retriever) -> None:
     rollouts, stats = task.rollout(SAMPLES, ScriptedEngine(_responder, tok), GREEDY, 2, random.Random(0))
     assert [r.group for r in rollouts] == ["two/search"] * 2 + ["river/search"] * 2 + ["loop/search"] * 2
     assert [r.reward for r in rollouts] == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
-    assert all(r.kind == "search" and all(t.kind == "search" for t in r.turns) for r in rollouts)
+    assert all(r.kind == SEARCH and all(t.kind == "search" for t in r.turns) for r in rollouts)
     assert rollouts[2].metrics["search_malformed_rate"] == 1.0
     assert rollouts[4].metrics["search_no_answer_rate"] == 1.0
     assert rollouts[0].metrics["search_em"] == 1.0 and rollouts[0].record["outcome"] == "answer"

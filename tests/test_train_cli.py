@@ -64,8 +64,12 @@ def test_train_refuses_remote_engine_and_missing_data(
     tiny_model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = config_yaml(tiny_model_dir, data, tmp_path / "tiny.yaml")
-    assert main(["train", "--config", str(cfg), "engine.kind=openai", "--out", str(tmp_path / "r1")]) == 1
-    assert "requires weight sync" in capsys.readouterr().err
+    # an engine that cannot follow the policy (no sync_weights) is refused before the run is written
+    remote = ["engine.kind=openai", "engine.base_url=http://127.0.0.1:9/v1"]
+    assert main(["train", "--config", str(cfg), *remote, "--out", str(tmp_path / "r1")]) == 1
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "engine.kind=openai: this engine cannot follow the policy being trained" in line
+    assert not (tmp_path / "r1" / "config.yaml").exists()
     assert (
         main(["train", "--config", str(cfg), f"data.path={tmp_path / 'nope'}", "--out", str(tmp_path / "r2")])
         == 1

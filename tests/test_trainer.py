@@ -18,19 +18,14 @@ from memtrain.io import read_jsonl
 from memtrain.models import load_tokenizer
 from memtrain.rl import trainer as trainer_mod
 from memtrain.rl import update as update_mod
-from memtrain.rl.tasks import TASKS, LongQATask, ProxyTask
-from memtrain.rl.trainer import (
-    NonFiniteError,
-    batch_indices,
-    score_groups,
-    step_metrics,
-    train,
-    training_sequences,
-    unique_ids,
-)
+from memtrain.rl.rollout import score_groups, step_metrics, training_sequences
+from memtrain.rl.tasks.longqa import LongQATask
+from memtrain.rl.tasks.proxy import ProxyTask
+from memtrain.rl.tasks.registry import TASKS
+from memtrain.rl.trainer import NonFiniteError, batch_indices, train, unique_ids
 from train_helpers import scripted_responder, scripted_rows, tiny_config, write_proxy_dataset
 
-TIMING = ("time_rollout_s", "time_update_s", "step_time_s")
+TIMING = ("time_rollout_s", "time_update_s", "time_sync_s", "step_time_s")
 
 
 def test_groups_filter_and_advantage_broadcast(tiny_model_dir: Path) -> None:
@@ -157,17 +152,17 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(
     data = write_proxy_dataset(tmp_path / "data")
     run = tmp_path / "run"
     calls = {"n": 0}
-    real_loss, real_update = update_mod.clipped_policy_loss, trainer_mod.policy_update
+    real_loss, real_update = update_mod.grpo_loss, trainer_mod.policy_update
 
     def poisoned_loss(*args, **kwargs):
-        per_token, stats = real_loss(*args, **kwargs)
-        return (per_token * math.nan if calls["n"] >= 2 else per_token), stats
+        loss, stats = real_loss(*args, **kwargs)
+        return (loss * math.nan if calls["n"] >= 2 else loss), stats
 
     def counting_update(*args, **kwargs):
         calls["n"] += 1
         return real_update(*args, **kwargs)
 
-    monkeypatch.setattr(update_mod, "clipped_policy_loss", poisoned_loss)
+    monkeypatch.setattr(update_mod, "grpo_loss", poisoned_loss)
     monkeypatch.setattr(trainer_mod, "policy_update", counting_update)
     config = tiny_config(tiny_model_dir, data, ["rl.dynamic_filter=false", "train.steps=6"])
     with pytest.raises(NonFiniteError, match=r"3 consecutive steps \(up to step 4\).*step_000001"):
@@ -179,7 +174,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000001"]
     # the skipped steps did not touch the weights: the checkpoint is the model after step 1, and resuming
     # (with the poison gone) continues from it and redoes steps 2..3
-    monkeypatch.setattr(update_mod, "clipped_policy_loss", real_loss)
+    monkeypatch.setattr(update_mod, "grpo_loss", real_loss)
     train(tiny_config(tiny_model_dir, data, ["rl.dynamic_filter=false", "train.steps=3"]), run, resume=True)
     rows = read_jsonl(run / "metrics.jsonl")
     assert [(r["step"], r["skipped_nonfinite"]) for r in rows] == [(1, 0.0), (2, 0.0), (3, 0.0)]

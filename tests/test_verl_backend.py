@@ -21,10 +21,7 @@ from memtrain.backends.verl.config import (
     RunPaths,
     agent_loop_entries,
     compose_verl_config,
-    prompt_tokens,
     render_verl_config,
-    response_tokens,
-    rows_per_session,
 )
 from memtrain.backends.verl.data import verl_rows, write_verl_dataset
 from memtrain.config import load_config
@@ -32,8 +29,8 @@ from memtrain.engines.base import SamplingParams
 from memtrain.engines.scripted import ScriptedEngine
 from memtrain.models import load_tokenizer
 from memtrain.prompts import INITIAL_MEMORY, render
-from memtrain.rl.tasks import ProxyTask
-from memtrain.rl.trainer import score_groups, training_sequences
+from memtrain.rl.rollout import score_groups, training_sequences
+from memtrain.rl.tasks.proxy import ProxyTask
 from train_helpers import scripted_responder, scripted_rows, write_proxy_dataset
 
 AGENT = ["agent.chunk_tokens=12", "agent.max_chunks=4", "agent.memory_tokens=16", "agent.answer_tokens=12",
@@ -92,7 +89,7 @@ def test_rendered_verl_config_maps_every_setting(tmp_path: Path) -> None:
     assert (actor["clip_ratio_low"], actor["clip_ratio_high"]) == (0.2, 0.28)
     assert actor["loss_agg_mode"] == "token-mean"
     # one optimizer step per batch: the mini-batch holds all (8 chunks + final + 8 IMR) outputs of 4 rows
-    assert rows_per_session(config) == 17
+    assert ProxyTask.session_shape(config).calls == 17
     assert actor["ppo_mini_batch_size"] == 4 * 17 and actor["ppo_epochs"] == 1
     assert actor["optim"]["lr"] == 2e-6 and actor["optim"]["lr_warmup_steps"] == 5
     assert cfg["actor_rollout_ref"]["model"]["lora_rank"] == 8
@@ -103,8 +100,16 @@ def test_rendered_verl_config_maps_every_setting(tmp_path: Path) -> None:
     env = cfg["ray_kwargs"]["ray_init"]["runtime_env"]["env_vars"]
     assert env["VERL_USE_EXTERNAL_MODULES"] == "memtrain.backends.verl.plugin"
     # E2E-only / long-QA: no IMR outputs
-    qa = load_config(None, ["train.task=longqa"])
-    assert rows_per_session(qa) == 9 and prompt_tokens(qa) == 7168 and response_tokens(qa) == 1024
+    qa = render_verl_config(load_config(None, ["train.task=longqa", "train.batch_size=4"]), paths, "m",
+                            num_rows=10)
+    assert qa["actor_rollout_ref"]["actor"]["ppo_mini_batch_size"] == 4 * 9
+    assert (qa["data"]["max_prompt_length"], qa["data"]["max_response_length"]) == (7168, 1024)
+    # search QA: one output per turn, prompts and replies sized by search.*
+    search = load_config(None, ["train.task=searchqa", "train.batch_size=4", "search.max_turns=3",
+                                "search.results_tokens=500", "search.response_tokens=2000"])
+    sq = render_verl_config(search, paths, "m", num_rows=10)
+    assert sq["actor_rollout_ref"]["actor"]["ppo_mini_batch_size"] == 4 * 3
+    assert (sq["data"]["max_prompt_length"], sq["data"]["max_response_length"]) == (1024 + 500 + 1024, 2000)
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "verl"

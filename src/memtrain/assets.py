@@ -27,12 +27,13 @@ from pathlib import Path
 
 from platformdirs import user_cache_dir
 
+from memtrain.errors import UserError
 from memtrain.io import atomic_dir, atomic_write_json
 from memtrain.log import logger, progress_enabled
 
 
-class AssetError(RuntimeError):
-    """An embedded asset could not be fetched, verified or found."""
+class AssetError(UserError):
+    """An embedded asset could not be fetched, verified or found, or a model/corpus path does not exist."""
 
 
 @dataclass(frozen=True)

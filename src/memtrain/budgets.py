@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from memtrain.config import AgentConfig
+from memtrain.errors import UserError
 
 BUDGET_FIELDS = ("chunk_tokens", "memory_tokens", "answer_tokens")
 # MEMTRAIN.md section 1: 1024 instruction/problem + 5120 chunk + 1024 memory + 1024 response = 8192.
@@ -55,8 +56,8 @@ def check_context_budget(agent: AgentConfig, context: int, model: str = "the mod
         fix = f"lower agent.chunk_tokens to {agent.chunk_tokens - over} or less"
     else:
         fix = "lower these budgets"
-    raise ValueError(f"{terms} = {need} tokens > {model}'s {context} positions; {fix}, or use a model with a "
-                     "longer context")
+    raise UserError(f"{terms} = {need} tokens > {model}'s {context} positions; {fix}, or use a model with a "
+                    "longer context")
 
 
 def default_budgets(model_name: str, device: str) -> tuple[dict[str, int], str]:
@@ -71,8 +72,9 @@ def default_budgets(model_name: str, device: str) -> tuple[dict[str, int], str]:
 
 
 def run_device(cfg: Any) -> str:
-    """Where the policy generates: ``server`` for a remote engine, else ``model.device`` resolved."""
-    if cfg.engine.kind != "hf":
+    """Where the policy generates: ``server`` for a remote engine (``openai``), else ``model.device``
+    resolved (the in-process engines, hf and vllm, run where the model does)."""
+    if cfg.engine.kind == "openai":
         return "server"
     if cfg.model.device != "auto":
         return str(cfg.model.device)

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from memtrain.errors import UserError
 from memtrain.log import logger
 
 # A leaked temp dir whose writer cannot be checked (another host, an old name) is removed after this long.
@@ -191,11 +192,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}:{i + 1}: not valid JSON ({exc.msg})") from exc
+            raise UserError(f"{path}:{i + 1}: not valid JSON ({exc.msg})") from exc
     return rows
 
 
-class NotWritableError(ValueError):
+class NotWritableError(UserError):
     """An output directory the process cannot write: one line naming it and the OS's reason."""
 
 
@@ -224,8 +225,8 @@ LOCK_FILE = ".lock"
 _held_locks: dict[str, tuple[int, int]] = {}  # realpath of the directory -> (fd, depth)
 
 
-class DirLockedError(ValueError):
-    """Another process is writing the same run directory (a user error: the CLI prints it as one line)."""
+class DirLockedError(UserError):
+    """Another process is writing the same run directory."""
 
 
 def acquire_dir_lock(directory: Path) -> Path:

@@ -10,6 +10,8 @@ from typing import TypeVar
 
 from tqdm.auto import tqdm
 
+from memtrain.errors import UserError
+
 T = TypeVar("T")
 logger = logging.getLogger("memtrain")
 
@@ -17,7 +19,7 @@ logger = logging.getLogger("memtrain")
 def setup_logging(level: str = "INFO") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
-        raise ValueError(f"--log-level {level!r}: expected one of DEBUG, INFO, WARNING, ERROR")
+        raise UserError(f"--log-level {level!r}: expected one of DEBUG, INFO, WARNING, ERROR")
     logging.basicConfig(
         level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from memtrain.assets import ASSETS, AssetError, resolve
+from memtrain.errors import UserError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -47,7 +48,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model or tokenizer that cannot be loaded: one line naming the path/name and what was expected."""
 
 
@@ -112,7 +113,7 @@ def load_tokenizer(name: str) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
-        raise ValueError(
+        raise UserError(
             f"model {name!r}: its tokenizer has no chat template; memtrain renders every prompt "
             "through the chat template, so use an instruct/chat model"
         )
@@ -132,19 +133,31 @@ def config_context_length(config: Any) -> int | None:
 
 
 def engine_context_length(engine: Any) -> int | None:
-    """Positions of the model an in-process engine generates with (``HFEngine.model``); ``None`` for a
-    server engine, whose server enforces its own limit."""
+    """Positions an in-process engine can generate in: its own ``context_length`` (vLLM's max_model_len)
+    or its model's (``HFEngine.model``); ``None`` for a server engine, whose server enforces its own limit."""
+    own = getattr(engine, "context_length", None)
+    if isinstance(own, int) and not isinstance(own, bool):
+        return own
     return config_context_length(getattr(getattr(engine, "model", None), "config", None))
 
 
+class UnknownContextError(UserError):
+    """Neither the model's config nor its tokenizer tells its context length."""
+
+
 def model_context_length(model_name: str, tokenizer: Any) -> int:
-    """Positions the model was trained for (``max_position_embeddings``), else the tokenizer's limit."""
+    """Positions the model was trained for (``max_position_embeddings``), else the tokenizer's limit.
+
+    A path that does not exist is an AssetError, not an unknown context: callers that go on without a
+    context catch :class:`UnknownContextError` only.
+    """
+    from transformers import AutoConfig
+
     from memtrain.log import logger
 
+    path = resolve(model_name, kind="model")
     try:
-        from transformers import AutoConfig
-
-        found = config_context_length(AutoConfig.from_pretrained(resolve(model_name, kind="model")))
+        found = config_context_length(AutoConfig.from_pretrained(path))
         if found is not None:
             return found
     except (OSError, ValueError) as exc:
@@ -152,7 +165,7 @@ def model_context_length(model_name: str, tokenizer: Any) -> int:
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < 10**7:
         return limit
-    raise ValueError(f"cannot tell the context length of {model_name!r}; pass --max-context TOKENS")
+    raise UnknownContextError(f"cannot tell the context length of {model_name!r}; pass --max-context TOKENS")
 
 
 def load_policy(name: str, dtype: str = "auto", device: str | None = None,

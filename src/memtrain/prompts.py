@@ -21,6 +21,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from memtrain.errors import UserError
+
 MASK_TOKEN = "[MASK]"
 TARGET_TOKEN = "[TARGET]"
 
@@ -103,14 +105,14 @@ def validate_templates(templates: Mapping[str, str]) -> None:
     would otherwise train a model that never sees its memory)."""
     for name, text in templates.items():
         if name not in DEFAULT_TEMPLATES:
-            raise ValueError(f"agent.templates: unknown template {name!r}; expected one of "
-                             f"{', '.join(DEFAULT_TEMPLATES)}")
+            raise UserError(f"agent.templates: unknown template {name!r}; expected one of "
+                            f"{', '.join(DEFAULT_TEMPLATES)}")
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"agent.templates.{name}: expected a non-empty string")
+            raise UserError(f"agent.templates.{name}: expected a non-empty string")
         missing = [p for p in PLACEHOLDERS[name] if "{" + p + "}" not in text]
         if missing:
-            raise ValueError(f"agent.templates.{name}: missing placeholder(s) "
-                             f"{', '.join('{' + p + '}' for p in missing)}")
+            raise UserError(f"agent.templates.{name}: missing placeholder(s) "
+                            f"{', '.join('{' + p + '}' for p in missing)}")
 
 
 def template(name: str, overrides: Mapping[str, str] | None = None) -> str:

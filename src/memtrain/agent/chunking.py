@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from memtrain.errors import UserError
+
 Truncation = Literal["centre", "head", "error"]
 
 
@@ -86,12 +88,12 @@ def chunk_document(context: str, tokenizer: Any, chunk_tokens: int, max_chunks: 
     n = len(ids)
     where = f"document {doc_id!r}" if doc_id else "document"
     if n == 0:
-        raise ValueError(f"{where}: the context is empty; the agent needs at least one token to read")
+        raise UserError(f"{where}: the context is empty; the agent needs at least one token to read")
     ranges = _forward_slices(offsets, chunk_tokens)
     truncated = max_chunks is not None and len(ranges) > max_chunks
     if truncated and truncation == "error":
-        raise ValueError(f"{where}: {n} tokens need {len(ranges)} chunks of {chunk_tokens} tokens, more than "
-                         f"agent.max_chunks={max_chunks}; raise it or choose agent.truncation=centre|head")
+        raise UserError(f"{where}: {n} tokens need {len(ranges)} chunks of {chunk_tokens} tokens, more than "
+                        f"agent.max_chunks={max_chunks}; raise it or choose agent.truncation=centre|head")
     if truncated and max_chunks is not None:
         if truncation == "head":
             ranges = ranges[:max_chunks]

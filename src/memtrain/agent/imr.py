@@ -48,6 +48,7 @@ from memtrain.data.entities import (
     variant_forms,
 )
 from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
+from memtrain.errors import UserError
 from memtrain.prompts import TARGET_TOKEN, render, template
 
 Ner = Callable[[str], list[tuple[int, int, str]]]
@@ -98,8 +99,8 @@ def _chunk_entities(traj: Trajectory, sample: Mapping[str, Any], chunk_l: int,
     where = f"sample {sample.get('id', traj.sample_id)!r}"
     if spans is None:
         if ner is None:
-            raise ValueError(f"{where}: no 'entity_spans' and no fallback ner callable; IMR needs entities "
-                             "(build proxy data with entity spans, or pass ner=...)")
+            raise UserError(f"{where}: no 'entity_spans' and no fallback ner callable; IMR needs entities "
+                            "(build proxy data with entity spans, or pass ner=...)")
         return _maskable(chunk, normalize_spans(chunk, ner(chunk)))
     context = sample["context"]
     lo, hi = traj.chunk_char_spans[chunk_l]
@@ -108,11 +109,11 @@ def _chunk_entities(traj: Trajectory, sample: Mapping[str, Any], chunk_l: int,
         try:
             s, e, label = int(span["start"]), int(span["end"]), str(span.get("label", ""))
         except (KeyError, TypeError, ValueError, AttributeError):
-            raise ValueError(f"{where}: entity_spans[{i}] = {span!r}; expected "
-                             "{'start': int, 'end': int, 'label': str}") from None
+            raise UserError(f"{where}: entity_spans[{i}] = {span!r}; expected "
+                            "{'start': int, 'end': int, 'label': str}") from None
         if not 0 <= s < e <= len(context):
-            raise ValueError(f"{where}: entity_spans[{i}] = [{s}, {e}) lies outside the context "
-                             f"({len(context)} characters)")
+            raise UserError(f"{where}: entity_spans[{i}] = [{s}, {e}) lies outside the context "
+                            f"({len(context)} characters)")
         if lo <= s and e <= hi:
             inside.append((s - lo, e - lo, label))
     # The chunk is the decoded token slice: for byte-level tokenizers it equals context[lo:hi]; for others

@@ -31,6 +31,7 @@ from memtrain.agent.types import Trajectory, Turn
 from memtrain.budgets import check_context_budget
 from memtrain.config import AgentConfig
 from memtrain.engines.base import Completion, Engine, GenerationRequest, SamplingParams
+from memtrain.errors import UserError
 from memtrain.models import engine_context_length
 from memtrain.prompts import render, template
 from memtrain.scoring import score
@@ -49,10 +50,10 @@ def _answers(sample: Mapping[str, Any], where: str) -> list[str]:
     if isinstance(golds, str):
         return [golds]
     if isinstance(golds, Mapping) or not isinstance(golds, Iterable):
-        raise ValueError(f"{where}: 'answers' must be a list of strings, got {golds!r}")
+        raise UserError(f"{where}: 'answers' must be a list of strings, got {golds!r}")
     golds = list(golds)  # also numpy / arrow arrays read from parquet
     if not all(isinstance(g, str) for g in golds):
-        raise ValueError(f"{where}: 'answers' must be a list of strings, got {golds!r}")
+        raise UserError(f"{where}: 'answers' must be a list of strings, got {golds!r}")
     return golds
 
 
@@ -60,13 +61,13 @@ def check_sample(sample: Any, index: int) -> None:
     """Fail before any generation on a sample the loop cannot run, naming it and the field."""
     where = f"sample {index}"
     if not isinstance(sample, Mapping):
-        raise ValueError(f"{where}: expected a dict with 'id', 'context', 'question', 'answers', "
-                         f"got {type(sample).__name__}")
+        raise UserError(f"{where}: expected a dict with 'id', 'context', 'question', 'answers', "
+                        f"got {type(sample).__name__}")
     where = f"sample {index} (id {sample.get('id')!r})"
     for key in ("context", "question"):
         value = sample.get(key)
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{where}: {key!r} must be a non-empty string, got {value!r:.80}")
+            raise UserError(f"{where}: {key!r} must be a non-empty string, got {value!r:.80}")
     _answers(sample, where)
 
 
@@ -136,7 +137,7 @@ class MemoryAgent:
         memory budgets were sized for (MEMTRAIN.md section 1)."""
         n = self._instruction_length(sample["question"])
         if n > self.config.instruction_tokens:
-            raise ValueError(
+            raise UserError(
                 f"sample {index} (id {sample.get('id')!r}): instruction + problem take {n} tokens, over "
                 f"agent.instruction_tokens={self.config.instruction_tokens}; shorten the question or raise "
                 "the budget (and the model context with it)")

@@ -31,6 +31,7 @@ from memtrain.agent.seeding import derive_seed
 from memtrain.agent.types import Turn
 from memtrain.config import Config
 from memtrain.engines.base import Completion, Engine, GenerationRequest, SamplingParams
+from memtrain.errors import UserError
 from memtrain.prompts import render, template
 from memtrain.retrieval.service import Hit, SearchBackend
 from memtrain.scoring import METRICS, extract_boxed, score_multi
@@ -63,7 +64,7 @@ class SearchAgentConfig:
     def __post_init__(self) -> None:
         for name in ("max_turns", "response_tokens", "results_tokens", "top_k"):
             if getattr(self, name) < 1:
-                raise ValueError(f"search agent {name}={getattr(self, name)}: expected a positive integer")
+                raise UserError(f"search agent {name}={getattr(self, name)}: expected a positive integer")
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,8 @@ def objective_golds(sample: Mapping[str, Any], where: str) -> list[list[str]] | 
     if isinstance(golds, str) or not golds or not all(
             isinstance(g, Sequence) and not isinstance(g, str) and g and all(isinstance(a, str) for a in g)
             for g in golds):
-        raise ValueError(f"{where}: 'objective_answers' must be a non-empty list of non-empty lists of "
-                         f"strings, got {golds!r:.200}")
+        raise UserError(f"{where}: 'objective_answers' must be a non-empty list of non-empty lists of "
+                        f"strings, got {golds!r:.200}")
     return [list(g) for g in golds]
 
 
@@ -213,7 +214,7 @@ class SearchAgent:
             raise ValueError(f"SearchAgent.run: n={n}; expected >= 1")
         for i, s in enumerate(samples):
             if not isinstance(s, Mapping) or not str(s.get("question") or "").strip():
-                raise ValueError(f"sample {i}: expected a dict with a non-empty 'question'")
+                raise UserError(f"sample {i}: expected a dict with a non-empty 'question'")
             objective_golds(s, f"sample {i} (id {s.get('id')!r})")
         no_results = template("search_no_results", self.config.templates)
         states = [_State(i * n + j, i, [self.initial_memory], [no_results])

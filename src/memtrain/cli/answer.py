@@ -20,6 +20,7 @@ from memtrain.agent.types import Trajectory, Turn
 from memtrain.budgets import apply_default_budgets
 from memtrain.config import Config, load_config
 from memtrain.engines.base import SamplingParams
+from memtrain.errors import UserError
 from memtrain.progress import Progress
 
 
@@ -31,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(default: model.name of --config, else smollm2-135m)")
     p.add_argument("--document", required=True, help="UTF-8 text file to read")
     p.add_argument("--question", required=True, help="the question to answer")
-    p.add_argument("--engine", choices=["hf", "openai"], help="generation engine (default: engine.kind, hf)")
+    p.add_argument("--engine", help="generation engine: hf, vllm, openai or a registered kind (default: "
+                   "engine.kind, hf)")
     p.add_argument("--base-url", help="OpenAI-compatible server URL for --engine openai")
     p.add_argument("--config", help="YAML config whose model/agent/engine sections are used")
     p.add_argument("--chunk-tokens", type=int, help="document tokens per chunk (default without --config: "
@@ -60,7 +62,7 @@ def build_config(args: argparse.Namespace) -> Config:
             try:
                 setattr(cfg.agent, flag, value)
             except ValidationError as exc:
-                raise ValueError(f"--{flag.replace('_', '-')} {value}: {exc.errors()[0]['msg']}") from None
+                raise UserError(f"--{flag.replace('_', '-')} {value}: {exc.errors()[0]['msg']}") from None
     if args.engine:
         cfg.engine.kind = args.engine
     if args.base_url:
@@ -75,9 +77,9 @@ def read_document(path: str) -> str:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"--document {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise UserError(f"--document {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not text.strip():
-        raise ValueError(f"--document {path}: the file is empty")
+        raise UserError(f"--document {path}: the file is empty")
     return text
 
 
@@ -124,9 +126,9 @@ def _make_engine(cfg: Config, tokenizer: Any) -> Any:
 def _answer(args: argparse.Namespace) -> int:
     document = read_document(args.document)
     if not args.question.strip():
-        raise ValueError("--question: empty")
+        raise UserError("--question: empty")
     if args.temperature < 0:
-        raise ValueError(f"--temperature {args.temperature}: expected >= 0 (0 = greedy)")
+        raise UserError(f"--temperature {args.temperature}: expected >= 0 (0 = greedy)")
     cfg = build_config(args)
     print(apply_default_budgets(cfg, args.config), file=sys.stderr, flush=True)
     from memtrain.models import load_tokenizer

@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from memtrain.errors import UserError
+
 DATA_MODULES = [
     "memtrain.cli.data",
     "memtrain.cli.data_qa",
@@ -137,6 +139,14 @@ _PROXY_FLAGS: list[tuple[str, dict[str, Any]]] = [
             "type": int,
             "metavar": "K",
             "help": "new random passages for a too-short document, at most K times (default 10)",
+        },
+    ),
+    (
+        "--exclude-from",
+        {
+            "nargs": "+",
+            "metavar": "DIR",
+            "help": "proxy datasets (same corpus) whose articles this one must not use: a held-out set",
         },
     ),
 ]
@@ -324,6 +334,6 @@ def format_show(data_dir: str | Path, n: int = 3, color: bool = False) -> str:
 
 def _show(args: argparse.Namespace) -> int:
     if args.n < 0:
-        raise ValueError(f"--n {args.n}: expected a number of samples >= 0")
+        raise UserError(f"--n {args.n}: expected a number of samples >= 0")
     print(format_show(args.dir, args.n, color=sys.stdout.isatty()))
     return 0

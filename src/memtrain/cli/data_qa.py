@@ -9,13 +9,14 @@ import argparse
 import time
 from pathlib import Path
 
+from memtrain.errors import UserError
 from memtrain.io import check_writable
 
 
 def _files(spec: str, flag: str) -> list[Path]:
     paths = [Path(p.strip()) for p in spec.split(",") if p.strip()]
     if not paths:
-        raise ValueError(f"{flag} {spec!r}: expected one or more comma-separated files")
+        raise UserError(f"{flag} {spec!r}: expected one or more comma-separated files")
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"{flag}: {p} does not exist")
@@ -80,9 +81,9 @@ def _longqa(args: argparse.Namespace) -> int:
     check_writable(Path(args.out).parent, f"--out {args.out}: directory")  # before hours of building
     sizes = parse_sizes(args.num_docs)
     if args.train and len(sizes) != 1:
-        raise ValueError(f"--train builds one document size; got --num-docs {args.num_docs} (e.g. use 200)")
+        raise UserError(f"--train builds one document size; got --num-docs {args.num_docs} (e.g. use 200)")
     if args.num_questions is not None and args.num_questions < 1:
-        raise ValueError(f"--num-questions {args.num_questions}: expected a positive integer")
+        raise UserError(f"--num-questions {args.num_questions}: expected a positive integer")
     num_questions = args.num_questions if args.num_questions is not None else (None if args.train else 128)
     question_files = _files(args.hotpotqa, "--hotpotqa")
     examples = read_hotpotqa(question_files)
@@ -122,7 +123,7 @@ def _searchqa(args: argparse.Namespace) -> int:
     from memtrain.data.searchqa import build_searchqa, write_searchqa
 
     if args.num_tasks is not None and args.num_tasks < 1:
-        raise ValueError(f"--num-tasks {args.num_tasks}: expected a positive integer")
+        raise UserError(f"--num-tasks {args.num_tasks}: expected a positive integer")
     check_writable(Path(args.out).parent, f"--out {args.out}: directory")
     files = _files(args.qa, "--qa")
     tasks = build_searchqa(files, args.objectives, args.seed, args.num_tasks)

@@ -2,9 +2,11 @@
 
 Each sub-command lives in its own module under ``memtrain.cli`` and exposes
 ``register(subparsers) -> None``; it sets ``func`` on its parser, which receives the parsed args and
-returns an exit code. Expected user errors (bad config, bad data, missing asset) and OS errors (read-only
+returns an exit code. User errors (:class:`memtrain.errors.UserError`: bad config, data, path or flag,
+missing asset), a server that fails (generation engine, retriever), a missing file and OS errors (read-only
 or full disk, permission denied, port in use, bad host) are printed as one clear line that keeps the real
-cause, never as a traceback; any other exception is a bug and keeps its traceback.
+cause, never as a traceback; any other exception - a plain ValueError included - is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 import sys
 
 from memtrain import __version__
+from memtrain.errors import UserError
 from memtrain.log import setup_logging
 
 COMMAND_MODULES = [
@@ -30,16 +33,12 @@ COMMAND_MODULES = [
 ]
 
 
-class UserError(Exception):
-    """Raised (or subclassed) for problems the user can fix; printed without a traceback."""
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from memtrain.assets import AssetError
-    from memtrain.config import ConfigError
+    """What is printed as one line besides OS errors: the user's mistakes and the servers' failures."""
     from memtrain.engines.openai import EngineError
+    from memtrain.retrieval.service import RetrieverError
 
-    return (UserError, AssetError, ConfigError, EngineError, FileNotFoundError, ValueError)
+    return (UserError, EngineError, RetrieverError, FileNotFoundError)
 
 
 def os_error_line(exc: OSError) -> str:
@@ -74,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    setup_logging(args.log_level)
+    try:
+        setup_logging(args.log_level)
+    except UserError as exc:  # a bad --log-level: a usage error like any other flag's
+        parser.error(str(exc))
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:

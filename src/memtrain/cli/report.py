@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from memtrain.errors import UserError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="compare eval runs in one table (like the paper's Tables 1 and 2)",
@@ -17,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "metrics, columns the runs with 95% intervals, then each run minus the first (paired "
                        "bootstrap over the documents both runs evaluated).")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="directories written by `memtrain eval`")
-    p.add_argument("--metric", help="metric to show: strict_em, em, sub_em or f1 (default: sub_em for "
-                   "longqa, em for searchqa, all of them for proxy)")
+    p.add_argument("--metric", help="metric to show: strict_em, em, sub_em or f1 (default: the main metric "
+                   "of the runs' evaluation, e.g. sub_em for longqa; all of them for proxy)")
     p.add_argument("--labels", help="comma-separated row labels, one per run (default: model names)")
     p.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     p.set_defaults(func=_report)
@@ -32,7 +34,7 @@ def _report(args: argparse.Namespace) -> int:
     if args.labels:
         labels = [x.strip() for x in args.labels.split(",")]
         if len(labels) != len(summaries):
-            raise ValueError(f"--labels: {len(labels)} labels for {len(summaries)} runs")
+            raise UserError(f"--labels: {len(labels)} labels for {len(summaries)} runs")
     else:
         labels = [str(s.get("model", r.name)) + (f" ({s['mode']})" if s.get("mode") == "full-context" else "")
                   for s, r in zip(summaries, args.runs, strict=True)]

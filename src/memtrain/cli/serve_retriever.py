@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from memtrain.cli.main import UserError
+from memtrain.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
     elif (args.index / RETRIEVER_META).is_file():
         retriever = Retriever.open(args.index)
     else:
-        raise ValueError(f"--index {args.index} holds no index yet; pass --corpus FILE to build it")
+        raise UserError(f"--index {args.index} holds no index yet; pass --corpus FILE to build it")
     try:
         server = RetrieverServer(retriever, args.host, args.port, max_body_bytes=args.max_body, token=token,
                                  threads=args.threads, timeout_s=args.timeout)

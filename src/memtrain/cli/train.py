@@ -53,25 +53,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def check_before_training(config: Config, out: Path) -> None:
-    """What can fail in one line before anything loads: the run directory is writable, and the memory
-    agent's budgets fit the model's context (when its config tells the context; searchqa has its own)."""
-    from memtrain.budgets import check_context_budget
+    """What can fail in one line before anything loads: the run directory is writable, ``train.task`` is
+    registered, and its budgets fit the model (each task checks its own)."""
     from memtrain.io import check_writable
-    from memtrain.models import model_context_length
+    from memtrain.rl.tasks.registry import task_class
 
     check_writable(out, "--out")
-    if config.train.task != "searchqa":
-        try:
-            context = model_context_length(config.model.name, None)
-        except ValueError:
-            return  # unknown context: the engine enforces its own limit
-        check_context_budget(config.agent, context, config.model.name,
-                             imr=config.train.task == "proxy" and config.rl.imr)
+    task_class(config.train.task).check_budgets(config)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from memtrain.cli.main import UserError
     from memtrain.config import load_config
+    from memtrain.errors import UserError
     from memtrain.rl.distributed import shutdown
     from memtrain.rl.metrics import read_metrics, summary_table
     from memtrain.rl.trainer import CONFIG_FILE, NonFiniteError, train

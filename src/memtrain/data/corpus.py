@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from memtrain.assets import resolve
+from memtrain.errors import UserError
 from memtrain.io import atomic_dir, atomic_write_json
 from memtrain.log import logger, progress
 
@@ -56,7 +57,7 @@ class SplitParams:
 
     def __post_init__(self) -> None:
         if self.min_chars < 1 or self.max_chars < 2 * self.min_chars:
-            raise ValueError(
+            raise UserError(
                 f"passage lengths: expected 1 <= min_chars and max_chars >= 2 * min_chars, got "
                 f"min_chars={self.min_chars}, max_chars={self.max_chars}"
             )
@@ -85,7 +86,7 @@ def corpus_files(path: Path) -> list[Path]:
     """The corpus files under ``path`` (itself if a file), sorted so the passage order is reproducible."""
     if path.is_file():
         if path.suffix.lower() not in SUFFIXES:
-            raise ValueError(
+            raise UserError(
                 f"corpus file {path}: unsupported type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}"
             )
         return [path]
@@ -98,7 +99,7 @@ def corpus_files(path: Path) -> list[Path]:
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
-            raise ValueError(f"corpus directory {path} has no {'/'.join(SUFFIXES)} files")
+            raise UserError(f"corpus directory {path} has no {'/'.join(SUFFIXES)} files")
         return files
     raise FileNotFoundError(
         f"corpus {str(path)!r} not found: expected the embedded name 'wikipedia-vital', a "
@@ -110,7 +111,7 @@ def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(
+        raise UserError(
             f"{where}: not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}); "
             "expected UTF-8 text (re-encode the file, e.g. with iconv -t utf-8)"
         ) from None
@@ -120,12 +121,12 @@ def _record_article(
     rec: Any, where: str, text_field: str, title_field: str, default_title: str, stats: ReadStats
 ) -> Article | None:
     if not isinstance(rec, dict):
-        raise ValueError(
+        raise UserError(
             f"{where}: expected a JSON object with a {text_field!r} field, got {type(rec).__name__}"
         )
     if text_field not in rec:
         keys = ", ".join(map(str, list(rec)[:12])) or "none"
-        raise ValueError(
+        raise UserError(
             f"{where}: no text field {text_field!r} (fields: {keys}); choose it with --text-field"
         )
     text = rec[text_field]
@@ -133,7 +134,7 @@ def _record_article(
         stats.skipped["empty_article"] += 1
         return None
     if not isinstance(text, str):
-        raise ValueError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+        raise UserError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
     title = rec.get(title_field)
     return Article(str(title) if title is not None else default_title, text, where)
 
@@ -148,7 +149,7 @@ def _read_jsonl(path: Path, text_field: str, title_field: str, stats: ReadStats)
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(
+                raise UserError(
                     f"{where}: not valid JSON ({exc.msg}); expected one JSON object per line"
                 ) from None
             art = _record_article(rec, where, text_field, title_field, f"{path.stem}:{lineno}", stats)
@@ -161,7 +162,7 @@ def _read_json(path: Path, text_field: str, title_field: str, stats: ReadStats) 
     try:
         data = json.loads(_decode(path.read_bytes(), str(path)))
     except json.JSONDecodeError as exc:
-        raise ValueError(
+        raise UserError(
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); expected a list of "
             "records or a {title: record} object (use .jsonl for large corpora)"
         ) from None
@@ -170,7 +171,7 @@ def _read_json(path: Path, text_field: str, title_field: str, stats: ReadStats) 
     elif isinstance(data, dict):
         items = [(str(k), v) for k, v in data.items()]
     else:
-        raise ValueError(
+        raise UserError(
             f"{path}: expected a JSON list of records or a {{title: record}} object, got "
             f"{type(data).__name__}"
         )
@@ -186,16 +187,16 @@ def _read_parquet(path: Path, text_field: str, title_field: str, stats: ReadStat
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{path}: not a readable parquet file ({exc})") from None
+        raise UserError(f"{path}: not a readable parquet file ({exc})") from None
     names = pf.schema_arrow.names
     if text_field not in names:
-        raise ValueError(
+        raise UserError(
             f"{path}: no text column {text_field!r} (columns: {', '.join(names)}); "
             "choose it with --text-field"
         )
     text_type = pf.schema_arrow.field(text_field).type
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        raise ValueError(f"{path}: column {text_field!r} must hold strings, it holds {text_type}")
+        raise UserError(f"{path}: column {text_field!r} must hold strings, it holds {text_type}")
     columns = [text_field] + ([title_field] if title_field in names else [])
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=columns):
@@ -234,7 +235,7 @@ def _read_txt(path: Path, stats: ReadStats) -> Iterator[Article]:
 def _read_hf(spec: str, text_field: str, title_field: str, stats: ReadStats) -> Iterator[Article]:
     parts = spec[3:].split(":")
     if not parts[0] or len(parts) > 3:
-        raise ValueError(
+        raise UserError(
             f"corpus {spec!r}: expected hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikimedia/wikipedia:20231101.en"
         )
     name, config, split = (
@@ -245,13 +246,13 @@ def _read_hf(spec: str, text_field: str, title_field: str, stats: ReadStats) -> 
     try:
         import datasets
     except ImportError:
-        raise ValueError(
+        raise UserError(
             f"corpus {spec!r} needs the optional `datasets` package: pip install 'memtrain[hf]'"
         ) from None
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:  # the hub, auth and config errors all surface here
-        raise ValueError(
+        raise UserError(
             f"corpus {spec!r}: could not open the dataset ({type(exc).__name__}: {exc})"
         ) from None
     for i, rec in enumerate(ds):
@@ -288,7 +289,7 @@ def iter_articles(
             else:
                 yield from _read_txt(f, stats)
         except PermissionError as exc:
-            raise ValueError(f"corpus file {f}: not readable ({exc.strerror})") from None
+            raise UserError(f"corpus file {f}: not readable ({exc.strerror})") from None
 
 
 # ----------------------------------------------------------------------------------------------- splitting
@@ -470,7 +471,7 @@ def build_store(
             flush()
         if stats.passages == 0:
             detail = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items())) or "it has no articles"
-            raise ValueError(
+            raise UserError(
                 f"corpus {spec!r} gave no passages ({detail}); expected articles with text of at "
                 f"least {params.min_chars} characters"
             )

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memtrain import __version__
+from memtrain.errors import UserError
 from memtrain.io import atomic_dir, atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -39,7 +40,7 @@ VERIFY_ENV = "MEMTRAIN_VERIFY_DATA"  # "full": also hash every shard completely 
 Verify = Literal["fast", "full", "none"]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset directory that is missing, malformed or does not match its manifest."""
 
 
@@ -88,7 +89,7 @@ def footer_sha256(path: Path) -> str:
 def _verify_mode(verify: Verify | None) -> Verify:
     mode = verify or os.environ.get(VERIFY_ENV, "").strip().lower() or "fast"
     if mode not in ("fast", "full", "none"):
-        raise ValueError(f"{VERIFY_ENV}={mode!r}: expected fast, full or none")
+        raise UserError(f"{VERIFY_ENV}={mode!r}: expected fast, full or none")
     return mode  # type: ignore[return-value]
 
 
@@ -110,15 +111,15 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse to replace anything that is not a memtrain dataset, and a dataset unless ``overwrite``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"output {out_dir} is a file; expected a directory for the dataset")
+        raise UserError(f"output {out_dir} is a file; expected a directory for the dataset")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not (out_dir / MANIFEST).is_file():
-            raise ValueError(
+            raise UserError(
                 f"output directory {out_dir} is not empty and holds no {MANIFEST}; refusing to "
                 "replace it (choose a new or empty directory)"
             )
         if not overwrite:
-            raise ValueError(
+            raise UserError(
                 f"output directory {out_dir} already holds a dataset; pass --overwrite to replace it"
             )
 
@@ -163,7 +164,7 @@ def write_dataset(
         if buf:
             flush()
         if not shards:
-            raise ValueError(f"no rows to write to {out}")
+            raise UserError(f"no rows to write to {out}")
         extra = dict(info() if callable(info) else (info or {}))
         manifest = {
             "format": FORMAT,
@@ -182,13 +183,13 @@ def write_dataset(
 def check_eval_out(out: Path, index_file: str, overwrite: bool) -> None:
     """An eval set directory may replace only an eval set of the same kind, and only with ``overwrite``."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; expected a directory")
+        raise UserError(f"--out {out} is a file; expected a directory")
     if out.is_dir() and any(out.iterdir()):
         if not (out / index_file).is_file():
-            raise ValueError(f"--out {out}: directory is not empty and holds no {index_file}; refusing to "
-                             "replace it (choose a new or empty directory)")
+            raise UserError(f"--out {out}: directory is not empty and holds no {index_file}; refusing to "
+                            "replace it (choose a new or empty directory)")
         if not overwrite:
-            raise ValueError(f"--out {out} already holds a built set; pass --overwrite to replace it")
+            raise UserError(f"--out {out} already holds a built set; pass --overwrite to replace it")
 
 
 # one dataset of an eval set: its rows and its manifest info

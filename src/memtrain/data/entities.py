@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from memtrain.assets import resolve
+from memtrain.errors import UserError
 from memtrain.log import logger
 
 Span = tuple[int, int, str]  # start char, end char, label
@@ -330,13 +331,13 @@ def load_ner(model: str | None = None) -> Any:
     try:
         nlp = spacy.load(path)
     except (OSError, ValueError) as exc:
-        raise ValueError(
+        raise UserError(
             f"NER model {name!r}: cannot load it with spacy.load ({exc}); expected an installed "
             "spaCy package (e.g. en_core_web_sm), a spaCy model directory or 'spacy-sm'"
         ) from None
     keep = {n for n in nlp.pipe_names if nlp.get_pipe_meta(n).factory in ENTITY_FACTORIES}
     if not keep:
-        raise ValueError(
+        raise UserError(
             f"NER model {name!r} has no entity component (pipes: {', '.join(nlp.pipe_names) or 'none'});"
             f" expected one of {', '.join(ENTITY_FACTORIES)}"
         )
@@ -372,7 +373,7 @@ def model_fingerprint(model: str | None) -> dict[str, Any]:
         }
     version = spacy.util.get_package_version(name)
     if version is None:
-        raise ValueError(f"NER model {name!r}: not an installed spaCy package nor a directory")
+        raise UserError(f"NER model {name!r}: not an installed spaCy package nor a directory")
     return {"name": name, "version": version}
 
 
@@ -394,8 +395,8 @@ class EntityCache:
         try:
             yield
         except (sqlite3.DatabaseError, json.JSONDecodeError, ValueError) as exc:
-            raise ValueError(f"NER cache {self.path} is damaged ({exc}); delete it, it is rebuilt on the "
-                             "next run") from None
+            raise UserError(f"NER cache {self.path} is damaged ({exc}); delete it, it is rebuilt on the "
+                            "next run") from None
 
     def get(self, rows: Sequence[int]) -> dict[int, list[Span]]:
         out: dict[int, list[Span]] = {}

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from memtrain.data.dataset import read_manifest, write_dataset, write_eval_set
 from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
+from memtrain.errors import UserError
 from memtrain.io import append_jsonl, read_jsonl
 from memtrain.scoring import score
 
@@ -61,15 +62,15 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc}); expected HotpotQA JSON, JSONL or parquet") from exc
+        raise UserError(f"{path}: not UTF-8 text ({exc}); expected HotpotQA JSON, JSONL or parquet") from exc
     stripped = text.lstrip()
     if not stripped:
-        raise ValueError(f"{path}: empty file; expected HotpotQA JSON, JSONL or parquet")
+        raise UserError(f"{path}: empty file; expected HotpotQA JSON, JSONL or parquet")
     if stripped[0] == "[":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+            raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
         yield from enumerate(data)
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -78,15 +79,15 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one HotpotQA record per "
-                             "line (Hugging Face hotpot_qa layout) or one JSON list (official)") from exc
+            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one HotpotQA record per "
+                            "line (Hugging Face hotpot_qa layout) or one JSON list (official)") from exc
 
 
-def _fail(path: Path, where: int, field: str, expected: str, got: Any) -> ValueError:
+def _fail(path: Path, where: int, field: str, expected: str, got: Any) -> UserError:
     shown = repr(got)
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    return ValueError(f"{path}: record {where}: field {field!r}: expected {expected}, got {shown}")
+    return UserError(f"{path}: record {where}: field {field!r}: expected {expected}, got {shown}")
 
 
 def _context(path: Path, where: int, raw: Any) -> list[tuple[str, str]]:
@@ -161,12 +162,12 @@ def read_hotpotqa(paths: str | Path | Sequence[str | Path],
         for where, record in _records(path):
             ex = parse_record(path, where, record, require_answer=require_answer)
             if ex.id in seen:
-                raise ValueError(f"{path}: record {where}: question id {ex.id!r} already read from "
-                                 f"{seen[ex.id]}")
+                raise UserError(f"{path}: record {where}: question id {ex.id!r} already read from "
+                                f"{seen[ex.id]}")
             seen[ex.id] = path
             examples.append(ex)
     if not examples:
-        raise ValueError(f"no HotpotQA records in {', '.join(map(str, paths))}")
+        raise UserError(f"no HotpotQA records in {', '.join(map(str, paths))}")
     return examples
 
 
@@ -192,12 +193,12 @@ def parse_sizes(spec: str | Sequence[int]) -> tuple[int, ...]:
         try:
             values = [int(v) for v in spec.split(",") if v.strip()]
         except ValueError:
-            raise ValueError(f"--num-docs {spec!r}: expected comma-separated integers, "
-                             "e.g. 50,100,200") from None
+            raise UserError(f"--num-docs {spec!r}: expected comma-separated integers, "
+                            "e.g. 50,100,200") from None
     else:
         values = [int(v) for v in spec]
     if not values or any(v <= 0 for v in values):
-        raise ValueError(f"--num-docs {spec!r}: expected one or more positive integers, e.g. 50,100,200")
+        raise UserError(f"--num-docs {spec!r}: expected one or more positive integers, e.g. 50,100,200")
     return tuple(sorted(set(values)))
 
 
@@ -217,8 +218,8 @@ def select_questions(examples: Sequence[HotpotExample], num_questions: int | Non
     _rng(seed, "questions").shuffle(order)
     want = len(order) if num_questions is None else num_questions
     if num_questions is not None and num_questions > len(order):
-        raise ValueError(f"--num-questions {num_questions}: only {len(order)} questions with gold paragraphs "
-                         "are available")
+        raise UserError(f"--num-questions {num_questions}: only {len(order)} questions with gold paragraphs "
+                        "are available")
     chosen: list[HotpotExample] = []
     pos = 0
     while len(chosen) < want and pos < len(order):
@@ -227,8 +228,8 @@ def select_questions(examples: Sequence[HotpotExample], num_questions: int | Non
         dropped = drop(batch) if drop is not None else set()
         chosen.extend(ex for ex in batch if ex.id not in dropped)
     if len(chosen) < want:
-        raise ValueError(f"--num-questions {want}: only {len(chosen)} questions are left after the "
-                         "closed-book filter; ask for fewer or give more questions")
+        raise UserError(f"--num-questions {want}: only {len(chosen)} questions are left after the "
+                        "closed-book filter; ask for fewer or give more questions")
     return chosen[:want]
 
 
@@ -258,8 +259,8 @@ class DistractorPool:
         excluded = self.excluded(example)
         usable = len(self.paragraphs) - len(excluded)
         if count > usable:
-            raise ValueError(f"question {example.id!r} needs {count} distractor paragraphs but the pool has "
-                             f"only {usable} usable; use fewer --num-docs or add HotpotQA files (--pool)")
+            raise UserError(f"question {example.id!r} needs {count} distractor paragraphs but the pool has "
+                            f"only {usable} usable; use fewer --num-docs or add HotpotQA files (--pool)")
         rng = _rng(seed, "distractors", example.id)
         picked: list[int] = []
         seen = set(excluded)
@@ -279,8 +280,8 @@ def build_example(example: HotpotExample, pool: DistractorPool, num_docs: int, s
     if own_distractors:
         fixed += [p for p in example.paragraphs if p not in fixed]
     if num_docs < len(fixed):
-        raise ValueError(f"--num-docs {num_docs}: question {example.id!r} already has {len(fixed)} gold"
-                         f"{' and own' if own_distractors else ''} paragraphs")
+        raise UserError(f"--num-docs {num_docs}: question {example.id!r} already has {len(fixed)} gold"
+                        f"{' and own' if own_distractors else ''} paragraphs")
     docs = fixed + pool.draw(example, num_docs - len(fixed), seed)
     _rng(seed, "order", example.id, num_docs).shuffle(docs)
     gold = set(example.gold_paragraphs())
@@ -383,7 +384,7 @@ def write_longqa(out: str | Path, rows_by_size: Mapping[int, list[dict[str, Any]
 
     if train:
         if len(rows_by_size) != 1:
-            raise ValueError(f"--train builds one document size; got --num-docs {sorted(rows_by_size)}")
+            raise UserError(f"--train builds one document size; got --num-docs {sorted(rows_by_size)}")
         (size,) = rows_by_size
         return write_dataset(out, rows(size), _schema(with_tokens), "longqa", info={**info, "num_docs": size},
                              overwrite=overwrite)
@@ -403,6 +404,6 @@ def eval_sets(data_dir: str | Path) -> list[tuple[int, Path]]:
         return [(int(n), data_dir / d) for n, d in sorted(meta["dirs"].items(), key=lambda kv: int(kv[0]))]
     manifest = read_manifest(data_dir)
     if manifest.get("task") != "longqa" or "num_docs" not in manifest:
-        raise ValueError(f"{data_dir}: neither a longqa eval set ({INDEX_FILE}) nor a longqa dataset "
-                         "(build one with `memtrain data longqa`)")
+        raise UserError(f"{data_dir}: neither a longqa eval set ({INDEX_FILE}) nor a longqa dataset "
+                        "(build one with `memtrain data longqa`)")
     return [(int(manifest["num_docs"]), data_dir)]

@@ -50,6 +50,7 @@ from memtrain.data.entities import (
     shift_spans,
     variant_forms,
 )
+from memtrain.errors import UserError
 from memtrain.io import check_writable
 from memtrain.log import logger, progress_bar
 from memtrain.prompts import MASK_TOKEN, PROXY_QUESTION
@@ -119,18 +120,23 @@ class ProxyConfig(BaseModel):
     ner_batch_size: int = Field(256, gt=0)
     embed_batch_size: int = Field(32, gt=0)
     max_redraws: int = Field(10, ge=0)
+    exclude_from: list[str] = Field(
+        default_factory=list,
+        description="proxy datasets whose articles this one must not use (a held-out set: no pivot, related "
+        "or random passage comes from an article any of their documents drew on)",
+    )
     overwrite: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> ProxyConfig:
         if self.related > self.passages - 1:
-            raise ValueError(
+            raise UserError(
                 f"related={self.related} must be below passages={self.passages} (the pivot takes a slot)"
             )
         if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens={self.min_tokens} is above max_tokens={self.max_tokens}")
+            raise UserError(f"min_tokens={self.min_tokens} is above max_tokens={self.max_tokens}")
         if self.max_passage_chars < 2 * self.min_passage_chars:
-            raise ValueError(
+            raise UserError(
                 f"max_passage_chars={self.max_passage_chars} must be at least twice "
                 f"min_passage_chars={self.min_passage_chars}"
             )
@@ -223,21 +229,24 @@ def open_index(
 
 
 def related_passages(
-    index: BM25Index | DenseIndex, store: PassageStore, pivots: list[int], n: int
+    index: BM25Index | DenseIndex, store: PassageStore, pivots: list[int], n: int,
+    excluded: np.ndarray | None = None,
 ) -> list[list[int]]:
-    """For each pivot row, up to ``n`` most similar other passages, best first; the pivot itself and passages
-    whose text duplicates an earlier one are skipped. Dense indexes search by the stored pivot vectors, BM25
-    by the pivot text. BM25 may return fewer than ``n`` (only passages sharing a term count)."""
+    """For each pivot row, up to ``n`` most similar other passages, best first; the pivot itself, passages
+    whose text duplicates an earlier one and rows flagged in ``excluded`` (a held-out set's exclusions) are
+    skipped. Dense indexes search by the stored pivot vectors, BM25 by the pivot text. BM25 may return fewer
+    than ``n`` (only passages sharing a term count)."""
     if n <= 0 or not pivots:
         return [[] for _ in pivots]
-    k = min(len(store), n + 1 + _RELATED_MARGIN)
+    margin = _RELATED_MARGIN if excluded is None or not excluded.any() else 4 * _RELATED_MARGIN + n
+    k = min(len(store), n + 1 + margin)
     if isinstance(index, DenseIndex):
         hits = index.search_rows(pivots, k)
     else:
         hits = index.search(store.texts(pivots), k)
     out: list[list[int]] = []
     for pivot, h in zip(pivots, hits, strict=True):
-        cand = [r for r, _ in h if r != pivot]
+        cand = [r for r, _ in h if r != pivot and (excluded is None or not excluded[r])]
         texts = store.texts([pivot, *cand])
         seen = {texts[0]}
         rel: list[int] = []
@@ -249,11 +258,35 @@ def related_passages(
     return out
 
 
+def excluded_rows(store: PassageStore, datasets: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Rows of every article that a document of ``datasets`` (proxy datasets over this same passage store)
+    drew a passage from, as a mask over the store; and what was excluded, for the manifest."""
+    from memtrain.data.dataset import iter_rows, read_manifest
+
+    used: set[int] = set()
+    for data_dir in datasets:
+        manifest = read_manifest(data_dir)
+        key = (manifest.get("corpus") or {}).get("key")
+        if manifest.get("task") != TASK or key != store.key:
+            raise UserError(
+                f"--exclude-from {data_dir}: expected a proxy dataset built from the same corpus (passage "
+                f"store {store.key}), found task {manifest.get('task')!r} over store {key!r}"
+            )
+        for row in iter_rows(data_dir, columns=["passage_ids"]):
+            used.update(int(r) for r in row["passage_ids"])
+    articles = np.asarray(store.table.column("article").to_numpy(zero_copy_only=False))
+    used_articles = np.unique(articles[sorted(used)]) if used else np.empty(0, dtype=articles.dtype)
+    mask = np.isin(articles, used_articles)
+    info = {"datasets": [str(Path(d).resolve()) for d in datasets], "articles": len(used_articles),
+            "passages": int(mask.sum())}
+    return mask, info
+
+
 def check_feasible(cfg: ProxyConfig, store: PassageStore, counter: TokenCounter) -> dict[str, float]:
     """Fail early, with numbers, when the corpus cannot give documents in the requested token range."""
     n = len(store)
     if n < cfg.passages:
-        raise ValueError(
+        raise UserError(
             f"corpus {cfg.corpus!r} has {n} passages, but --passages {cfg.passages} needs at least "
             "that many distinct passages per document"
         )
@@ -263,7 +296,7 @@ def check_feasible(cfg: ProxyConfig, store: PassageStore, counter: TokenCounter)
     per_doc = cfg.passages * mean + counter.headers(cfg.passages)
     if per_doc < cfg.min_tokens:
         need = math.ceil(cfg.min_tokens / (per_doc / cfg.passages))
-        raise ValueError(
+        raise UserError(
             f"documents of {cfg.passages} passages from corpus {cfg.corpus!r} have about {per_doc:.0f} "
             "tokens "
             f"(mean passage: {mean:.0f} tokens with {cfg.tokenizer}), below --min-tokens {cfg.min_tokens}; "
@@ -282,8 +315,11 @@ class ProxyBuilder:
         tagger: EntityTagger,
         index: BM25Index | DenseIndex,
         counter: TokenCounter,
+        excluded: np.ndarray | None = None,
     ):
         self.cfg = cfg
+        # rows no document may use (held-out sets: every passage of an article another dataset drew on)
+        self.excluded = excluded
         self.store = store
         self.tagger = tagger
         self.index = index
@@ -298,6 +334,9 @@ class ProxyBuilder:
         self.epochs = 1
         self.retrieval_seconds = 0.0
 
+    def _excluded(self, row: int) -> bool:
+        return self.excluded is not None and bool(self.excluded[row])
+
     # -------------------------------------------------------------------------------------------- pivots
 
     def _pivots(self) -> Iterator[_Draw]:
@@ -309,9 +348,12 @@ class ProxyBuilder:
         while True:
             if pos >= n:
                 if found_this_epoch == 0:
-                    raise ValueError(
+                    excluded = int(self.excluded.sum()) if self.excluded is not None else 0
+                    raise UserError(
                         f"no passage of corpus {self.cfg.corpus!r} has a usable entity (NER model "
-                        f"{self.tagger.model!r}, labels {self.cfg.entity_labels or 'any'})"
+                        f"{self.tagger.model!r}, labels {self.cfg.entity_labels or 'any'}"
+                        + (f"; {excluded} of {n} passages excluded by --exclude-from" if excluded else "")
+                        + ")"
                     )
                 epoch, pos, found_this_epoch = epoch + 1, 0, 0
                 self.epochs = epoch + 1
@@ -324,6 +366,9 @@ class ProxyBuilder:
             texts = self.store.texts(chunk)
             for row, text in zip(chunk, texts, strict=True):
                 pos += 1
+                if self._excluded(row):
+                    self.skipped["pivot_from_excluded_article"] += 1
+                    continue
                 self.counts["pivot_candidates"] += 1
                 cands = candidates(
                     text,
@@ -346,7 +391,8 @@ class ProxyBuilder:
         if self.cfg.related == 0:
             return
         start = time.time()
-        found = related_passages(self.index, self.store, [d.row for d in draws], self.cfg.related)
+        pivots = [d.row for d in draws]
+        found = related_passages(self.index, self.store, pivots, self.cfg.related, self.excluded)
         for d, rel in zip(draws, found, strict=True):
             d.related = rel
             self.counts["related_shortfall"] += self.cfg.related - len(rel)
@@ -362,14 +408,15 @@ class ProxyBuilder:
             if len(out) >= need:
                 return out
             size = min(n, need - len(out) + len(taken) + 8)
-            draw = [int(r) for r in d.rng.choice(n, size=size, replace=False) if int(r) not in taken]
+            draw = [int(r) for r in d.rng.choice(n, size=size, replace=False)
+                    if int(r) not in taken and not self._excluded(int(r))]
             for r, t in zip(draw, self.store.texts(draw), strict=True):
                 if len(out) < need and t not in seen:
                     out.append(r)
                     taken.add(r)
                     seen.add(t)
         if len(out) < need:
-            raise ValueError(
+            raise UserError(
                 f"corpus {self.cfg.corpus!r}: could not find {self.cfg.passages} distinct passages for "
                 f"one document ({len(taken)} found); the corpus is too small or too repetitive"
             )
@@ -534,7 +581,7 @@ class ProxyBuilder:
                     self.tokens.append(result["num_tokens"])
                     yield result
                 if tried >= _MIN_TRIES_BEFORE_GIVING_UP and made < _MIN_SUCCESS_RATE * tried:
-                    raise ValueError(
+                    raise UserError(
                         f"only {made} of {tried} pivots gave a document (skipped: "
                         f"{dict(self.skipped)}); widen --min-tokens/--max-tokens or change --passages"
                     )
@@ -597,7 +644,7 @@ def build_proxy_dataset(cfg: ProxyConfig) -> dict[str, Any]:
     from memtrain.models import load_tokenizer
 
     if not cfg.out:
-        raise ValueError("no output directory: pass --out DIR (or `out:` in the config file)")
+        raise UserError("no output directory: pass --out DIR (or `out:` in the config file)")
     out = Path(cfg.out)
     check_output_dir(out, cfg.overwrite)
     check_writable(out.parent, f"--out {out}: directory")  # before the corpus and index load (minutes)
@@ -624,7 +671,8 @@ def build_proxy_dataset(cfg: ProxyConfig) -> dict[str, Any]:
         start = time.time()
         index, index_dir, reused = open_index(store, cfg, cache)
         timings["index_s"] = time.time() - start
-        builder = ProxyBuilder(cfg, store, tagger, index, counter)
+        excluded, exclusion = excluded_rows(store, cfg.exclude_from) if cfg.exclude_from else (None, None)
+        builder = ProxyBuilder(cfg, store, tagger, index, counter, excluded)
         start, tok_before = time.time(), counter.seconds
 
         def info() -> dict[str, Any]:
@@ -652,6 +700,7 @@ def build_proxy_dataset(cfg: ProxyConfig) -> dict[str, Any]:
                     "cache_hits": tagger.cache_hits,
                 },
                 "feasibility": feasibility,
+                "excluded": exclusion,
                 **builder.report(),
                 "timings_s": {k: round(v, 2) for k, v in timings.items()},
                 "wall_time_s": round(time.time() - wall, 2),

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from memtrain.data.dataset import read_manifest, write_dataset, write_eval_set
+from memtrain.errors import UserError
 from memtrain.log import logger
 
 ANSWER_SEP = ";"
@@ -60,7 +61,7 @@ def read_qa(path: str | Path) -> list[QAItem]:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+            raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     else:
         records = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -68,21 +69,21 @@ def read_qa(path: str | Path) -> list[QAItem]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
     items: list[QAItem] = []
     skipped: list[int] = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}: record {i}: expected an object with 'question' and 'answer'")
+            raise UserError(f"{path}: record {i}: expected an object with 'question' and 'answer'")
         question = rec.get("question")
         if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"{path}: record {i}: field 'question': expected a non-empty string, "
-                             f"got {question!r}")
+            raise UserError(f"{path}: record {i}: field 'question': expected a non-empty string, "
+                            f"got {question!r}")
         key = next((k for k in ("answer", "answers", "golden_answers") if k in rec), None)
         answers = _answers(rec.get(key)) if key else None
         if answers is None:
-            raise ValueError(f"{path}: record {i}: field 'answer': expected a non-empty string or list of "
-                             f"non-empty strings, got {rec.get(key or 'answer')!r}")
+            raise UserError(f"{path}: record {i}: field 'answer': expected a non-empty string or list of "
+                            f"non-empty strings, got {rec.get(key or 'answer')!r}")
         usable = tuple(a for a in answers if ANSWER_SEP not in a)
         if not usable:
             skipped.append(i)
@@ -93,7 +94,7 @@ def read_qa(path: str | Path) -> list[QAItem]:
         logger.warning("%s: skipped %d question(s) whose answers all contain %r (records %s)", path,
                        len(skipped), ANSWER_SEP, shown)
     if not items:
-        raise ValueError(f"{path}: no question/answer records")
+        raise UserError(f"{path}: no question/answer records")
     return items
 
 
@@ -108,13 +109,13 @@ def build_tasks(items: Sequence[QAItem], name: str, objectives: int, seed: int,
                 num_tasks: int | None = None) -> list[dict[str, Any]]:
     """``num_tasks`` tasks (all complete groups if None) of ``objectives`` distinct questions each."""
     if objectives < 1:
-        raise ValueError(f"--objectives {objectives}: expected a positive integer")
+        raise UserError(f"--objectives {objectives}: expected a positive integer")
     order = list(items)
     random.Random(f"{seed}:searchqa:{name}").shuffle(order)
     available = len(order) // objectives
     if num_tasks is not None and num_tasks > available:
-        raise ValueError(f"{name}: {num_tasks} tasks of {objectives} objectives need "
-                         f"{num_tasks * objectives} questions; the file has {len(order)}")
+        raise UserError(f"{name}: {num_tasks} tasks of {objectives} objectives need "
+                        f"{num_tasks * objectives} questions; the file has {len(order)}")
     rows = []
     for t in range(available if num_tasks is None else num_tasks):
         group = order[t * objectives : (t + 1) * objectives]
@@ -137,7 +138,7 @@ def build_searchqa(paths: Sequence[str | Path], objectives: int, seed: int,
     for p in paths:
         name = dataset_name(p)
         if name in out:
-            raise ValueError(f"--qa: two files named {name!r}; data sets are named by file stem")
+            raise UserError(f"--qa: two files named {name!r}; data sets are named by file stem")
         out[name] = build_tasks(read_qa(p), name, objectives, seed, num_tasks)
     return out
 
@@ -191,6 +192,6 @@ def eval_sets(data_dir: str | Path) -> list[tuple[str, Path]]:
         return [(name, data_dir / d) for name, d in meta["dirs"].items()]
     manifest = read_manifest(data_dir)
     if manifest.get("task") != "searchqa":
-        raise ValueError(f"{data_dir}: neither a searchqa eval set ({INDEX_FILE}) nor a searchqa dataset "
-                         "(build one with `memtrain data searchqa`)")
+        raise UserError(f"{data_dir}: neither a searchqa eval set ({INDEX_FILE}) nor a searchqa dataset "
+                        "(build one with `memtrain data searchqa`)")
     return [(str(manifest.get("dataset") or data_dir.name), data_dir)]

@@ -1,7 +1,8 @@
-"""Generation engines behind one interface: local transformers, OpenAI-compatible servers, scripted.
+"""Generation engines behind one interface: local transformers, in-process vLLM, OpenAI-compatible servers,
+scripted; ``engine.kind`` picks one by name (``register_engine`` adds kinds, see ``registry``).
 
-``HFEngine``, ``OpenAIEngine``, ``EngineError`` and ``make_engine`` are imported lazily, so that importing
-this package (e.g. at CLI start) does not import torch or httpx.
+``HFEngine``, ``VLLMEngine``, ``OpenAIEngine``, ``EngineError``, ``make_engine`` and ``register_engine`` are
+imported lazily, so that importing this package (e.g. at CLI start) does not import torch, httpx or vllm.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from memtrain.engines.base import Completion, Engine, GenerationRequest, Samplin
 
 _LAZY = {
     "HFEngine": "memtrain.engines.hf",
+    "VLLMEngine": "memtrain.engines.vllm",
     "OpenAIEngine": "memtrain.engines.openai",
     "EngineError": "memtrain.engines.openai",
     "make_engine": "memtrain.engines.factory",
+    "register_engine": "memtrain.engines.registry",
 }
 
 __all__ = ["Completion", "Engine", "EngineError", "GenerationRequest", "HFEngine", "OpenAIEngine",
-           "SamplingParams", "make_engine"]
+           "SamplingParams", "VLLMEngine", "make_engine", "register_engine"]
 
 
 def __getattr__(name: str) -> Any:

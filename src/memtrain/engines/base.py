@@ -65,6 +65,9 @@ class PolicyFollower(Protocol):
     nothing to copy; the vLLM engine reloads them and checks the copy). It returns numbers for the step's
     metrics row (e.g. ``sync_s``), and raises on a sync it cannot verify. An engine without it (a remote
     server) cannot be trained with; the trainer says so before the first step.
+
+    An engine that holds memory the update needs may also have ``release_memory()``, to be called after the
+    rollouts and before the update (the vLLM engine on a GPU sleeps until the next sync or generate).
     """
 
     def sync_weights(self, model: Any) -> dict[str, float]:

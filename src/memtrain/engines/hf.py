@@ -47,8 +47,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from memtrain.config import EngineConfig
 from memtrain.engines.base import Completion, GenerationRequest, SamplingParams
 from memtrain.engines.checks import validate_requests
+from memtrain.engines.registry import register_engine
 from memtrain.precision import autocast_dtype, autocast_for
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, sample index) over 64-bit seeds
@@ -391,3 +393,15 @@ class HFEngine:
                 text = text[:min(cuts)]
         return Completion(token_ids=list(s.token_ids), text=text, logprobs=list(s.logprobs),
                           finish_reason="length" if s.finish == "length" else "stop")
+
+
+@register_engine("hf")
+def build_hf_engine(cfg: EngineConfig, model_name: str, model: Any, tokenizer: Any) -> HFEngine:
+    """Wraps ``model`` (the trainer passes the very model it updates) or loads ``model_name``."""
+    from memtrain.models import load_policy, load_tokenizer
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_name)
+    if model is None:
+        model = load_policy(model_name)
+    return HFEngine(model, tokenizer, batch_size=cfg.batch_size, prefill_tokens=cfg.prefill_tokens)

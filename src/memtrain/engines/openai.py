@@ -52,8 +52,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from memtrain.config import EngineConfig
 from memtrain.engines.base import Completion, GenerationRequest
 from memtrain.engines.checks import validate_requests
+from memtrain.engines.registry import register_engine
+from memtrain.errors import UserError
 from memtrain.log import logger
 
 _TOKEN_ID_PREFIX = "token_id:"
@@ -68,7 +71,7 @@ def normalize_base_url(base_url: str) -> str:
     url = base_url.strip().rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"engine.base_url {base_url!r}: expected an http(s) URL such as http://localhost:8000/v1")
+        raise UserError(f"engine.base_url {base_url!r}: expected an http(s) URL such as http://localhost:8000/v1")
     return url if url.endswith("/v1") else url + "/v1"
 
 
@@ -290,3 +293,30 @@ class OpenAIEngine:
             self._warned_inexact = True
         logprobs = server_lps if len(server_lps) == len(ids) else [math.nan] * len(ids)
         return Completion(token_ids=ids, text=text, logprobs=logprobs, finish_reason=finish)
+
+
+@register_engine("openai")
+def build_openai_engine(cfg: EngineConfig, model_name: str, model: Any, tokenizer: Any) -> OpenAIEngine:
+    """Talks to ``cfg.base_url`` serving ``cfg.served_model`` (default ``model_name``); the tokenizer of
+    ``model_name`` (loaded when not given) lets it send prompts as token ids."""
+    if not cfg.base_url:
+        raise UserError("engine.base_url: required when engine.kind is 'openai' "
+                        "(e.g. engine.base_url=http://localhost:8000/v1)")
+    if tokenizer is None:
+        tokenizer = _tokenizer_or_none(model_name)
+    return OpenAIEngine(cfg.base_url, cfg.served_model or model_name, api_key_env=cfg.api_key_env,
+                        max_concurrency=cfg.max_concurrency, timeout_s=cfg.timeout_s,
+                        max_retries=cfg.max_retries, tokenizer=tokenizer, vllm_extras=cfg.vllm_extras)
+
+
+def _tokenizer_or_none(model_name: str) -> Any:
+    """The policy's tokenizer when it can be loaded locally; the server's text is used otherwise."""
+    from memtrain.assets import AssetError
+    from memtrain.models import load_tokenizer
+
+    try:
+        return load_tokenizer(model_name)
+    except (AssetError, OSError, ValueError) as exc:
+        logger.warning("openai engine: no tokenizer for %r (%s); sending prompt text, token ids come "
+                       "from the server", model_name, exc)
+        return None

@@ -13,8 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from memtrain.config import EngineConfig
 from memtrain.engines.base import Completion, GenerationRequest
 from memtrain.engines.checks import validate_requests
+from memtrain.engines.registry import register_engine
+from memtrain.errors import UserError
 
 Responder = Callable[[str, int], str]
 
@@ -105,3 +108,11 @@ class ScriptedEngine:
         text = self._decode(ids)
         ids.append(int(self.tokenizer.eos_token_id))
         return Completion(ids, text, [self.logprob] * len(ids), "stop")
+
+
+@register_engine("scripted")
+def build_scripted_engine(cfg: EngineConfig, model_name: str, model: Any, tokenizer: Any) -> ScriptedEngine:
+    """A config cannot say what to reply: name the kind so the error says where to build one instead."""
+    raise UserError("engine.kind 'scripted': a scripted engine replays fixed outputs for tests and demos "
+                    "and must be constructed in code (memtrain.engines.scripted), not from a config; use "
+                    "engine.kind=hf, vllm or openai")

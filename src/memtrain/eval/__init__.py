@@ -1,1 +1,1 @@
-"""Evaluation of memory agents on long-document QA and search-based QA."""
+"""Evaluations of memory agents, one module each, registered by name (:mod:`memtrain.eval.registry`)."""

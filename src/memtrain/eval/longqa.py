@@ -24,6 +24,8 @@ Results go to a run directory (see ``memtrain.eval.report``): every example is a
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -32,9 +34,9 @@ from typing import Any, Literal
 from memtrain.agent.chunking import Truncation
 from memtrain.agent.loop import MemoryAgent
 from memtrain.config import AgentConfig, Config
-from memtrain.data.dataset import load_rows, require_columns
-from memtrain.data.longqa import eval_sets
 from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
+from memtrain.errors import UserError
+from memtrain.eval.registry import register_eval
 from memtrain.eval.report import (
     EXAMPLES,
     check_decoding_args,
@@ -69,11 +71,11 @@ def eval_agent_config(agent: AgentConfig, max_chunks: int | None = None,
     evaluation document must be asked for explicitly (``--max-chunks``, then ``--truncation``).
     """
     if max_chunks is not None and max_chunks < 1:
-        raise ValueError(f"--max-chunks {max_chunks}: expected a positive number of chunks (leave it out to "
-                         "read every chunk)")
+        raise UserError(f"--max-chunks {max_chunks}: expected a positive number of chunks (leave it out to "
+                        "read every chunk)")
     if max_chunks is None and truncation is not None:
-        raise ValueError(f"--truncation {truncation}: only applies with --max-chunks N (without it every "
-                         "chunk is read)")
+        raise UserError(f"--truncation {truncation}: only applies with --max-chunks N (without it every "
+                        "chunk is read)")
     return AgentConfig.model_validate({**agent.model_dump(), "max_chunks": max_chunks,
                                        "truncation": truncation or agent.truncation})
 
@@ -169,6 +171,55 @@ def _full_context_records(engine: Engine, tokenizer: Any, cfg: Config, rows: lis
     return out
 
 
+def _protocol(cfg: Config, agent_cfg: AgentConfig | None, temperature: float, top_p: float,
+              seed: int | None) -> dict[str, Any]:
+    """Everything that defines the numbers (decoding, seed, budgets, chunks read): a resume must match it."""
+    from memtrain.precision import compute_dtype_name  # torch: only when evaluating
+
+    protocol: dict[str, Any] = {"decoding": "greedy" if temperature == 0 else "sampled",
+                                "temperature": temperature, "top_p": top_p, "seed": seed, "samples": SAMPLES,
+                                "compute_dtype": compute_dtype_name(cfg.model.compute_dtype,
+                                                                    cfg.model.device)}
+    if agent_cfg is None:
+        return {**protocol, "answer_tokens": cfg.agent.answer_tokens}
+    a = agent_cfg
+    every = a.max_chunks is None
+    return {**protocol, "chunk_tokens": a.chunk_tokens, "memory_tokens": a.memory_tokens,
+            "answer_tokens": a.answer_tokens, "max_chunks": a.max_chunks,
+            "truncation": None if every else a.truncation,
+            "reads": "every chunk" if every else f"at most {a.max_chunks} chunks"}
+
+
+def _evaluate(cfg: Config, todo: list[tuple[int, list[dict[str, Any]]]], out: Path,
+              agent_cfg: AgentConfig | None, params: SamplingParams, batch_size: int,
+              max_context: int | None, engine: Engine | None, tokenizer: Any) -> None:
+    """Evaluate the ``todo`` rows per size, appending each batch's records to ``examples.jsonl``."""
+    engine, tokenizer = load_engine(cfg, engine, tokenizer)
+    # the memory agent checks its budgets against the model's context; full-context mode has none
+    agent = MemoryAgent(engine, tokenizer, agent_cfg) if agent_cfg is not None else None
+    context = 0
+    if agent is None:
+        context = max_context or model_context_length(cfg.model.name, tokenizer)
+        logger.info("longqa eval: full-context mode, model context %d tokens", context)
+    pending = [r for _, rows in todo for r in rows]
+    progress = Progress("longqa eval", len(pending), sum(_turns(agent.config, r) for r in pending)
+                        if agent is not None else len(pending))
+    for n, rows in todo:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            if agent is not None:
+                records = _memory_records(agent, batch, n, params, progress)
+            else:
+                records = _full_context_records(engine, tokenizer, cfg, batch, n, params, context)
+                progress.add(docs=len(batch), turns=len(batch))
+            append_jsonl(out / EXAMPLES, records)
+            logger.info("longqa eval: %d docs: %d/%d questions done", n, start + len(batch), len(rows))
+    progress.finish()
+    if agent is not None:
+        logger.info("longqa eval: memory cap hit-rate %.3f, answer cap hit-rate %.3f",
+                    *agent.cap_rates().values())
+
+
 def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode: Mode = "memory",
                     limit: int | None = None, batch_size: int = 16, temperature: float = TEMPERATURE,
                     top_p: float = TOP_P, seed: int | None = SEED, max_chunks: int | None = None,
@@ -178,34 +229,23 @@ def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode
 
     Memory mode reads every chunk unless ``max_chunks`` is given (see :func:`eval_agent_config`).
     """
+    from memtrain.data.dataset import load_rows, require_columns  # pyarrow: only when evaluating
+    from memtrain.data.longqa import eval_sets
+
     if mode not in ("memory", "full-context"):
-        raise ValueError(f"--mode {mode!r}: expected 'memory' or 'full-context'")
+        raise UserError(f"--mode {mode!r}: expected 'memory' or 'full-context'")
     check_decoding_args(limit, batch_size, temperature, top_p, unit="questions per size")
     if mode != "memory" and (max_chunks is not None or truncation is not None):
-        raise ValueError(f"--max-chunks / --truncation: apply to --mode memory only, not {mode}")
+        raise UserError(f"--max-chunks / --truncation: apply to --mode memory only, not {mode}")
     out = Path(out_dir)
     for _, d in eval_sets(data_dir):  # a set built for another task fails here, before any model loads
         require_columns(d, COLUMNS, "longqa")
     sets = [(n, load_rows(d)[:limit]) for n, d in eval_sets(data_dir)]
-    from memtrain.precision import compute_dtype_name  # torch: only when evaluating
-
-    protocol: dict[str, Any] = {"decoding": "greedy" if temperature == 0 else "sampled",
-                                "temperature": temperature, "top_p": top_p, "seed": seed, "samples": SAMPLES,
-                                "compute_dtype": compute_dtype_name(cfg.model.compute_dtype,
-                                                                    cfg.model.device)}
     agent_cfg = eval_agent_config(cfg.agent, max_chunks, truncation) if mode == "memory" else None
-    if agent_cfg is not None:
-        a = agent_cfg
-        every = a.max_chunks is None
-        protocol.update({"chunk_tokens": a.chunk_tokens, "memory_tokens": a.memory_tokens,
-                         "answer_tokens": a.answer_tokens, "max_chunks": a.max_chunks,
-                         "truncation": None if every else a.truncation,
-                         "reads": "every chunk" if every else f"at most {a.max_chunks} chunks"})
-    else:
-        protocol["answer_tokens"] = cfg.agent.answer_tokens
     meta: dict[str, Any] = {"task": "longqa", "model": cfg.model.name, "data": str(Path(data_dir).resolve()),
                             "mode": mode, "limit": limit, "engine": cfg.engine.kind,
-                            "templates": dict(cfg.agent.templates), "protocol": protocol}
+                            "templates": dict(cfg.agent.templates),
+                            "protocol": _protocol(cfg, agent_cfg, temperature, top_p, seed)}
     check_resume(out, meta)
     if agent_cfg is not None and agent_cfg.max_chunks is not None:
         logger.warning("longqa eval: --max-chunks %d: longer documents are truncated (%s); MemAgent's "
@@ -216,31 +256,8 @@ def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode
     done = done_keys(out)
     todo = [(n, [r for r in rows if f"{n}/{r['id']}" not in done]) for n, rows in sets]
     if any(rows for _, rows in todo):
-        engine, tokenizer = load_engine(cfg, engine, tokenizer)
-        params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-        # the memory agent checks its budgets against the model's context; full-context mode has none
-        agent = MemoryAgent(engine, tokenizer, agent_cfg) if agent_cfg is not None else None
-        context = 0
-        if mode == "full-context":
-            context = max_context or model_context_length(cfg.model.name, tokenizer)
-            logger.info("longqa eval: full-context mode, model context %d tokens", context)
-        pending = [r for _, rows in todo for r in rows]
-        progress = Progress("longqa eval", len(pending), sum(_turns(agent.config, r) for r in pending)
-                            if agent is not None else len(pending))
-        for n, rows in todo:
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
-                if agent is not None:
-                    records = _memory_records(agent, batch, n, params, progress)
-                else:
-                    records = _full_context_records(engine, tokenizer, cfg, batch, n, params, context)
-                    progress.add(docs=len(batch), turns=len(batch))
-                append_jsonl(out / EXAMPLES, records)
-                logger.info("longqa eval: %d docs: %d/%d questions done", n, start + len(batch), len(rows))
-        progress.finish()
-        if agent is not None:
-            logger.info("longqa eval: memory cap hit-rate %.3f, answer cap hit-rate %.3f",
-                        *agent.cap_rates().values())
+        _evaluate(cfg, todo, out, agent_cfg, SamplingParams(temperature=temperature, top_p=top_p, seed=seed),
+                  batch_size, max_context, engine, tokenizer)
     keys = {f"{n}/{r['id']}" for n, rows in sets for r in rows}
     records = [r for r in read_jsonl(out / EXAMPLES) if r["key"] in keys]
     summary = summarize(records, "longqa", [str(n) for n, _ in sets], meta, EXTRA_KEYS)
@@ -252,3 +269,40 @@ def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode
     write_report(out, summary, EXTRA_KEYS)
     release_dir_lock(out)  # taken by check_resume: the run is complete
     return summary
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=["memory", "full-context"], default="memory",
+                   help="memory agent (default) or whole document in one prompt")
+    p.add_argument("--max-context", type=int, metavar="TOKENS",
+                   help="full-context: the model's context length (default: from its config)")
+    # decoding defaults (MemAgent's protocol) are run_longqa_eval's; a flag left out is not passed
+    decoding = p.add_mutually_exclusive_group()
+    decoding.add_argument("--temperature", type=float,
+                          help=f"sampling temperature (default {TEMPERATURE}, MemAgent's; 0 = greedy)")
+    decoding.add_argument("--greedy", action="store_true", help="greedy decoding (= --temperature 0)")
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling (default {TOP_P}, MemAgent's)")
+    p.add_argument("--seed", type=int, help=f"sampling seed (default {SEED}, so that runs are reproducible)")
+    p.add_argument("--max-chunks", type=int, metavar="N",
+                   help="memory mode: read at most N chunks per document, truncating longer ones (reported "
+                   "as a warning); default: every chunk, as MemAgent evaluates (agent.max_chunks is unused)")
+    p.add_argument("--truncation", choices=["centre", "head", "error"],
+                   help="with --max-chunks: keep head and tail chunks (default: agent.truncation), the "
+                   "first chunks, or fail")
+
+
+@register_eval("longqa", help="accuracy per document length (RULER-HotpotQA, paper Table 1)",
+               description="Memory agent (default) or the whole document in one prompt (--mode "
+               "full-context, 'too long' where it does not fit). MemAgent's protocol: every chunk read, "
+               f"temperature {TEMPERATURE}, top-p {TOP_P}, seed {SEED}.",
+               main_metric="sub_em", arguments=_arguments)
+def longqa_command(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """``memtrain eval longqa``: the flags given, the protocol's defaults for the others."""
+    if args.max_chunks is not None:
+        print(f"warning: --max-chunks {args.max_chunks}: longer documents are truncated and their unread "
+              "parts may hold the answer; MemAgent's protocol reads every chunk", file=sys.stderr)
+    decoding = {k: v for k, v in (("temperature", 0.0 if args.greedy else args.temperature),
+                                  ("top_p", args.top_p), ("seed", args.seed)) if v is not None}
+    return run_longqa_eval(cfg, args.data, args.out, mode=args.mode, limit=args.limit,
+                           batch_size=args.batch_size, max_chunks=args.max_chunks, truncation=args.truncation,
+                           max_context=args.max_context, **decoding)

@@ -25,6 +25,7 @@ B`` (:func:`compare_proxy`) adds the paired difference B - A with its interval.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import random
@@ -37,9 +38,10 @@ from memtrain.agent.loop import MemoryAgent
 from memtrain.agent.seeding import derive_seed
 from memtrain.agent.types import Trajectory, Turn
 from memtrain.config import AgentConfig, Config
-from memtrain.data.dataset import load_rows, require_columns
 from memtrain.engines.base import Engine, SamplingParams
+from memtrain.errors import UserError
 from memtrain.eval.longqa import load_engine
+from memtrain.eval.registry import get_eval, register_eval
 from memtrain.eval.report import (
     EXAMPLES,
     PLOT,
@@ -186,7 +188,7 @@ def summarize_proxy(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
             "bootstrap": {"method": "percentile, documents resampled", "confidence": CONFIDENCE,
                           "resamples": RESAMPLES, "seed": BOOTSTRAP_SEED},
             "groups": groups, "order": list(PARTS), "average": None, "average_over": [],
-            "reward_metric": REWARD_METRIC, "main_metric": REWARD_METRIC}
+            "reward_metric": REWARD_METRIC, "main_metric": get_eval(TASK).main_metric}
 
 
 def _pct(x: float) -> str:
@@ -252,9 +254,11 @@ def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit
     ``limit`` is not part of the resume check: a run can be extended to more documents in the same
     directory, and its summary covers the first ``limit`` documents of the set.
     """
+    from memtrain.data.dataset import load_rows, require_columns  # pyarrow: only when evaluating
+
     check_decoding_args(limit, batch_size, temperature, top_p, unit="documents")
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"--seed {seed!r}: expected an integer (it also seeds the IMR question draw)")
+        raise UserError(f"--seed {seed!r}: expected an integer (it also seeds the IMR question draw)")
     out = Path(out_dir)
     require_columns(data_dir, COLUMNS, TASK)
     rows = load_rows(data_dir)[:limit]
@@ -301,6 +305,23 @@ def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit
     return summary
 
 
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=TOP_P, help="nucleus sampling with --temperature > 0")
+    p.add_argument("--seed", type=int, default=SEED,
+                   help="seeds the IMR question draw and sampling (default 0; keep it equal across models)")
+
+
+@register_eval(TASK, help="E2E reconstruction and IMR recall on a proxy set (95%% intervals)",
+               description="One E2E trajectory and one IMR question per document; the IMR question is drawn "
+               "from the data alone with a seed per document, so two models get the same questions. Compare "
+               "runs with `memtrain report A B`.", main_metric=REWARD_METRIC, arguments=_arguments)
+def proxy_command(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """``memtrain eval proxy``."""
+    return run_proxy_eval(cfg, args.data, args.out, limit=args.limit, batch_size=args.batch_size,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # memtrain report A B
 # ---------------------------------------------------------------------------------------------------------
@@ -313,8 +334,8 @@ def _per_doc(run: Path, summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]
     by_id = {str(r["id"]): r for r in read_jsonl(path)}
     missing = [i for i in summary["ids"] if i not in by_id]
     if missing:
-        raise ValueError(f"{run}: {len(missing)} documents of {SUMMARY} have no record in {EXAMPLES} "
-                         f"(first: {missing[0]!r}); re-run `memtrain eval proxy --out {run}`")
+        raise UserError(f"{run}: {len(missing)} documents of {SUMMARY} have no record in {EXAMPLES} "
+                        f"(first: {missing[0]!r}); re-run `memtrain eval proxy --out {run}`")
     return {i: by_id[i] for i in summary["ids"]}
 
 
@@ -322,15 +343,15 @@ def compare_proxy(runs: Sequence[str | Path], labels: Sequence[str], metric: str
     """Proxy runs side by side (E2E and IMR, every metric with its interval), then each run minus the first
     with a paired bootstrap interval over the documents both runs evaluated (matched by id)."""
     if len(runs) != len(labels):
-        raise ValueError(f"--labels: {len(labels)} labels for {len(runs)} runs")
+        raise UserError(f"--labels: {len(labels)} labels for {len(runs)} runs")
     if metric is not None and metric not in METRICS:
-        raise ValueError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
+        raise UserError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
     metrics = [metric] if metric else list(METRICS)
     summaries = [load_summary(r) for r in runs]
     for r, s in zip(runs, summaries, strict=True):
         if s["task"] != TASK:
-            raise ValueError(f"memtrain report: {r} is a {s['task']} run; it cannot share a table with "
-                             "proxy runs")
+            raise UserError(f"memtrain report: {r} is a {s['task']} run; it cannot share a table with "
+                            "proxy runs")
     docs = [_per_doc(Path(r), s) for r, s in zip(runs, summaries, strict=True)]
     base, base_label = docs[0], labels[0]
     head = ["metric", *(f"{lab} (n={s['n']})" for lab, s in zip(labels, summaries, strict=True)),

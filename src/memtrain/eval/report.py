@@ -12,7 +12,8 @@ Every evaluation writes into one run directory::
 Groups are the document sizes (longqa, labelled by number of paragraphs) or the data sets (searchqa). A
 group whose examples could not all be evaluated (full-context mode: document longer than the model's
 context) has no metrics and is shown as "too long"; the average is over the groups that have metrics, and
-the table says how many that is. ``compare_table`` puts several runs side by side (``memtrain report``).
+the table says how many that is. ``compare_table`` puts several runs side by side (``memtrain report``),
+by default in the metric the task's evaluation registered as its main one (:mod:`memtrain.eval.registry`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from memtrain.errors import UserError
+from memtrain.eval.registry import get_eval
 from memtrain.io import (
     LOCK_FILE,
     acquire_dir_lock,
@@ -37,9 +40,6 @@ EXAMPLES = "examples.jsonl"
 SUMMARY = "summary.json"
 TABLE = "results.md"
 PLOT = "accuracy.png"
-# The metric each task's comparison table shows by default: the paper reports sub-EM style accuracy for
-# long-document QA and EM (averaged over objectives) for search QA.
-MAIN_METRIC = {"longqa": "sub_em", "searchqa": "em"}
 
 
 def done_keys(out_dir: Path) -> set[str]:
@@ -85,12 +85,12 @@ def check_resume(out_dir: Path, meta: Mapping[str, Any]) -> None:
         diff = _differences(old, meta)
         if diff:
             shown = "; ".join(diff)
-            raise ValueError(f"{out_dir} holds an evaluation of something else ({shown}); use another --out "
-                             "or delete it")
+            raise UserError(f"{out_dir} holds an evaluation of something else ({shown}); use another --out "
+                            "or delete it")
         return
     if out_dir.is_dir() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
-        raise ValueError(f"--out {out_dir}: directory is not empty and holds no {EVAL_META}; refusing to mix "
-                         "results (choose a new or empty directory)")
+        raise UserError(f"--out {out_dir}: directory is not empty and holds no {EVAL_META}; refusing to mix "
+                        "results (choose a new or empty directory)")
     if meta.get("engine") == "hf" and isinstance(meta.get("model"), str):
         from memtrain.models import load_tokenizer
 
@@ -127,7 +127,7 @@ def summarize(records: Iterable[Mapping[str, Any]], task: str, groups: Sequence[
     average = {m: _mean([rows[g]["metrics"][m] for g in scored]) for m in METRICS} if scored else None
     return {"task": task, **dict(meta), "groups": rows, "order": list(by_group), "average": average,
             "average_over": scored, "reward_metric": REWARD_METRIC,
-            "main_metric": MAIN_METRIC.get(task, REWARD_METRIC)}
+            "main_metric": get_eval(task).main_metric}
 
 
 def _pct(x: float | None) -> str:
@@ -177,13 +177,13 @@ def check_decoding_args(limit: int | None, batch_size: int, temperature: float, 
                         unit: str = "examples") -> None:
     """The one-line errors every evaluation gives for bad --limit / --batch-size / --temperature / --top-p."""
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit {limit}: expected a positive number of {unit}")
+        raise UserError(f"--limit {limit}: expected a positive number of {unit}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
+        raise UserError(f"--batch-size {batch_size}: expected a positive integer")
     if temperature < 0:
-        raise ValueError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
+        raise UserError(f"--temperature {temperature}: expected >= 0 (0 = greedy)")
     if not 0 < top_p <= 1:
-        raise ValueError(f"--top-p {top_p}: expected a value in (0, 1]")
+        raise UserError(f"--top-p {top_p}: expected a value in (0, 1]")
 
 
 def new_figure() -> tuple[Any, Any]:
@@ -253,9 +253,12 @@ def load_summary(run: str | Path) -> dict[str, Any]:
         path = path / SUMMARY
     if not path.is_file():
         raise FileNotFoundError(f"{run}: no {SUMMARY} (run `memtrain eval ...` with --out {run} first)")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:  # any file can be named on the command line
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a memtrain eval summary (not valid JSON: {exc})") from None
     if not isinstance(data, dict) or "groups" not in data or "task" not in data:
-        raise ValueError(f"{path}: not a memtrain eval summary (no 'task'/'groups')")
+        raise UserError(f"{path}: not a memtrain eval summary (no 'task'/'groups')")
     return data
 
 
@@ -263,15 +266,15 @@ def compare_table(summaries: Sequence[Mapping[str, Any]], labels: Sequence[str],
                   metric: str | None = None) -> str:
     """Runs side by side (rows) over the union of their groups (columns) plus the average: Tables 1 and 2."""
     if not summaries:
-        raise ValueError("memtrain report: give at least one eval run directory")
+        raise UserError("memtrain report: give at least one eval run directory")
     tasks = {s["task"] for s in summaries}
     if len(tasks) > 1:
-        raise ValueError(f"memtrain report: runs of different tasks ({', '.join(sorted(tasks))}) cannot "
-                         "share a table")
+        raise UserError(f"memtrain report: runs of different tasks ({', '.join(sorted(tasks))}) cannot "
+                        "share a table")
     task = tasks.pop()
-    metric = metric or MAIN_METRIC.get(task, REWARD_METRIC)
+    metric = metric or get_eval(task).main_metric
     if metric not in METRICS:
-        raise ValueError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
+        raise UserError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
     groups: list[str] = []
     for s in summaries:
         groups.extend(g for g in s["order"] if g not in groups)

@@ -8,16 +8,16 @@ data sets, along with how often episodes were malformed or never answered. Resum
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from memtrain.agent.search import SearchAgent, SearchAgentConfig, SearchEpisode
 from memtrain.config import Config
-from memtrain.data.dataset import load_rows, require_columns
-from memtrain.data.searchqa import eval_sets
 from memtrain.engines.base import Engine, SamplingParams
+from memtrain.errors import UserError
 from memtrain.eval.longqa import load_engine
+from memtrain.eval.registry import register_eval
 from memtrain.eval.report import (
     EXAMPLES,
     check_decoding_args,
@@ -29,7 +29,10 @@ from memtrain.eval.report import (
 from memtrain.io import append_jsonl, read_jsonl, release_dir_lock
 from memtrain.log import logger
 from memtrain.progress import Progress
-from memtrain.retrieval.service import SearchBackend, open_retriever
+
+if TYPE_CHECKING:
+    from memtrain.agent.search import SearchEpisode
+    from memtrain.retrieval.service import SearchBackend
 
 EXTRA_KEYS = ("turns", "searches", "malformed", "no_answer")
 
@@ -57,11 +60,17 @@ def run_searchqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, re
 
     ``retriever`` overrides ``cfg.search.retriever``; ``backend`` (an open retriever) overrides both.
     """
+    # numpy, pyarrow: only when evaluating (every `memtrain` start imports this module)
+    from memtrain.agent.search import SearchAgent, SearchAgentConfig
+    from memtrain.data.dataset import load_rows, require_columns
+    from memtrain.data.searchqa import eval_sets
+    from memtrain.retrieval.service import open_retriever
+
     check_decoding_args(limit, batch_size, temperature, 1.0, unit="tasks per data set")
     spec = retriever or cfg.search.retriever
     if backend is None and not spec:
-        raise ValueError("--retriever: required (URL of `memtrain serve-retriever`, an index directory or a "
-                         "corpus JSONL), or set search.retriever in the config")
+        raise UserError("--retriever: required (URL of `memtrain serve-retriever`, an index directory or a "
+                        "corpus JSONL), or set search.retriever in the config")
     groups: dict[str, list[dict[str, Any]]] = {}
     for _, d in eval_sets(data_dir):
         require_columns(d, ("id", "question", "answers"), "searchqa")
@@ -108,3 +117,19 @@ def run_searchqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, re
     write_report(out, summary, EXTRA_KEYS)
     release_dir_lock(out)  # taken by check_resume: the run is complete
     return summary
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, help="sampling seed (with --temperature > 0)")
+    p.add_argument("--retriever", help="URL of `memtrain serve-retriever`, an index directory, or a corpus "
+                   "JSONL (BM25 index built once and cached); default search.retriever of the config")
+
+
+# the search agent has budgets of its own (search.*), not the memory agent's
+@register_eval("searchqa", help="EM per data set with the search agent (paper Table 2)", main_metric="em",
+               arguments=_arguments, agent_budgets=False)
+def searchqa_command(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """``memtrain eval searchqa``."""
+    return run_searchqa_eval(cfg, args.data, args.out, retriever=args.retriever, limit=args.limit,
+                             batch_size=args.batch_size, temperature=args.temperature, seed=args.seed)

@@ -13,8 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
 RESAMPLES = 1000
 CONFIDENCE = 0.95
 SEED = 0
@@ -47,6 +45,8 @@ def bootstrap_ci(values: Sequence[float], confidence: float = CONFIDENCE, resamp
     Deterministic for a given ``seed``. Raises ValueError on no values: a mean over nothing is a bug upstream,
     not a 0.
     """
+    import numpy as np  # only when computing: every `memtrain` start imports this package's modules
+
     _check(resamples, confidence)
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from memtrain.errors import UserError
 from memtrain.io import atomic_write_bytes, atomic_write_json
 
 OFFSETS_FILE = "passages.offsets.npy"
@@ -56,18 +57,18 @@ def parse_contents(contents: str) -> tuple[str, str]:
 def parse_passage(record: Any, where: str) -> Passage:
     """One JSON record -> ``Passage``; errors name the file and line."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object with 'id' and 'contents', "
-                         f"got {type(record).__name__}")
+        raise UserError(f"{where}: expected a JSON object with 'id' and 'contents', "
+                        f"got {type(record).__name__}")
     pid = record.get("id", record.get("_id"))
     if not isinstance(pid, str | int) or str(pid) == "":
-        raise ValueError(f"{where}: field 'id': expected a non-empty passage id, got {pid!r}")
+        raise UserError(f"{where}: field 'id': expected a non-empty passage id, got {pid!r}")
     if isinstance(record.get("contents"), str):
         title, text = parse_contents(record["contents"])
     elif isinstance(record.get("text"), str):
         title, text = str(record.get("title") or "").strip(), record["text"].strip()
     else:
-        raise ValueError(f"{where}: expected a string field 'contents' (\"\\\"Title\\\"\\ntext\") or "
-                         f"'text' (+ optional 'title'), got keys {sorted(record)}")
+        raise UserError(f"{where}: expected a string field 'contents' (\"\\\"Title\\\"\\ntext\") or "
+                        f"'text' (+ optional 'title'), got keys {sorted(record)}")
     return Passage(str(pid), title, text)
 
 
@@ -95,8 +96,8 @@ def iter_passages(path: str | Path) -> Iterator[tuple[int, Passage]]:
             try:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc}); "
-                                 "expected one passage per line") from exc
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc}); "
+                                "expected one passage per line") from exc
             yield offset, parse_passage(record, f"{path}:{lineno}")
 
 
@@ -139,12 +140,12 @@ class PassageStore:
         ids: set[str] = set()
         for offset, passage in iter_passages(corpus):
             if passage.id in ids:
-                raise ValueError(f"{corpus}: passage id {passage.id!r} occurs twice; ids must be unique")
+                raise UserError(f"{corpus}: passage id {passage.id!r} occurs twice; ids must be unique")
             ids.add(passage.id)
             offsets.append(offset)
             texts.append(passage.contents())
         if not offsets:
-            raise ValueError(f"search corpus {corpus} holds no passages")
+            raise UserError(f"search corpus {corpus} holds no passages")
         store = cls(corpus, np.asarray(offsets, dtype=np.int64))
         if out_dir is not None:
             store.save(out_dir)
@@ -171,8 +172,8 @@ class PassageStore:
         path = _check_file(path)
         now = _fingerprint(path)
         if now["size"] != meta["size"]:
-            raise ValueError(f"search corpus {path} has changed since the index in {index_dir} was built "
-                             f"({meta['size']} bytes then, {now['size']} now); rebuild the index")
+            raise UserError(f"search corpus {path} has changed since the index in {index_dir} was built "
+                            f"({meta['size']} bytes then, {now['size']} now); rebuild the index")
         offsets = np.load(index_dir / OFFSETS_FILE, mmap_mode="r")
         return cls(path, offsets)
 

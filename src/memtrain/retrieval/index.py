@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from memtrain.errors import UserError
 from memtrain.io import atomic_dir, atomic_write_json
 from memtrain.log import logger, progress_enabled
 
@@ -44,7 +45,7 @@ def _read_meta(directory: Path, kind: str | None = None) -> dict[str, Any]:
         )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if kind is not None and meta.get("kind") != kind:
-        raise ValueError(f"{meta_path}: index kind is {meta.get('kind')!r}, expected {kind!r}")
+        raise UserError(f"{meta_path}: index kind is {meta.get('kind')!r}, expected {kind!r}")
     return meta
 
 
@@ -72,7 +73,7 @@ class BM25Index:
         try:
             return Stemmer.Stemmer(name)
         except KeyError:
-            raise ValueError(
+            raise UserError(
                 f"BM25 stemmer {name!r}: unknown language; expected one of "
                 f"{', '.join(Stemmer.algorithms())} or None"
             ) from None
@@ -153,7 +154,7 @@ class DenseIndex:
         try:
             return SentenceTransformer(path)
         except (OSError, ValueError) as exc:
-            raise ValueError(
+            raise UserError(
                 f"embedding model {model!r}: cannot load it with sentence-transformers ({exc}); "
                 "expected 'minilm', a sentence-transformers directory or a Hugging Face name"
             ) from None
@@ -246,7 +247,7 @@ def build_index(kind: Literal["bm25", "dense"], texts: list[str], **kwargs: Any)
         return BM25Index.build(texts, **kwargs)
     if kind == "dense":
         return DenseIndex.build(texts, **kwargs)
-    raise ValueError(f"index kind {kind!r}: expected 'bm25' or 'dense'")
+    raise UserError(f"index kind {kind!r}: expected 'bm25' or 'dense'")
 
 
 def load_index(directory: str | Path) -> BM25Index | DenseIndex:
@@ -255,6 +256,6 @@ def load_index(directory: str | Path) -> BM25Index | DenseIndex:
         return BM25Index.load(directory)
     if kind == "dense":
         return DenseIndex.load(directory)
-    raise ValueError(
+    raise UserError(
         f"{Path(directory) / META_FILE}: unknown index kind {kind!r}; expected 'bm25' or 'dense'"
     )

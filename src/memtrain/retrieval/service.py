@@ -41,6 +41,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from memtrain.errors import UserError
 from memtrain.io import atomic_dir, atomic_write_json
 from memtrain.log import logger
 from memtrain.retrieval.corpus import PassageStore
@@ -81,16 +82,16 @@ class RetrieverError(RuntimeError):
 def check_request(queries: Any, k: Any, max_k: int = MAX_K) -> tuple[list[str], int]:
     """Validate a search request (shared by the library and the service, so both reject the same inputs)."""
     if not isinstance(queries, list) or not queries:
-        raise ValueError("field 'queries': expected a non-empty list of strings")
+        raise UserError("field 'queries': expected a non-empty list of strings")
     if len(queries) > MAX_QUERIES:
-        raise ValueError(f"field 'queries': {len(queries)} queries in one request; at most {MAX_QUERIES}")
+        raise UserError(f"field 'queries': {len(queries)} queries in one request; at most {MAX_QUERIES}")
     for i, q in enumerate(queries):
         if not isinstance(q, str) or not q.strip():
-            raise ValueError(f"field 'queries'[{i}]: expected a non-empty string, got {q!r}"[:200])
+            raise UserError(f"field 'queries'[{i}]: expected a non-empty string, got {q!r}"[:200])
         if len(q) > MAX_QUERY_CHARS:
-            raise ValueError(f"field 'queries'[{i}]: {len(q)} characters; at most {MAX_QUERY_CHARS}")
+            raise UserError(f"field 'queries'[{i}]: {len(q)} characters; at most {MAX_QUERY_CHARS}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max_k:
-        raise ValueError(f"field 'k': expected an integer from 1 to {max_k}, got {k!r}")
+        raise UserError(f"field 'k': expected an integer from 1 to {max_k}, got {k!r}")
     return queries, k
 
 
@@ -99,8 +100,8 @@ class Retriever:
 
     def __init__(self, index: Any, store: PassageStore, kind: str, max_k: int = MAX_K):
         if len(index) != len(store):
-            raise ValueError(f"index holds {len(index)} passages but the corpus {store.corpus} has "
-                             f"{len(store)}; rebuild the index")
+            raise UserError(f"index holds {len(index)} passages but the corpus {store.corpus} has "
+                            f"{len(store)}; rebuild the index")
         self.index = index
         self.store = store
         self.kind = kind
@@ -143,15 +144,15 @@ class Retriever:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             kind = str(meta["kind"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{meta_path}: damaged retriever index ({exc.__class__.__name__}: {exc}); "
-                             f"delete {index_dir} to rebuild it") from exc
+            raise UserError(f"{meta_path}: damaged retriever index ({exc.__class__.__name__}: {exc}); "
+                            f"delete {index_dir} to rebuild it") from exc
         store = PassageStore.load(index_dir, corpus)
         try:
             index = load_index(index_dir / INDEX_SUBDIR)
         except (OSError, ValueError, KeyError, EOFError) as exc:
-            raise ValueError(f"{index_dir / INDEX_SUBDIR}: damaged retriever index "
-                             f"({exc.__class__.__name__}: {str(exc)[:200]}); delete {index_dir} to rebuild it"
-                             ) from exc
+            raise UserError(f"{index_dir / INDEX_SUBDIR}: damaged retriever index "
+                            f"({exc.__class__.__name__}: {str(exc)[:200]}); delete {index_dir} to rebuild it"
+                            ) from exc
         return cls(index, store, kind)
 
     @classmethod
@@ -168,12 +169,12 @@ class Retriever:
                 if not isinstance(meta, dict):
                     raise ValueError("not a JSON object")
             except (OSError, ValueError) as exc:
-                raise ValueError(f"{index_dir / RETRIEVER_META}: damaged retriever index cache "
-                                 f"({exc.__class__.__name__}: {exc}); delete {index_dir} to rebuild it"
-                                 ) from exc
+                raise UserError(f"{index_dir / RETRIEVER_META}: damaged retriever index cache "
+                                f"({exc.__class__.__name__}: {exc}); delete {index_dir} to rebuild it"
+                                ) from exc
             if meta.get("kind") != kind:
-                raise ValueError(f"{index_dir} holds a {meta.get('kind')!r} index, not {kind!r}; choose "
-                                 "another --index directory")
+                raise UserError(f"{index_dir} holds a {meta.get('kind')!r} index, not {kind!r}; choose "
+                                "another --index directory")
             logger.info("retriever: loading the %s index in %s", kind, index_dir)
             return cls.open(index_dir, corpus)
         return cls.build(corpus, index_dir, kind, embedder)
@@ -456,8 +457,8 @@ class RetrieverServer(HTTPServer):
                  threads: int = DEFAULT_THREADS, timeout_s: float = DEFAULT_TIMEOUT_S,
                  backlog: int = DEFAULT_BACKLOG):
         if threads < 1 or backlog < 1 or timeout_s <= 0:
-            raise ValueError(f"threads={threads}, backlog={backlog}, timeout_s={timeout_s}: expected "
-                             "positive values")
+            raise UserError(f"threads={threads}, backlog={backlog}, timeout_s={timeout_s}: expected "
+                            "positive values")
         self.retriever = retriever
         self.max_body_bytes = max_body_bytes
         self.token = token or None

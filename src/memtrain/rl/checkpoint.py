@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from memtrain.config import Config
+from memtrain.errors import UserError
 from memtrain.io import atomic_dir, atomic_write_json, fsync_dir
 from memtrain.log import logger
 
@@ -422,12 +423,12 @@ def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors of a damaged or foreign file
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise ValueError(
+        raise UserError(
             f"{path}: cannot load the trainer state ({exc.__class__.__name__}: {first}); the checkpoint is "
             "damaged or was not written by memtrain: delete that step directory to resume from an older one"
         ) from exc
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: not a memtrain trainer state of version {STATE_VERSION}")
+        raise UserError(f"{path}: not a memtrain trainer state of version {STATE_VERSION}")
     return state
 
 
@@ -446,7 +447,7 @@ def load_adapter_weights(model: Any, ckpt_dir: Path) -> None:
     result = set_peft_model_state_dict(model, load_file(str(path)))
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
-        raise ValueError(
+        raise UserError(
             f"{path}: adapter weights do not fit the model (unexpected keys {unexpected[:3]}...)"
         )
 
@@ -473,7 +474,7 @@ def merge_lora(ckpt_dir: str | Path, out_dir: str | Path, base: str | None = Non
         base = str(json.loads(meta_path.read_text(encoding="utf-8"))["model_name"])
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise ValueError(f"--out {out} exists and is not a model directory; refusing to replace it")
+        raise UserError(f"--out {out} exists and is not a model directory; refusing to replace it")
     model = load_policy(base, "float32", "cpu")
     merged = PeftModel.from_pretrained(model, str(ckpt)).merge_and_unload()
     tokenizer = load_tokenizer(str(ckpt))

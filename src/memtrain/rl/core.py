@@ -1,21 +1,19 @@
 """The algorithmic core of GRPO for MemTrain (MEMTRAIN.md section 4): pure torch functions, no model.
 
-Rewards -> group advantages -> DAPO filter -> clipped policy loss + k3 KL -> aggregation. Everything here is
-a function of tensors only, so each step can be checked against hand-computed numbers; the model-facing
-code (forward passes, micro-batches, optimizer) lives in ``memtrain.rl.update``.
+Rewards -> group advantages -> DAPO filter -> ``grpo_loss`` (clipped policy loss + k3 KL, aggregated by a
+registered ``rl.loss_agg``, see ``register_loss_agg``). Everything here is a function of tensors only, so each
+step can be checked against hand-computed numbers; the model-facing code (forward passes, micro-batches,
+optimizer) lives in ``memtrain.rl.update``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Sequence
-from typing import Literal
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-LossAgg = Literal["seq_mean_token_mean", "token_mean", "session_mean"]
-LOSS_AGG_MODES: tuple[str, ...] = ("seq_mean_token_mean", "token_mean", "session_mean")
 
 
 def _as_float_tensor(x: Tensor | Sequence[float] | Sequence[Sequence[float]], name: str) -> Tensor:
@@ -209,42 +207,128 @@ def num_sessions(sessions: Sequence[Hashable | None]) -> int:
     return len({s for s in sessions if s is not None}) + sum(1 for s in sessions if s is None)
 
 
-def aggregate(per_token: Tensor, mask: Tensor, mode: LossAgg = "seq_mean_token_mean",
+# --- loss aggregation (rl.loss_agg): how much each token, sequence and session weighs ---------------------
+
+@dataclass(frozen=True)
+class AggTotals:
+    """What an aggregation normalises by, counted over the WHOLE batch; None: this (micro-)batch's own.
+
+    Whole-batch counts make the micro-batch losses sum to the full-batch loss exactly, so gradient
+    accumulation (and data-parallel training) reproduces the full-batch gradient. ``session_size``: for each
+    row of the batch at hand, the number of sequences in its session over the whole batch (``session_sizes``).
+    """
+
+    num_seqs: int | None = None
+    num_tokens: int | None = None
+    num_sessions: int | None = None
+    session_size: Tensor | Sequence[int] | None = None
+
+
+# (per-token loss [B, T], mask [B, T] as 0/1 in the loss's dtype, totals) -> scalar loss. Masked positions of
+# the per-token loss hold arbitrary finite values: an aggregation must give them weight 0.
+LossAggFn = Callable[[Tensor, Tensor, AggTotals], Tensor]
+
+LOSS_AGGS: dict[str, LossAggFn] = {}
+
+
+def register_loss_agg(name: str) -> Callable[[LossAggFn], LossAggFn]:
+    """Make an aggregation selectable as ``rl.loss_agg=<name>`` (as verl's ``register_policy_loss``).
+
+    The module that registers it must be imported before the config is validated (in every process of a
+    data-parallel run). A name can be registered once, so a plug-in cannot silently replace a built-in.
+    """
+
+    def register(fn: LossAggFn) -> LossAggFn:
+        if name in LOSS_AGGS:
+            raise ValueError(f"loss aggregation {name!r} is already registered")
+        LOSS_AGGS[name] = fn
+        return fn
+
+    return register
+
+
+def get_loss_agg(name: str) -> LossAggFn:
+    """The aggregation registered as ``name``, else a one-line error that lists the registered ones."""
+    if name not in LOSS_AGGS:
+        raise ValueError(f"unknown mode {name!r}; registered loss aggregations: {', '.join(LOSS_AGGS)}")
+    return LOSS_AGGS[name]
+
+
+def _seq_means(per_token: Tensor, mask: Tensor) -> Tensor:
+    """L_i: the mean of each sequence's per-token loss over its unmasked tokens, [B]."""
+    lengths = mask.sum(-1)
+    if (lengths == 0).any():
+        raise ValueError("aggregate: a sequence with no unmasked token cannot have a per-sequence mean")
+    return (per_token * mask).sum(-1) / lengths
+
+
+@register_loss_agg("seq_mean_token_mean")
+def seq_mean_token_mean(per_token: Tensor, mask: Tensor, totals: AggTotals) -> Tensor:
+    """Paper Eq. 4: sum_i L_i / num_seqs. Every sequence (E2E step or IMR sample) weighs the same, however
+    long, so a trajectory with more chunks (more turns) weighs more."""
+    n = per_token.shape[0] if totals.num_seqs is None else totals.num_seqs
+    return _seq_means(per_token, mask).sum() / n
+
+
+@register_loss_agg("token_mean")
+def token_mean(per_token: Tensor, mask: Tensor, totals: AggTotals) -> Tensor:
+    """The reference scripts: sum over all tokens / num_tokens. Long outputs weigh more."""
+    n_tok = mask.sum() if totals.num_tokens is None else totals.num_tokens
+    return (per_token * mask).sum() / n_tok
+
+
+@register_loss_agg("session_mean")
+def session_mean(per_token: Tensor, mask: Tensor, totals: AggTotals) -> Tensor:
+    """sum_i L_i / session_size_i / num_sessions: the mean over sessions of the mean over each session's
+    sequences, so every rollout (trajectory, IMR sample, search episode) weighs the same whatever its number
+    of turns. Needs ``totals.session_size``."""
+    if totals.session_size is None:
+        raise ValueError("aggregate: mode 'session_mean' needs session_size (sequences per session)")
+    seq_loss = _seq_means(per_token, mask)
+    size = torch.as_tensor(totals.session_size, dtype=per_token.dtype, device=per_token.device)
+    if size.shape != seq_loss.shape or bool((size < 1).any()):
+        raise ValueError(f"aggregate: session_size must be [{seq_loss.shape[0]}] values >= 1, got "
+                         f"{size.tolist()}")
+    n_sessions = float((1.0 / size).sum()) if totals.num_sessions is None else totals.num_sessions
+    return (seq_loss / size).sum() / n_sessions
+
+
+def aggregate(per_token: Tensor, mask: Tensor, mode: str = "seq_mean_token_mean",
               num_seqs_total: int | None = None, num_tokens_total: int | None = None,
               session_size: Tensor | Sequence[int] | None = None,
               num_sessions_total: int | None = None) -> Tensor:
-    """Reduce a per-token loss [B, T] to a scalar. With L_i = the mean of sequence i's per-token loss:
+    """Reduce a per-token loss [B, T] to a scalar with the registered aggregation ``mode`` (``LOSS_AGGS``).
 
-    - ``seq_mean_token_mean`` (paper Eq. 4): sum_i L_i / num_seqs_total. Every sequence (E2E step or IMR
-      sample) weighs the same, however long; so a trajectory with more chunks (more turns) weighs more.
-    - ``token_mean`` (reference scripts): sum over all tokens / num_tokens_total. Long outputs weigh more.
-    - ``session_mean``: sum_i L_i / session_size_i / num_sessions_total, i.e. the mean over sessions of
-      the mean over each session's sequences. Every rollout (trajectory, IMR sample, search episode) weighs
-      the same, whatever its number of turns. ``session_size`` [B]: the number of sequences in row i's
-      session over the WHOLE batch (``session_sizes``); required for this mode.
-
-    The totals default to this batch's own counts. Passing the WHOLE batch's totals while calling this on
-    micro-batches makes the sum of the micro-batch losses equal the full-batch loss exactly, so gradient
-    accumulation reproduces the full-batch gradient.
+    With L_i = the mean of sequence i's per-token loss: ``seq_mean_token_mean`` (the default, paper Eq. 4)
+    averages the L_i, ``token_mean`` all tokens, ``session_mean`` the sessions' means of their L_i. The totals
+    (see ``AggTotals``) default to this batch's own counts.
     """
-    mask_f = mask.to(per_token.dtype)
-    if mode in ("seq_mean_token_mean", "session_mean"):
-        lengths = mask_f.sum(-1)
-        if (lengths == 0).any():
-            raise ValueError("aggregate: a sequence with no unmasked token cannot have a per-sequence mean")
-        seq_loss = (per_token * mask_f).sum(-1) / lengths  # L_i
-        if mode == "seq_mean_token_mean":
-            n = per_token.shape[0] if num_seqs_total is None else num_seqs_total
-            return seq_loss.sum() / n
-        if session_size is None:
-            raise ValueError("aggregate: mode 'session_mean' needs session_size (sequences per session)")
-        size = torch.as_tensor(session_size, dtype=per_token.dtype, device=per_token.device)
-        if size.shape != seq_loss.shape or bool((size < 1).any()):
-            raise ValueError(f"aggregate: session_size must be [{seq_loss.shape[0]}] values >= 1, got "
-                             f"{size.tolist()}")
-        n_sessions = float((1.0 / size).sum()) if num_sessions_total is None else num_sessions_total
-        return (seq_loss / size).sum() / n_sessions
-    if mode == "token_mean":
-        n_tok = mask_f.sum() if num_tokens_total is None else num_tokens_total
-        return (per_token * mask_f).sum() / n_tok
-    raise ValueError(f"aggregate: unknown mode {mode!r}; expected one of {', '.join(LOSS_AGG_MODES)}")
+    totals = AggTotals(num_seqs_total, num_tokens_total, num_sessions_total, session_size)
+    return get_loss_agg(mode)(per_token, mask.to(per_token.dtype), totals)
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+              ref_logp: Tensor | None = None, kl_coef: float, clip_low: float, clip_high: float, agg: str,
+              totals: AggTotals = AggTotals(),
+              tis_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The GRPO objective of MEMTRAIN.md Eq. 4: loss = pg_loss + kl_coef * kl.
+
+    pg_loss: the PPO clipped ratio term (``clipped_policy_loss``), each token's term weighted by
+    ``tis_weights`` when given (``truncated_is_weights``); kl: the k3 estimate of KL(pi || ref), only with
+    ``ref_logp`` (needed when ``kl_coef > 0``). Both are aggregated with ``agg`` (``rl.loss_agg``) over
+    ``totals``. Shapes as ``clipped_policy_loss``. Returns the differentiable loss and detached stats:
+    pg_loss, kl (0 without a reference) and those of ``clipped_policy_loss``.
+    """
+    if ref_logp is None and kl_coef != 0.0:
+        raise ValueError(f"grpo_loss: kl_coef={kl_coef:g} needs ref_logp (the reference policy's log-probs)")
+    agg_fn = get_loss_agg(agg)
+    mask_f = mask.to(logp.dtype)
+    pg_tokens, stats = clipped_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high)
+    if tis_weights is not None:
+        pg_tokens = pg_tokens * tis_weights
+    pg_loss = agg_fn(pg_tokens, mask_f, totals)
+    kl = torch.zeros((), device=logp.device)
+    if ref_logp is not None:
+        kl = agg_fn(k3_kl(logp, ref_logp), mask_f, totals)
+    loss = pg_loss + kl_coef * kl
+    return loss, {**stats, "pg_loss": pg_loss.detach(), "kl": kl.detach()}

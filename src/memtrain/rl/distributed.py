@@ -35,17 +35,16 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from memtrain.agent.types import TURN_KINDS
+from memtrain.errors import UserError
 from memtrain.log import logger
 from memtrain.rl.core import num_sessions
-
-if TYPE_CHECKING:
-    from memtrain.rl.trainer import Scored
+from memtrain.rl.rollout import Scored
 
 T = TypeVar("T")
 
@@ -68,11 +67,11 @@ def _env_int(name: str, default: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None:
         if default is None:
-            raise ValueError(f"${name} is not set; launch data-parallel training with torchrun, which sets "
-                             "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT")
+            raise UserError(f"${name} is not set; launch data-parallel training with torchrun, which sets "
+                            "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT")
         return default
     if not raw.strip().lstrip("-").isdigit():
-        raise ValueError(f"${name}={raw!r}: expected an integer")
+        raise UserError(f"${name}={raw!r}: expected an integer")
     return int(raw)
 
 
@@ -237,8 +236,8 @@ def shard_model(model: torch.nn.Module, ctx: DistContext, frozen: bool = False) 
 
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     if not blocks:
-        raise ValueError(f"train.parallel=fsdp2: {type(model).__name__} does not name its transformer blocks "
-                         "(model._no_split_modules), so it cannot be sharded block by block; use ddp")
+        raise UserError(f"train.parallel=fsdp2: {type(model).__name__} does not name its transformer blocks "
+                        "(model._no_split_modules), so it cannot be sharded block by block; use ddp")
     mesh = init_device_mesh("cuda" if ctx.device.startswith("cuda") else "cpu", (ctx.world_size,))
     for module in list(model.modules()):
         if type(module).__name__ in blocks:
@@ -340,16 +339,16 @@ def init_from_env(device: str, parallel: str = "ddp") -> DistContext:
     """
     world = _env_int("WORLD_SIZE", 1)
     if world < 1:
-        raise ValueError(f"$WORLD_SIZE={world}: expected >= 1")
+        raise UserError(f"$WORLD_SIZE={world}: expected >= 1")
     if world == 1:
         return DistContext()
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world:
-        raise ValueError(f"$RANK={rank} is outside 0..{world - 1} ($WORLD_SIZE={world})")
+        raise UserError(f"$RANK={rank} is outside 0..{world - 1} ($WORLD_SIZE={world})")
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"$LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} "
-                             "GPU(s); use --nproc-per-node <= the number of GPUs")
+            raise UserError(f"$LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} "
+                            "GPU(s); use --nproc-per-node <= the number of GPUs")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")

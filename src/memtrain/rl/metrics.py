@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from memtrain.errors import UserError
 from memtrain.io import append_jsonl, atomic_write_text, read_jsonl
 from memtrain.log import logger
 
@@ -212,7 +213,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
 
     rows = read_metrics(run_dir)
     if not rows:
-        raise ValueError(f"{Path(run_dir) / METRICS_FILE} has no rows yet; nothing to plot")
+        raise UserError(f"{Path(run_dir) / METRICS_FILE} has no rows yet; nothing to plot")
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / PLOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -1,14 +1,17 @@
-"""``memtrain train``: the GRPO training loop for the memory agent, one script from top to bottom.
+"""``memtrain train``: the GRPO training loop, as a recipe - :func:`setup_run`, then :func:`train_step` per
+step with checkpoints, then :func:`close_run` (:func:`train` is exactly that).
 
 Per step (MEMTRAIN.md section 4):
 
 1. draw ``train.batch_size`` rows (deterministic order from the seed, reshuffled every epoch);
 2. roll out the task (``memtrain.rl.tasks``): G1 memory-agent trajectories per row, plus the IMR groups of
-   the proxy task, with the local HF engine sampling from the very model being trained (no weight copy);
+   the proxy task, with an engine that follows the policy being trained (``engine.sync_weights``: the HF
+   engine samples from the very model, a vLLM engine reloads its weights after every update);
 3. Dr. GRPO advantages within each group, DAPO filter (groups whose rewards are all equal are dropped;
-   with ``rl.fill_filtered_batches`` more rows are rolled out until enough groups survive);
+   with ``rl.fill_filtered_batches`` more rows are rolled out until enough row groups survive)
+   (``memtrain.rl.rollout``);
 4. one training sequence per turn (prompt + completion as sampled, the rollout's advantage broadcast), and
-   exactly one optimizer step (``memtrain.rl.update.policy_update``);
+   exactly one optimizer step (``memtrain.rl.update.policy_update``), then the engine synced to it;
 5. log a metrics row, sample trajectories every ``train.sample_every`` steps, a checkpoint every
    ``train.checkpoint_every`` steps and at the end (never right after a skipped step, so the newest
    checkpoint always follows a real update).
@@ -28,7 +31,7 @@ import os
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,12 +40,12 @@ import numpy as np
 import torch
 
 from memtrain.agent.loop import derive_seed
-from memtrain.config import Config, load_config, save_config
-from memtrain.engines.base import Engine, SamplingParams
+from memtrain.config import Config, TrainConfig, load_config, save_config
+from memtrain.engines.base import Engine, SamplingParams, can_follow_policy
+from memtrain.errors import UserError
 from memtrain.io import LOCK_FILE, acquire_dir_lock, release_dir_lock
 from memtrain.log import logger
 from memtrain.rl import checkpoint as ckpt_io
-from memtrain.rl.core import group_advantages, uniform_groups_mask
 from memtrain.rl.distributed import (
     DistContext,
     NullRunLogger,
@@ -54,8 +57,18 @@ from memtrain.rl.distributed import (
 )
 from memtrain.rl.metrics import RunLogger
 from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler
-from memtrain.rl.tasks import Rollout, Task, check_rows, make_task
-from memtrain.rl.update import NonFiniteParamsError, TrainSequence, check_trainable_sampling, policy_update
+from memtrain.rl.rollout import (
+    Rollout,
+    Scored,
+    Task,
+    TrainSequence,
+    sample_records,
+    score_groups,
+    step_metrics,
+    training_sequences,
+)
+from memtrain.rl.tasks.registry import check_rows, make_task
+from memtrain.rl.update import NonFiniteParamsError, check_trainable_sampling, policy_update
 
 CONFIG_FILE = "config.yaml"
 _RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", ckpt_io.CHECKPOINTS_DIR)
@@ -66,7 +79,7 @@ class NonFiniteError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Pieces of the loop (pure or nearly so; the loop itself is ``train`` below)
+# Pieces of the loop (pure or nearly so)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -76,7 +89,7 @@ def set_threads(threads: int | None) -> int:
         env = os.environ.get("MEMTRAIN_THREADS")
         if env:
             if not env.isdigit() or int(env) < 1:
-                raise ValueError(f"MEMTRAIN_THREADS={env!r}: expected a positive integer")
+                raise UserError(f"MEMTRAIN_THREADS={env!r}: expected a positive integer")
             threads = int(env)
         else:
             threads = os.cpu_count() or 1
@@ -112,99 +125,6 @@ def unique_ids(rows: list[dict], seen: dict[str, int]) -> list[dict]:
         rid = str(row["id"])
         seen[rid] = seen.get(rid, 0) + 1
         out.append(row if seen[rid] == 1 else {**row, "id": f"{rid}@{seen[rid]}"})
-    return out
-
-
-@dataclass
-class Scored:
-    """A step's rollouts with their advantages and whether the DAPO filter keeps them."""
-
-    rollouts: list[Rollout] = field(default_factory=list)
-    advantages: list[float] = field(default_factory=list)
-    kept: list[bool] = field(default_factory=list)
-
-    @property
-    def groups(self) -> dict[str, bool]:
-        """group id -> kept."""
-        return {r.group: k for r, k in zip(self.rollouts, self.kept, strict=True)}
-
-
-def score_groups(rollouts: list[Rollout], std_norm: bool, dynamic_filter: bool) -> Scored:
-    """Advantages within each group (Dr. GRPO; /std with ``std_norm``) and the DAPO keep mask."""
-    if not rollouts:
-        return Scored()
-    rewards = [r.reward for r in rollouts]
-    groups = [r.group for r in rollouts]
-    adv = group_advantages(rewards, groups, std_norm=std_norm).tolist()
-    if dynamic_filter:
-        kept = [not u for u in uniform_groups_mask(rewards, groups).tolist()]
-    else:
-        kept = [True] * len(rollouts)
-    return Scored(list(rollouts), adv, kept)
-
-
-def training_sequences(scored: Scored) -> list[TrainSequence]:
-    """One sequence per turn of every kept rollout, each with its rollout's advantage (broadcast) and the
-    rollout as its session (``rl.loss_agg=session_mean`` weighs every rollout the same)."""
-    seqs = []
-    for index, (r, adv, kept) in enumerate(zip(scored.rollouts, scored.advantages, scored.kept, strict=True)):
-        if not kept:
-            continue
-        session = f"{r.group}#{index}"  # unique within the step (and rank): rollouts are never merged
-        for turn in r.turns:
-            if turn.completion_ids:
-                seqs.append(
-                    TrainSequence(
-                        prompt_ids=list(turn.prompt_ids),
-                        completion_ids=list(turn.completion_ids),
-                        advantage=float(adv),
-                        old_logprobs=list(turn.logprobs),
-                        kind=turn.kind,
-                        group=r.group,
-                        session=session,
-                    )
-                )
-    return seqs
-
-
-def primary_groups_kept(scored: Scored) -> int:
-    """Kept groups that stand for a row (E2E/search groups; IMR groups are per trajectory)."""
-    return len({r.group for r, k in zip(scored.rollouts, scored.kept, strict=True) if k and r.kind != "imr"})
-
-
-def step_metrics(scored: Scored, counters: dict[str, float]) -> dict[str, float]:
-    """The rollout half of a metrics row: rewards/metrics per kind, filter counts, lengths, cap hits."""
-    out: dict[str, float] = {}
-    rewards: dict[str, list[float]] = defaultdict(list)
-    values: dict[str, list[float]] = defaultdict(list)
-    lengths: dict[str, list[int]] = defaultdict(list)
-    cap_hits = memory_turns = tokens = 0
-    for r in scored.rollouts:
-        rewards[r.kind].append(r.reward)
-        for key, value in r.metrics.items():
-            values[key].append(float(value))
-        for t in r.turns:
-            lengths[t.kind].append(len(t.completion_ids))
-            tokens += len(t.completion_ids)
-            if t.kind == "memory":
-                memory_turns += 1
-                cap_hits += int(t.hit_cap)
-    out.update({k: float(v) for k, v in counters.items()})
-    for kind, rs in rewards.items():
-        out[f"{kind}_reward"] = sum(rs) / len(rs)
-    for key, vs in values.items():
-        out[key] = sum(vs) / len(vs)
-    for kind, ls in lengths.items():
-        out[f"len_{kind}"] = sum(ls) / len(ls)
-    groups = scored.groups
-    out.update(
-        groups=float(len(groups)),
-        filtered_groups=float(sum(not k for k in groups.values())),
-        kept_rollouts=float(sum(scored.kept)),
-        memory_cap_hits=float(cap_hits),
-        memory_cap_rate=cap_hits / memory_turns if memory_turns else 0.0,
-        tokens_generated=float(tokens),
-    )
     return out
 
 
@@ -247,6 +167,26 @@ def build_policy(config: Config, device: str, resume_from: Path | None) -> tuple
     return model, ref
 
 
+def policy_engine(config: Config, model: Any, tokenizer: Any) -> Engine:
+    """The rollout engine, refused unless it can follow the policy as it trains (``sync_weights``)."""
+    from memtrain.engines.factory import make_engine
+
+    engine = make_engine(config.engine, config.model.name, model=model, tokenizer=tokenizer)
+    if not can_follow_policy(engine):
+        raise UserError(f"engine.kind={config.engine.kind}: this engine cannot follow the policy being "
+                        "trained (it has no sync_weights), so every rollout after the first update would "
+                        "sample stale weights; train with an engine that syncs (e.g. engine.kind=hf, the "
+                        "local model) or with the verl backend for multi-GPU training")
+    return engine
+
+
+def sync_engine(engine: Any, model: Any) -> dict[str, float]:
+    """Bring the engine to the policy's current weights; its numbers plus ``time_sync_s``."""
+    start = time.perf_counter()
+    stats = engine.sync_weights(model)
+    return {**stats, "time_sync_s": time.perf_counter() - start}
+
+
 def check_run_dir(out_dir: Path, config: Config, resume: bool) -> Path | None:
     """Check ``out_dir`` against the run it may hold and return the checkpoint to resume from (or None).
 
@@ -264,22 +204,35 @@ def check_run_dir(out_dir: Path, config: Config, resume: bool) -> Path | None:
             f"{out_dir} is not empty and is not a memtrain run directory (no {CONFIG_FILE}); "
             "choose a new or empty --out"
         )
-    checkpoint = None
-    if holds_run:
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} is missing, so {out_dir} cannot be resumed safely")
-        diffs = ckpt_io.config_differences(load_config(config_path), config)
-        if diffs:
-            raise ValueError(
-                f"cannot resume {out_dir}: the config differs from the run's in "
-                f"{'; '.join(diffs)}. Only {', '.join(sorted(ckpt_io.RESUMABLE_KEYS))} may change "
-                "on resume; start a new run (another --out) for a different config"
-            )
-        ckpt_io.remove_partial_checkpoints(out_dir)
-        # newest complete step_* dir, even when `latest` was lost in a copy; refuses to restart over history
-        # the cadence the logged steps ran with (the run's config), not the one asked for now
-        checkpoint = ckpt_io.resume_checkpoint(out_dir, load_config(config_path).train.checkpoint_every)
-    return checkpoint
+    if not holds_run:
+        return None
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing, so {out_dir} cannot be resumed safely")
+    diffs = ckpt_io.config_differences(load_config(config_path), config)
+    if diffs:
+        raise UserError(
+            f"cannot resume {out_dir}: the config differs from the run's in "
+            f"{'; '.join(diffs)}. Only {', '.join(sorted(ckpt_io.RESUMABLE_KEYS))} may change "
+            "on resume; start a new run (another --out) for a different config"
+        )
+    ckpt_io.remove_partial_checkpoints(out_dir)
+    # newest complete step_* dir, even when `latest` was lost in a copy; refuses to restart over history
+    # the cadence the logged steps ran with (the run's config), not the one asked for now
+    return ckpt_io.resume_checkpoint(out_dir, load_config(config_path).train.checkpoint_every)
+
+
+def resume_state(resume_from: Path | None, config: Config, out_dir: Path) -> dict[str, Any] | None:
+    """The trainer state saved with ``resume_from`` (None for a fresh run), checked against ``config``."""
+    if resume_from is None:
+        return None
+    state = ckpt_io.load_trainer_state(resume_from)
+    fingerprint = ckpt_io.config_fingerprint(config)
+    if state.get("fingerprint") != fingerprint:
+        raise UserError(
+            f"cannot resume from {resume_from}: its config fingerprint {state.get('fingerprint')} "
+            f"differs from this config's {fingerprint} (was {out_dir / CONFIG_FILE} edited?)"
+        )
+    return state
 
 
 def write_run_config(out_dir: Path, config: Config) -> None:
@@ -293,29 +246,22 @@ def _device(config: Config) -> str:
 
     device = default_device() if config.model.device == "auto" else config.model.device
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model.device=cuda but torch sees no CUDA device; use model.device=cpu or auto")
+        raise UserError("model.device=cuda but torch sees no CUDA device; use model.device=cpu or auto")
     return device
 
 
-def _check_engine(config: Config) -> None:
-    if config.engine.kind == "openai":
-        raise ValueError(
-            "engine.kind=openai: training with a remote engine requires weight sync after every "
-            "update, which memtrain's trainer does not do; use engine.kind=hf (local model) or the "
-            "verl backend for multi-GPU training"
-        )
-    if config.engine.kind != "hf":
-        raise ValueError(
-            f"engine.kind={config.engine.kind!r}: training needs engine.kind=hf (the engine samples "
-            "from the model being trained)"
-        )
-
-
-def _check_parallel(config: Config) -> None:
+def check_settings(config: Config) -> None:
+    """Settings the trainer refuses before anything loads."""
     if config.train.parallel == "fsdp2" and config.model.lora is not None:
-        raise ValueError(
+        raise UserError(
             "train.parallel=fsdp2 with model.lora: sharding is for full fine-tuning of models that do not "
             "fit one device; LoRA adapters are small, so use train.parallel=ddp (every rank holds the model)"
+        )
+    check_trainable_sampling(config.rl)  # rl.top_p < 1 cannot be trained on exactly
+    if not config.data.path:
+        raise UserError(
+            "data.path is empty: set it to a dataset directory built by `memtrain data ...` "
+            "(e.g. data.path=runs/demo-data)"
         )
 
 
@@ -348,8 +294,8 @@ class RolloutBatch:
 def collect_rollouts(task: Task, rows: list[dict], engine: Engine, config: Config, step: int,
                      position: int, ctx: DistContext | None = None) -> RolloutBatch:
     """Roll out ``train.batch_size`` rows from ``position``; with ``rl.fill_filtered_batches``, roll out more
-    rows (up to ``train.fill_max_rounds`` rounds) until ``batch_size`` row groups survive the DAPO filter.
-    Data-parallel (``ctx``): this rank rolls out its share of the rows; the refill count is global."""
+    rows (up to ``train.fill_max_rounds`` rounds) until ``batch_size`` primary groups survive the DAPO
+    filter. Data-parallel (``ctx``): this rank rolls out its share of the rows; the refill count is global."""
     ctx = ctx or DistContext()
     rollouts: list[Rollout] = []
     counters: dict[str, float] = defaultdict(float)
@@ -368,19 +314,10 @@ def collect_rollouts(task: Task, rows: list[dict], engine: Engine, config: Confi
         for key, value in round_counters.items():
             counters[key] += value
         scored = score_groups(rollouts, config.rl.adv_std_norm, config.rl.dynamic_filter)
-        need = config.train.batch_size - int(ctx.sum_values({"kept": primary_groups_kept(scored)})["kept"])
+        need = config.train.batch_size - int(ctx.sum_values({"kept": scored.primary_groups_kept})["kept"])
         refill = config.rl.fill_filtered_batches and config.rl.dynamic_filter
         if not (refill and need > 0 and rounds < config.train.fill_max_rounds):
             return RolloutBatch(scored, dict(counters), position, samples, rounds)
-
-
-def sample_records(scored: Scored, count: int) -> list[dict[str, Any]]:
-    """Readable records of the first ``count`` row-level rollouts (not IMR answers) for samples.jsonl."""
-    out = []
-    for r, adv, kept in zip(scored.rollouts, scored.advantages, scored.kept, strict=True):
-        if r.kind != "imr" and len(out) < count:
-            out.append({"group": r.group, "kind": r.kind, "advantage": adv, "kept": kept, **r.record})
-    return out
 
 
 def progress_line(row: dict[str, Any], steps: int) -> str:
@@ -396,83 +333,91 @@ def progress_line(row: dict[str, Any], steps: int) -> str:
             f"{f('time_update_s')}s){skipped}")
 
 
+def _last_good(out_dir: Path) -> str:
+    last = ckpt_io.latest_checkpoint(out_dir)
+    return str(last) if last is not None else "none yet"
+
+
 # --------------------------------------------------------------------------------------------------------
-# The loop
+# A run: set up, one step, checkpoints, cleanup
 # --------------------------------------------------------------------------------------------------------
 
 
-def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
-    """Train ``config`` into ``out_dir`` (or continue the run there with ``resume``); returns ``out_dir``.
+@dataclass
+class Run:
+    """Everything a training run holds between steps: what :func:`setup_run` builds and :func:`train_step`
+    advances (``position``, ``streak``)."""
 
-    Nothing is written before the data, the tokenizer and (after the run-directory checks) the model have
-    loaded, so a failed start can be rerun as it was; the directory is locked while the run lasts.
+    config: Config
+    out_dir: Path
+    ctx: DistContext
+    tokenizer: Any
+    task: Task
+    rows: list[dict]
+    model: Any
+    ref: Any  # the frozen KL reference (None: LoRA's base model, or no KL term)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: Any  # an Engine that follows the policy (engines.base.PolicyFollower)
+    log: RunLogger | NullRunLogger
+    fingerprint: str  # of the config, saved with every checkpoint and checked on resume
+    start_step: int  # the last step taken before this process (0: a fresh run)
+    position: int = 0  # data stream position: rows drawn so far
+    streak: int = 0  # consecutive steps skipped for a non-finite loss or gradient
+
+
+def setup_run(config: Config, out_dir: Path, resume: bool = False) -> Run | None:
+    """Check the inputs, lock ``out_dir`` and build the run (from its latest checkpoint with ``resume``).
+
+    Returns None, with the lock released, when the run there already took ``train.steps`` steps. Nothing is
+    written before the data, the tokenizer, the model and the engine have loaded (the lock file aside), so a
+    failed start can be rerun as it was; the lock is held until :func:`close_run`.
     """
     from memtrain.data.dataset import load_rows
     from memtrain.models import load_tokenizer
 
     out_dir = Path(out_dir)
-    cfg_t = config.train
-    _check_engine(config)
-    _check_parallel(config)
-    check_trainable_sampling(config.rl)  # rl.top_p < 1 cannot be trained on exactly
-    if not config.data.path:
-        raise ValueError(
-            "data.path is empty: set it to a dataset directory built by `memtrain data ...` "
-            "(e.g. data.path=runs/demo-data)"
-        )
-    threads = set_threads(cfg_t.threads)
-    ctx = init_from_env(_device(config), cfg_t.parallel)  # torchrun data parallel (memtrain.rl.distributed)
-
-    # --- inputs first: bad data or a bad tokenizer fail here, before the run directory is touched ----------
+    check_settings(config)
+    threads = set_threads(config.train.threads)
+    ctx = init_from_env(_device(config), config.train.parallel)  # torchrun data parallel (rl.distributed)
+    # inputs first: bad data or a bad tokenizer fail here, before the run directory is touched
     tokenizer = load_tokenizer(config.model.name)
     task = make_task(config, tokenizer)
     rows = load_rows(config.data.path)
     check_rows(task, rows, config.data.path)
-
-    # --- one writer per run directory: rank 0 holds its lock until the run ends (released by the kernel if
-    # the process dies), so a second trainer on the same --out is refused before it writes anything
+    # one writer per run directory: rank 0 holds its lock until the run ends (released by the kernel if the
+    # process dies), so a second trainer on the same --out is refused before it writes anything
     ctx.on_main(lambda: acquire_dir_lock(out_dir))
     try:
-        return _train_locked(config, out_dir, resume, ctx, threads, tokenizer, task, rows)
-    finally:
-        if ctx.is_main:
-            release_dir_lock(out_dir)
+        run = _open_run(config, out_dir, resume, ctx, tokenizer, task, rows)
+    except BaseException:
+        _release_lock(run_dir=out_dir, ctx=ctx)
+        raise
+    if run is None:
+        _release_lock(run_dir=out_dir, ctx=ctx)
+        return None
+    n_train = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    logger.info("train %s: task=%s, %d rows, %s on %s (%d threads), %.1fM trainable parameters, steps %d..%d",
+                out_dir, task.name, len(rows), config.model.name, _device(config), threads, n_train / 1e6,
+                run.start_step + 1, config.train.steps)
+    return run
 
 
-def _train_locked(config: Config, out_dir: Path, resume: bool, ctx: DistContext, threads: int, tokenizer: Any,
-                  task: Task, rows: list[dict]) -> Path:
-    """``train`` once the inputs are checked and the run directory is locked."""
-    from memtrain.engines.factory import make_engine
-
-    cfg_t = config.train
-    # --- run directory: fresh, or resumed from its latest checkpoint (rank 0 checks, the others follow) ----
+def _open_run(config: Config, out_dir: Path, resume: bool, ctx: DistContext, tokenizer: Any, task: Task,
+              rows: list[dict]) -> Run | None:
+    """``setup_run`` once the inputs are checked and the run directory is locked."""
+    # run directory: fresh, or resumed from its latest checkpoint (rank 0 checks, the others follow)
     resume_from = ctx.on_main(lambda: check_run_dir(out_dir, config, resume))
-    state = ckpt_io.load_trainer_state(resume_from) if resume_from is not None else None
+    state = resume_state(resume_from, config, out_dir)
     start_step = int(state["step"]) if state else 0
-    fingerprint = ckpt_io.config_fingerprint(config)
-    if state and state.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"cannot resume from {resume_from}: its config fingerprint {state.get('fingerprint')} "
-            f"differs from this config's {fingerprint} (was {out_dir / CONFIG_FILE} edited?)"
-        )
-    if start_step >= cfg_t.steps:
+    if start_step >= config.train.steps:
         ctx.on_main(lambda: write_run_config(out_dir, config))
-        logger.info(
-            "%s: already at step %d of %d; nothing to do (raise train.steps to continue)",
-            out_dir,
-            start_step,
-            cfg_t.steps,
-        )
-        return out_dir
-
-    # --- seeds -------------------------------------------------------------------------------------------
-    random.seed(cfg_t.seed)
-    np.random.seed(cfg_t.seed % 2**32)
-    torch.manual_seed(cfg_t.seed)
-
-    # --- policy, reference, optimizer, schedule (+ their states when resuming) -----------------------------
-    device = _device(config)
-    model, ref = build_policy(config, device, resume_from)  # a bad model fails here, before config.yaml
+        logger.info("%s: already at step %d of %d; nothing to do (raise train.steps to continue)", out_dir,
+                    start_step, config.train.steps)
+        return None
+    _seed_everything(config.train.seed)
+    model, ref = build_policy(config, _device(config), resume_from)  # a bad model fails before config.yaml
+    engine = policy_engine(config, model, tokenizer)  # and so does an engine that cannot follow the policy
     ctx.on_main(lambda: write_run_config(out_dir, config))
     ctx.broadcast_parameters(model)
     if ctx.fsdp:  # FSDP2: shard the policy (and the frozen reference) before the optimizer sees it
@@ -481,86 +426,132 @@ def _train_locked(config: Config, out_dir: Path, resume: bool, ctx: DistContext,
             shard_model(ref, ctx, frozen=True)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim.warmup_steps)
-    position, streak = 0, 0
-    if state is not None:
-        if ctx.fsdp:
-            ckpt_io.load_full_optimizer_state(model, optimizer, state["optimizer"])
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt_io.set_rng_state(state["rng"])
-        position, streak = int(state["data_position"]), int(state["nonfinite_streak"])
-        del state  # not kept for the run: on GPUs / FSDP2 its optimizer state is a second, full copy
-    engine = make_engine(config.engine, config.model.name, model=model, tokenizer=tokenizer)
-    log = RunLogger(out_dir, start_step, tensorboard=cfg_t.tensorboard) if ctx.is_main else NullRunLogger()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info(
-        "train %s: task=%s, %d rows, %s on %s (%d threads), %.1fM trainable parameters, steps %d..%d",
-        out_dir,
-        task.name,
-        len(rows),
-        config.model.name,
-        device,
-        threads,
-        n_train / 1e6,
-        start_step + 1,
-        cfg_t.steps,
-    )
+    position, streak = _restore(state, ctx, model, optimizer, scheduler)
+    del state  # not kept for the run: on GPUs / FSDP2 its optimizer state is a second, full copy
+    log: RunLogger | NullRunLogger = NullRunLogger()
+    if ctx.is_main:
+        log = RunLogger(out_dir, start_step, tensorboard=config.train.tensorboard)
+    synced = sync_engine(engine, model)  # the first rollout samples from exactly these weights
+    logger.debug("engine synced to the policy: %s", synced)
+    return Run(config, out_dir, ctx, tokenizer, task, rows, model, ref, optimizer, scheduler, engine, log,
+               ckpt_io.config_fingerprint(config), start_step, position, streak)
 
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _restore(state: dict[str, Any] | None, ctx: DistContext, model: Any, optimizer: torch.optim.Optimizer,
+             scheduler: Any) -> tuple[int, int]:
+    """Load a checkpoint's optimizer, scheduler and RNG states; returns (data position, non-finite streak)."""
+    if state is None:
+        return 0, 0
+    if ctx.fsdp:
+        ckpt_io.load_full_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt_io.set_rng_state(state["rng"])
+    return int(state["data_position"]), int(state["nonfinite_streak"])
+
+
+def _release_lock(run_dir: Path, ctx: DistContext) -> None:
+    if ctx.is_main:
+        release_dir_lock(run_dir)
+
+
+def train_step(run: Run, step: int) -> dict[str, Any]:
+    """Step ``step`` (1-5 of the module docstring but the checkpoint); returns its metrics row as logged."""
+    cfg = run.config.train
+    t_step = time.perf_counter()
+    with gathered_for_rollout(run.model):  # FSDP2: full weights for generation (else a no-op)
+        batch = collect_rollouts(run.task, run.rows, run.engine, run.config, step, run.position, run.ctx)
+    run.position = batch.position
+    release = getattr(run.engine, "release_memory", None)
+    if callable(release):  # an engine sharing the GPU with the trainer frees it for the update (vLLM sleep)
+        release()
+    time_rollout = time.perf_counter() - t_step
+    t_update = time.perf_counter()
+    stats = update_policy(run, step, training_sequences(batch.scored))
+    time_update = time.perf_counter() - t_update
+    skipped = stats.get("skipped_nonfinite", 0.0) == 1.0
+    run.streak = run.streak + 1 if skipped else 0
+    stepped = not skipped and stats.get("skipped_empty", 0.0) != 1.0  # the weights changed
+    synced = sync_engine(run.engine, run.model) if stepped else {"time_sync_s": 0.0}
+    scored = gather_scored(batch.scored, run.ctx)  # data-parallel: every rank's rollouts (else unchanged)
+    row = run.log.log_step({
+        "step": step, **step_metrics(scored, run.ctx.sum_values(batch.counters)), **stats, **synced,
+        "reward_metric": run.task.reward_metric, "samples": batch.samples, "rollout_rounds": batch.rounds,
+        "data_position": run.position, "time_rollout_s": time_rollout, "time_update_s": time_update,
+        "step_time_s": time.perf_counter() - t_step,
+    })
+    if step % cfg.log_every == 0 or step == cfg.steps or skipped:
+        logger.info(progress_line(row, cfg.steps))
+    if step % cfg.sample_every == 0 or step == 1:
+        run.log.log_samples(step, sample_records(scored, cfg.sample_count))
+    return row
+
+
+def update_policy(run: Run, step: int, seqs: list[TrainSequence]) -> dict[str, Any]:
+    """Exactly one optimizer step on ``seqs``; its statistics combined over the ranks."""
     try:
-        for step in range(start_step + 1, cfg_t.steps + 1):
-            t_step = time.perf_counter()
+        stats = policy_update(run.model, run.optimizer, seqs, run.config.rl, ref=run.ref,
+                              scheduler=run.scheduler, grad_clip=run.config.optim.grad_clip,
+                              dp=run.ctx if run.ctx.enabled else None)
+    except NonFiniteParamsError as exc:  # weights not restorable: stop before they are saved
+        raise NonFiniteError(f"step {step}: {exc}. Last good checkpoint: {_last_good(run.out_dir)}") from exc
+    return reduce_update_stats(stats, run.ctx)  # data-parallel: over ranks (else unchanged)
 
-            # 1-3. rollouts, advantages, DAPO filter (+ refill rounds)
-            with gathered_for_rollout(model):  # FSDP2: full weights for generation (else a no-op)
-                batch = collect_rollouts(task, rows, engine, config, step, position, ctx)
-            position = batch.position
-            time_rollout = time.perf_counter() - t_step
 
-            # 4. one policy update on every turn of the kept rollouts
-            t_update = time.perf_counter()
-            seqs = training_sequences(batch.scored)
-            try:
-                stats = policy_update(model, optimizer, seqs, config.rl, ref=ref, scheduler=scheduler,
-                                      grad_clip=config.optim.grad_clip, dp=ctx if ctx.enabled else None)
-            except NonFiniteParamsError as exc:  # weights not restorable: stop before they are saved
-                last = ckpt_io.latest_checkpoint(out_dir)
-                raise NonFiniteError(f"step {step}: {exc}. Last good checkpoint: "
-                                     f"{last if last is not None else 'none yet'}") from exc
-            stats = reduce_update_stats(stats, ctx)  # data-parallel: over ranks (else unchanged)
-            scored = gather_scored(batch.scored, ctx)  # data-parallel: every rank's rollouts (else unchanged)
-            time_update = time.perf_counter() - t_update
-            skipped = stats.get("skipped_nonfinite", 0.0) == 1.0
-            streak = streak + 1 if skipped else 0
+def check_nonfinite_streak(run: Run, step: int) -> None:
+    """Stop the run after ``train.max_nonfinite`` skipped steps in a row (the weights were not changed)."""
+    if run.streak >= run.config.train.max_nonfinite:
+        raise NonFiniteError(
+            f"{run.streak} consecutive steps (up to step {step}) had a non-finite loss or gradient norm and "
+            f"were skipped; stopping. The model was not changed by them. Last good checkpoint: "
+            f"{_last_good(run.out_dir)}. Lower optim.lr or check the data, then resume with --resume")
 
-            # 5. log, samples, checkpoint
-            row = log.log_step({
-                "step": step, **step_metrics(scored, ctx.sum_values(batch.counters)), **stats,
-                "reward_metric": task.reward_metric, "samples": batch.samples, "rollout_rounds": batch.rounds,
-                "data_position": position, "time_rollout_s": time_rollout, "time_update_s": time_update,
-                "step_time_s": time.perf_counter() - t_step,
-            })
-            if step % cfg_t.log_every == 0 or step == cfg_t.steps or skipped:
-                logger.info(progress_line(row, cfg_t.steps))
-            if step % cfg_t.sample_every == 0 or step == 1:
-                log.log_samples(step, sample_records(scored, cfg_t.sample_count))
-            if streak >= cfg_t.max_nonfinite:
-                last = ckpt_io.latest_checkpoint(out_dir)
-                raise NonFiniteError(
-                    f"{streak} consecutive steps (up to step {step}) had a non-finite loss or gradient norm "
-                    f"and were skipped; stopping. The model was not changed by them. Last good checkpoint: "
-                    f"{last if last is not None else 'none yet'}. Lower optim.lr or check the data, then "
-                    "resume with --resume")
-            if (step % cfg_t.checkpoint_every == 0 or step == cfg_t.steps) and not skipped:
-                saved = {"data_position": position, "nonfinite_streak": streak, "fingerprint": fingerprint}
-                weights, optim_state = None, None
-                if ctx.fsdp:  # every rank joins gathering the full state dicts onto rank 0
-                    weights, optim_state = ckpt_io.gather_full_state(model, optimizer)
-                path = ctx.on_main(partial(  # rank 0 writes, the others wait for it
-                    ckpt_io.save_checkpoint, out_dir, step, model, tokenizer, optimizer, scheduler, saved,
-                    keep_last=cfg_t.keep_last, model_name=config.model.name, model_state=weights,
-                    optimizer_state=optim_state))
-                logger.info("checkpoint %s", path)
+
+def checkpoint_due(cfg: TrainConfig, step: int, row: dict[str, Any]) -> bool:
+    """Every ``train.checkpoint_every`` steps and at the last, but never right after a skipped step."""
+    return (step % cfg.checkpoint_every == 0 or step == cfg.steps) and row.get("skipped_nonfinite") != 1.0
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """The model, optimizer, scheduler, RNG and data position after ``step`` (rank 0 writes)."""
+    cfg = run.config
+    saved = {"data_position": run.position, "nonfinite_streak": run.streak, "fingerprint": run.fingerprint}
+    weights, optim_state = None, None
+    if run.ctx.fsdp:  # every rank joins gathering the full state dicts onto rank 0
+        weights, optim_state = ckpt_io.gather_full_state(run.model, run.optimizer)
+    path = run.ctx.on_main(partial(  # rank 0 writes, the others wait for it
+        ckpt_io.save_checkpoint, run.out_dir, step, run.model, run.tokenizer, run.optimizer, run.scheduler,
+        saved, keep_last=cfg.train.keep_last, model_name=cfg.model.name, model_state=weights,
+        optimizer_state=optim_state))
+    logger.info("checkpoint %s", path)
+
+
+def close_run(run: Run) -> None:
+    """Close the logs and release the run directory's lock."""
+    try:
+        run.log.close()
     finally:
-        log.close()
-    return out_dir
+        _release_lock(run_dir=run.out_dir, ctx=run.ctx)
+
+
+def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
+    """Train ``config`` into ``out_dir`` (or continue the run there with ``resume``); returns ``out_dir``."""
+    run = setup_run(config, out_dir, resume)
+    if run is None:
+        return Path(out_dir)
+    try:
+        for step in range(run.start_step + 1, config.train.steps + 1):
+            row = train_step(run, step)
+            check_nonfinite_streak(run, step)
+            if checkpoint_due(config.train, step, row):
+                save_checkpoint(run, step)
+    finally:
+        close_run(run)
+    return run.out_dir

@@ -8,9 +8,9 @@ optimizer step:
 1. plan micro-batches by a padded-token budget (``plan_micro_batches``);
 2. per micro-batch: reference log-probs (a frozen model, or the same peft model with its adapters disabled;
    skipped when ``kl_coef == 0``), then the policy forward with gradients, the old log-probs (the sampler's
-   when they agree with the recomputed ones, else the recomputed ones), the clipped loss + k3 KL and a
-   backward pass of the micro-batch's share of the GLOBALLY normalised loss, so that the accumulated
-   gradient equals the full-batch gradient exactly;
+   when they agree with the recomputed ones, else the recomputed ones), the loss (``core.grpo_loss``: the
+   clipped ratio term + k3 KL, aggregated by ``rl.loss_agg``) and a backward pass of the micro-batch's share
+   of the GLOBALLY normalised loss, so that the accumulated gradient equals the full-batch gradient exactly;
 3. non-finite loss/gradient check (skip the step and zero the gradients), grad-norm clipping, optimizer
    step, non-finite parameter check (undo the step from a copy taken before it), scheduler step.
 
@@ -32,8 +32,8 @@ import copy
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,64 +41,14 @@ from torch.distributed.tensor import DTensor
 
 from memtrain.agent.types import TURN_KINDS
 from memtrain.config import ConfigError, RLConfig
+from memtrain.errors import UserError
 from memtrain.log import logger
 from memtrain.precision import autocast_for
-from memtrain.rl.core import (
-    aggregate,
-    clipped_policy_loss,
-    k3_kl,
-    num_sessions,
-    session_sizes,
-    truncated_is_weights,
-)
+from memtrain.rl.core import AggTotals, grpo_loss, num_sessions, session_sizes, truncated_is_weights
 from memtrain.rl.distributed import DistContext
+from memtrain.rl.rollout import HasTokens, TrainSequence
 
 KINDS = TURN_KINDS
-
-
-@dataclass
-class TrainSequence:
-    """One prompt -> completion model call to train on.
-
-    ``old_logprobs``: per completion token, the log-probs the tokens were sampled with
-    (``Completion.logprobs`` from the engine), or None. ``kind``: 'memory' (an E2E step that rewrites the
-    memory), 'final' (the answer step), 'imr' or 'search' (a search-agent turn: memory + query or answer).
-    ``group``: its advantage group (for logging/filtering). ``session``: the rollout it belongs to (an E2E
-    trajectory's memory and final turns share one; an IMR sample or search episode is one), used by
-    ``rl.loss_agg=session_mean`` to give every rollout the same total weight; None: a session of its own.
-    """
-
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    advantage: float
-    old_logprobs: list[float] | None = None
-    kind: str = "final"
-    group: str = ""
-    session: str | None = None
-
-    def __post_init__(self) -> None:
-        where = f"TrainSequence(group={self.group!r}, kind={self.kind!r})"
-        if not self.prompt_ids:
-            raise ValueError(f"{where}: prompt_ids is empty")
-        if not self.completion_ids:
-            raise ValueError(f"{where}: completion_ids is empty; a completion needs at least one token (its "
-                             "stop token) to be trained on")
-        if not math.isfinite(self.advantage):
-            raise ValueError(f"{where}: advantage must be finite, got {self.advantage}")
-        if self.kind not in KINDS:
-            raise ValueError(f"{where}: kind {self.kind!r} is not one of {KINDS}")
-        if self.old_logprobs is not None and len(self.old_logprobs) != len(self.completion_ids):
-            raise ValueError(f"{where}: old_logprobs has {len(self.old_logprobs)} values for "
-                             f"{len(self.completion_ids)} completion tokens")
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.completion_ids)
-
-
-class HasTokens(Protocol):
-    prompt_ids: list[int]
-    completion_ids: list[int]
 
 
 def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -266,16 +216,19 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def _reference_context(model: torch.nn.Module, ref: torch.nn.Module | None,
-                       kl_coef: float) -> tuple[torch.nn.Module | None, Any]:
+# The module that computes reference log-probs (None: no KL term) and the context it runs in.
+_Reference = tuple[torch.nn.Module | None, Any]
+
+
+def _reference_context(model: torch.nn.Module, ref: torch.nn.Module | None, kl_coef: float) -> _Reference:
     """Which module computes reference log-probs, and the context it needs (adapters off for peft)."""
     if kl_coef == 0.0:
         return None, None
     if ref is None or ref is model:
         if not _is_peft(model):
-            raise ValueError("rl.kl_coef > 0 needs a reference policy: pass ref=<a frozen copy of the "
-                             "initial model>, use LoRA (model.lora) so the reference is the base model with "
-                             "its adapters disabled, or set rl.kl_coef=0 to train without the KL term")
+            raise UserError("rl.kl_coef > 0 needs a reference policy: pass ref=<a frozen copy of the "
+                            "initial model>, use LoRA (model.lora) so the reference is the base model with "
+                            "its adapters disabled, or set rl.kl_coef=0 to train without the KL term")
         return model, model.disable_adapter
     return ref, nullcontext
 
@@ -310,163 +263,258 @@ def check_trainable_sampling(cfg: RLConfig) -> None:
 _PADDING = (TrainSequence(prompt_ids=[0], completion_ids=[0], advantage=0.0),)
 
 
+@dataclass
+class UpdateStats:
+    """Running sums over the micro-batches of one update; ``finalise`` turns them into the logged statistics.
+
+    Means over tokens are kept as sums weighted by each micro-batch's tokens, so they do not depend on the
+    micro-batch plan (and ``memtrain.rl.distributed`` re-weights them over ranks, by stat name).
+    """
+
+    loss: float = 0.0  # the loss terms: each micro-batch's share of the full-batch loss, so they add up
+    pg_loss: float = 0.0
+    kl: float = 0.0
+    entropy_sum: float = 0.0
+    clip_sum: float = 0.0
+    approx_kl_sum: float = 0.0
+    ratio_sum: float = 0.0
+    ratio_min: float = math.inf
+    ratio_max: float = -math.inf
+    finite: bool = True
+    # sampler vs recomputed log-probs, over the micro-batches whose sequences all carry sampler log-probs
+    diff_tokens: int = 0
+    diff_max: float = 0.0
+    diff_sum: float = 0.0  # |sampler - recomputed|
+    mismatch_sum: float = 0.0  # sampler - recomputed: the k1 estimate of KL(sampler || trainer)
+    sampler_seqs: int = 0  # sequences trained with the sampler's log-probs as the old ones
+    # truncated importance weights (rl.tis_cap)
+    tis_tokens: float = 0.0
+    tis_weight_sum: float = 0.0
+    tis_trunc_sum: float = 0.0
+    tis_ratio_max: float = -math.inf
+
+    def add_sampler_diff(self, sampler_logp: Tensor, current: Tensor, mask: Tensor) -> float:
+        """Record how far the sampler's log-probs are from the recomputed ones; returns the largest gap."""
+        mask_f = mask.float()
+        diff = (sampler_logp - current).abs() * mask_f
+        largest = float(diff.max())
+        self.diff_max = max(self.diff_max, largest)
+        self.diff_sum += float(diff.sum())
+        self.mismatch_sum += float(((sampler_logp - current) * mask_f).sum())
+        self.diff_tokens += int(mask.sum())
+        return largest
+
+    def add_tis(self, tis_stats: dict[str, Tensor], mask: Tensor) -> None:
+        n = float(mask.sum())
+        self.tis_tokens += n
+        self.tis_weight_sum += float(tis_stats["weight_mean"]) * n
+        self.tis_trunc_sum += float(tis_stats["trunc_frac"]) * n
+        self.tis_ratio_max = max(self.tis_ratio_max, float(tis_stats["raw_ratio_max"]))
+
+    def add_loss(self, loss: Tensor, loss_stats: dict[str, Tensor]) -> None:
+        """One micro-batch's loss (``grpo_loss``) and its stats, with the sum of its tokens' entropies."""
+        n_tok = float(loss_stats["num_tokens"])
+        self.loss += float(loss.detach())
+        self.pg_loss += float(loss_stats["pg_loss"])
+        self.kl += float(loss_stats["kl"])
+        self.entropy_sum += float(loss_stats["entropy_sum"])
+        self.clip_sum += float(loss_stats["clip_frac"]) * n_tok
+        self.approx_kl_sum += float(loss_stats["approx_kl"]) * n_tok
+        self.ratio_sum += float(loss_stats["ratio_mean"]) * n_tok
+        self.ratio_min = min(self.ratio_min, float(loss_stats["ratio_min"]))
+        self.ratio_max = max(self.ratio_max, float(loss_stats["ratio_max"]))
+
+    def old_logprob_source(self, num_seqs: int) -> str:
+        if self.sampler_seqs == num_seqs:
+            return "sampler"
+        return "recomputed" if self.sampler_seqs == 0 else "mixed"
+
+    def finalise(self, seqs: Sequence[TrainSequence], num_micro_batches: int) -> dict[str, float | str]:
+        """The statistics of this rank's share of the update (``policy_update`` adds the step's own).
+
+        loss (nan when a micro-batch loss was not finite), pg_loss, kl (k3, before kl_coef), entropy,
+        clip_frac, approx_kl, ratio_mean/min/max, num_seqs, num_tokens, num_sessions,
+        num_seqs_{memory,final,imr,search}, num_micro_batches, adv_mean, adv_abs_mean, old_logprob_source
+        ('sampler' | 'recomputed' | 'mixed'), old_logprob_sampler_frac, old_logprob_max_diff/mean_diff
+        (nan without sampler log-probs), mismatch_kl (mean sampler - recomputed log-prob: the train/inference
+        gap as a k1 KL estimate; nan without sampler log-probs), tis_frac (share of tokens reweighted by
+        ``rl.tis_cap``), tis_weight_mean/tis_trunc_frac/tis_ratio_max (nan when none were), nonfinite_loss.
+        """
+        num_seqs, num_tokens, sessions = _batch_counts(seqs)
+        per_tok, per_seq, diffs, tis = max(num_tokens, 1), max(num_seqs, 1), self.diff_tokens, self.tis_tokens
+        return {
+            "loss": self.loss if self.finite else math.nan,
+            "pg_loss": self.pg_loss,
+            "kl": self.kl,
+            "entropy": self.entropy_sum / per_tok,
+            "clip_frac": self.clip_sum / per_tok,
+            "approx_kl": self.approx_kl_sum / per_tok,
+            "ratio_mean": self.ratio_sum / per_tok,
+            "ratio_min": self.ratio_min if self.ratio_min != math.inf else 1.0,
+            "ratio_max": self.ratio_max if self.ratio_max != -math.inf else 1.0,
+            "num_seqs": float(num_seqs),
+            "num_tokens": float(num_tokens),
+            "num_sessions": float(sessions),
+            **{f"num_seqs_{k}": float(sum(1 for s in seqs if s.kind == k)) for k in KINDS},
+            "num_micro_batches": float(num_micro_batches),
+            "adv_mean": sum(s.advantage for s in seqs) / per_seq,
+            "adv_abs_mean": sum(abs(s.advantage) for s in seqs) / per_seq,
+            "old_logprob_source": self.old_logprob_source(num_seqs),
+            "old_logprob_sampler_frac": self.sampler_seqs / per_seq,
+            "old_logprob_max_diff": self.diff_max if diffs else math.nan,
+            "old_logprob_mean_diff": self.diff_sum / diffs if diffs else math.nan,
+            "mismatch_kl": self.mismatch_sum / diffs if diffs else math.nan,
+            "tis_frac": tis / per_tok,
+            "tis_weight_mean": self.tis_weight_sum / tis if tis else math.nan,
+            "tis_trunc_frac": self.tis_trunc_sum / tis if tis else math.nan,
+            "tis_ratio_max": self.tis_ratio_max if tis else math.nan,
+            "nonfinite_loss": 0.0 if self.finite else 1.0,
+        }
+
+
+def _batch_counts(seqs: Sequence[TrainSequence]) -> tuple[int, int, int]:
+    """(sequences, completion tokens, sessions) of a batch: what its loss is normalised by."""
+    return len(seqs), sum(len(s.completion_ids) for s in seqs), num_sessions([s.session for s in seqs])
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One forward/backward pass: ``rows`` of ``seqs``, and the totals its loss is normalised by (the whole
+    batch's counts, each row's session size)."""
+
+    seqs: Sequence[TrainSequence]
+    rows: list[int]
+    totals: AggTotals
+
+    @property
+    def padding(self) -> bool:
+        return self.seqs is _PADDING
+
+    @property
+    def items(self) -> list[TrainSequence]:
+        return [self.seqs[i] for i in self.rows]
+
+
+def _plan_passes(seqs: Sequence[TrainSequence], plan: list[list[int]], totals: tuple[int, int, int],
+                 passes: int | None) -> list[_Pass]:
+    """One pass per planned micro-batch, then (FSDP2) zero-weight padding passes up to ``passes``."""
+    if passes is not None and passes < len(plan):
+        raise ValueError(f"passes={passes} is fewer than the {len(plan)} micro-batches of this batch")
+    num_seqs, num_tokens, sessions = totals
+    norm = AggTotals(num_seqs=num_seqs, num_tokens=num_tokens, num_sessions=sessions)
+    sizes = session_sizes([s.session for s in seqs])  # sequences per session, over this whole (local) batch
+    work = [_Pass(seqs, rows, replace(norm, session_size=[sizes[i] for i in rows])) for rows in plan]
+    return work + [_Pass(_PADDING, [0], replace(norm, session_size=[1]))] * ((passes or 0) - len(plan))
+
+
+def _check_sampler_logprobs(seqs: Sequence[TrainSequence], cfg: RLConfig) -> None:
+    if cfg.old_logprobs != "sampler":
+        return
+    missing = [i for i, s in enumerate(seqs) if s.old_logprobs is None]
+    if missing:
+        raise UserError(f"rl.old_logprobs='sampler' but {len(missing)} sequence(s) have no old_logprobs "
+                        f"(first: index {missing[0]}, group {seqs[missing[0]].group!r}); use 'auto' or "
+                        "'recompute', or fill them with sequence_logprobs before the update")
+
+
+def _reference_logprobs(model: torch.nn.Module, reference: _Reference, batch: _Batch,
+                        temperature: float) -> Tensor | None:
+    """The reference policy's log-probs of the batch (None without a KL term), on the policy's device."""
+    ref_model, ref_ctx = reference
+    if ref_model is None:
+        return None
+    device, _ = _device_dtype(model)
+    # a separate reference runs in eval mode (no dropout); the peft policy keeps its mode
+    with torch.no_grad(), ref_ctx(), _mode(ref_model, ref_model.training and ref_model is model):
+        return _forward_logprobs(ref_model, batch, temperature)[0].to(device)
+
+
+def _old_logprobs(batch: _Batch, items: Sequence[TrainSequence], current: Tensor, cfg: RLConfig,
+                  stats: UpdateStats) -> tuple[Tensor, Tensor | None]:
+    """The PPO old log-probs of a micro-batch (``rl.old_logprobs``) and its truncated IS weights, if any.
+
+    The sampler's where every sequence carries them and 'sampler' says so or 'auto' finds them within
+    ``rl.old_logprob_tol`` of ``current`` (the recomputed ones), else ``current``; then, with ``rl.tis_cap``,
+    the ratio no longer sees the sampler, so each token is reweighted by min(trainer / sampler, cap).
+    """
+    sampler = [s.old_logprobs for s in items]
+    if any(lp is None for lp in sampler):
+        return current, None
+    sampler_logp = batch.scatter(sampler, batch.mask.device)  # type: ignore[arg-type]
+    largest = stats.add_sampler_diff(sampler_logp, current, batch.mask)
+    if cfg.old_logprobs == "sampler" or (cfg.old_logprobs == "auto" and largest <= cfg.old_logprob_tol):
+        stats.sampler_seqs += len(items)
+        return sampler_logp, None
+    if cfg.tis_cap is None:
+        return current, None
+    weights, tis_stats = truncated_is_weights(current, sampler_logp, batch.mask, cfg.tis_cap)
+    stats.add_tis(tis_stats, batch.mask)
+    return current, weights
+
+
+def _micro_batch_loss(model: torch.nn.Module, reference: _Reference, cfg: RLConfig, work: _Pass,
+                      stats: UpdateStats) -> tuple[Tensor, dict[str, Tensor]]:
+    """One micro-batch's share of the full-batch GRPO loss (differentiable) and its stats (``grpo_loss``'s
+    plus entropy_sum: its tokens' summed policy entropy)."""
+    batch = _collate(work.seqs, work.rows, _device_dtype(model)[0])
+    items = work.items
+    ref_logp = _reference_logprobs(model, reference, batch, cfg.temperature)
+    logp, entropy = _forward_logprobs(model, batch, cfg.temperature, with_entropy=True)
+    old_logp, tis_weights = _old_logprobs(batch, items, logp.detach(), cfg, stats)
+    adv = torch.tensor([s.advantage for s in items], dtype=torch.float32, device=batch.mask.device)
+    loss, loss_stats = grpo_loss(logp, old_logp, adv, batch.mask, ref_logp=ref_logp, kl_coef=cfg.kl_coef,
+                                 clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.loss_agg,
+                                 totals=work.totals, tis_weights=tis_weights)
+    assert entropy is not None
+    return loss, {**loss_stats, "entropy_sum": (entropy * batch.mask.float()).sum()}
+
+
+def _warn_sampler_gap(stats: UpdateStats, cfg: RLConfig, num_seqs: int) -> None:
+    # (in 'sampler' mode a difference is expected: the policy may have moved since sampling)
+    if stats.diff_tokens and stats.diff_max > cfg.old_logprob_tol and cfg.old_logprobs != "sampler":
+        logger.warning("sampler log-probs differ from the recomputed ones by up to %.4g (tolerance %.4g): "
+                       "prompts/tokens not exactly what was sampled, or numeric precision; "
+                       "old log-probs source: %s", stats.diff_max, cfg.old_logprob_tol,
+                       stats.old_logprob_source(num_seqs))
+
+
 def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequence], cfg: RLConfig,
                                 ref: torch.nn.Module | None = None,
                                 totals: tuple[int, int, int] | None = None,
                                 passes: int | None = None) -> dict[str, float | str]:
     """Forward/backward every micro-batch, accumulating into ``.grad`` the gradient of the full-batch loss.
 
-    Does not zero existing gradients and does not step. Loss per token = clipped pg term + kl_coef * k3 KL,
-    aggregated with ``cfg.loss_agg`` over the WHOLE batch (global sequence/token/session counts), so the sum
-    over micro-batches is the full-batch loss whatever the micro-batch plan. Returns the stats described in
-    ``policy_update`` (without grad_norm/lr/skipped); stops early with loss=nan when a micro-batch loss is
-    not finite. ``totals``: the (sequences, tokens, sessions) to normalise by when ``seqs`` is one rank's
-    share of a data-parallel batch (``memtrain.rl.distributed``); default: this batch's own. Sessions never
-    straddle ranks (whole rows are sharded), so each sequence's session size is known locally. ``passes``
-    (FSDP2, where every forward/backward is a collective that all ranks must join): run exactly this many
+    Does not zero existing gradients and does not step. The loss is ``core.grpo_loss`` (clipped pg term +
+    kl_coef * k3 KL) aggregated with ``cfg.loss_agg`` over the WHOLE batch (global sequence/token/session
+    counts), so the sum over micro-batches is the full-batch loss whatever the micro-batch plan. Returns
+    ``UpdateStats.finalise``'s stats; stops early with loss=nan when a micro-batch loss is not finite.
+    ``totals``: the (sequences, tokens, sessions) to normalise by when ``seqs`` is one rank's share of a
+    data-parallel batch (``memtrain.rl.distributed``); default: this batch's own. Sessions never straddle
+    ranks (whole rows are sharded), so each sequence's session size is known locally. ``passes`` (FSDP2,
+    where every forward/backward is a collective that all ranks must join): run exactly this many
     forward/backward passes, those beyond this rank's micro-batches on a one-token dummy sequence with a
     zero-weight loss, and do not stop at a non-finite loss (loss=nan all the same; the caller skips the step).
     """
     check_trainable_sampling(cfg)
-    if cfg.old_logprobs == "sampler":
-        missing = [i for i, s in enumerate(seqs) if s.old_logprobs is None]
-        if missing:
-            raise ValueError(f"rl.old_logprobs='sampler' but {len(missing)} sequence(s) have no old_logprobs "
-                             f"(first: index {missing[0]}, group {seqs[missing[0]].group!r}); use 'auto' or "
-                             "'recompute', or fill them with sequence_logprobs before the update")
-    device, _ = _device_dtype(model)
-    ref_model, ref_ctx = _reference_context(model, ref, cfg.kl_coef)
-    num_seqs = len(seqs)
-    num_tokens = sum(len(s.completion_ids) for s in seqs)
-    sizes = session_sizes([s.session for s in seqs])  # sequences per session, over this whole (local) batch
-    sessions = num_sessions([s.session for s in seqs])
+    _check_sampler_logprobs(seqs, cfg)
+    reference = _reference_context(model, ref, cfg.kl_coef)
     plan = plan_micro_batches([s.length for s in seqs], cfg.micro_batch_tokens)
-    if passes is not None and passes < len(plan):
-        raise ValueError(f"passes={passes} is fewer than the {len(plan)} micro-batches of this batch")
-    work: list[tuple[Sequence[TrainSequence], list[int]]] = [(seqs, rows) for rows in plan]
-    work += [(_PADDING, [0])] * ((passes or 0) - len(plan))
-    norm_seqs, norm_tokens, norm_sessions = totals if totals is not None else (num_seqs, num_tokens, sessions)
-    temperature = cfg.temperature  # the rollout's: policy, old and reference log-probs alike (as verl)
-
-    def agg(x: Tensor, mask: Tensor, items: Sequence[TrainSequence], rows: list[int]) -> Tensor:
-        size = [sizes[i] for i in rows] if items is seqs else [1] * len(rows)
-        return aggregate(x, mask, cfg.loss_agg, num_seqs_total=norm_seqs, num_tokens_total=norm_tokens,
-                         session_size=size, num_sessions_total=norm_sessions)
-
-    tot = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "entropy_sum": 0.0, "clip_sum": 0.0, "approx_kl_sum": 0.0,
-           "ratio_sum": 0.0}
-    ratio_min, ratio_max = math.inf, -math.inf
-    max_diff, diff_sum, diff_tokens, sampler_seqs = 0.0, 0.0, 0, 0
-    gap_sum = 0.0  # sum of sampler - recomputed log-prob over tokens with sampler log-probs (k1 mismatch KL)
-    tis = {"tokens": 0.0, "weight_sum": 0.0, "trunc_sum": 0.0, "ratio_max": -math.inf}
-    finite = True
-    for items, rows in work:
-        padding = items is _PADDING
-        batch = _collate(items, rows, device)
-        mask_f = batch.mask.float()
-        ref_logp = None
-        if ref_model is not None:
-            # a separate reference runs in eval mode (no dropout); the peft policy keeps its mode
-            with torch.no_grad(), ref_ctx(), _mode(ref_model, ref_model.training and ref_model is model):
-                ref_logp = _forward_logprobs(ref_model, batch, temperature)[0].to(device)
-        logp, entropy = _forward_logprobs(model, batch, temperature, with_entropy=True)
-        current = logp.detach()
-        old = current
-        sampler = [items[i].old_logprobs for i in rows]
-        tis_w = None
-        if all(s is not None for s in sampler):
-            sampler_logp = batch.scatter(sampler, device)  # type: ignore[arg-type]
-            diff = ((sampler_logp - current).abs() * mask_f)
-            mb_max = float(diff.max())
-            max_diff = max(max_diff, mb_max)
-            diff_sum += float(diff.sum())
-            gap_sum += float(((sampler_logp - current) * mask_f).sum())
-            diff_tokens += int(batch.mask.sum())
-            verified = cfg.old_logprobs == "auto" and mb_max <= cfg.old_logprob_tol
-            if cfg.old_logprobs == "sampler" or verified:
-                old = sampler_logp
-                sampler_seqs += len(rows)
-            elif cfg.tis_cap is not None and not padding:
-                # old = the trainer's recompute: the PPO ratio no longer sees the sampler, so reweight
-                tis_w, tis_st = truncated_is_weights(current, sampler_logp, batch.mask, cfg.tis_cap)
-                n_mb = float(batch.mask.sum())
-                tis["tokens"] += n_mb
-                tis["weight_sum"] += float(tis_st["weight_mean"]) * n_mb
-                tis["trunc_sum"] += float(tis_st["trunc_frac"]) * n_mb
-                tis["ratio_max"] = max(tis["ratio_max"], float(tis_st["raw_ratio_max"]))
-        adv = torch.tensor([items[i].advantage for i in rows], dtype=torch.float32, device=device)
-        pg_tok, st = clipped_policy_loss(logp, old, adv, batch.mask, cfg.clip_low, cfg.clip_high)
-        if tis_w is not None:
-            pg_tok = pg_tok * tis_w
-        pg = agg(pg_tok, batch.mask, items, rows)
-        loss = pg
-        kl = torch.zeros(())
-        if ref_logp is not None:
-            kl = agg(k3_kl(logp, ref_logp) * mask_f, batch.mask, items, rows)
-            loss = pg + cfg.kl_coef * kl
-        if padding:
+    stats = UpdateStats()
+    for work in _plan_passes(seqs, plan, totals if totals is not None else _batch_counts(seqs), passes):
+        loss, loss_stats = _micro_batch_loss(model, reference, cfg, work, stats)
+        if work.padding:
             loss = loss * 0.0  # the collectives of a real pass, nothing added to the gradient
         if not torch.isfinite(loss):
-            finite = False
+            stats.finite = False
             logger.warning("non-finite policy loss in a micro-batch of %d sequence(s) (groups %s); skipping "
-                           "this update", len(rows), sorted({items[i].group for i in rows})[:5])
+                           "this update", len(work.rows), sorted({s.group for s in work.items})[:5])
             if passes is None:
                 break
         loss.backward()
-        if padding or not finite:
-            continue
-        n_tok = float(st["num_tokens"])
-        tot["loss"] += float(loss.detach())
-        tot["pg_loss"] += float(pg.detach())
-        tot["kl"] += float(kl.detach())
-        assert entropy is not None
-        tot["entropy_sum"] += float((entropy * mask_f).sum())
-        tot["clip_sum"] += float(st["clip_frac"]) * n_tok
-        tot["approx_kl_sum"] += float(st["approx_kl"]) * n_tok
-        tot["ratio_sum"] += float(st["ratio_mean"]) * n_tok
-        ratio_min = min(ratio_min, float(st["ratio_min"]))
-        ratio_max = max(ratio_max, float(st["ratio_max"]))
-
-    if sampler_seqs == num_seqs:
-        source = "sampler"
-    elif sampler_seqs == 0:
-        source = "recomputed"
-    else:
-        source = "mixed"
-    if diff_tokens and max_diff > cfg.old_logprob_tol and cfg.old_logprobs != "sampler":
-        # (in 'sampler' mode a difference is expected: the policy may have moved since sampling)
-        logger.warning("sampler log-probs differ from the recomputed ones by up to %.4g (tolerance %.4g): "
-                       "prompts/tokens not exactly what was sampled, or numeric precision; "
-                       "old log-probs source: %s", max_diff, cfg.old_logprob_tol, source)
-    kinds = {k: sum(1 for s in seqs if s.kind == k) for k in KINDS}
-    return {
-        "loss": tot["loss"] if finite else math.nan,
-        "pg_loss": tot["pg_loss"],
-        "kl": tot["kl"],
-        "entropy": tot["entropy_sum"] / max(num_tokens, 1),
-        "clip_frac": tot["clip_sum"] / max(num_tokens, 1),
-        "approx_kl": tot["approx_kl_sum"] / max(num_tokens, 1),
-        "ratio_mean": tot["ratio_sum"] / max(num_tokens, 1),
-        "ratio_min": ratio_min if ratio_min != math.inf else 1.0,
-        "ratio_max": ratio_max if ratio_max != -math.inf else 1.0,
-        "num_seqs": float(num_seqs),
-        "num_tokens": float(num_tokens),
-        "num_sessions": float(sessions),
-        **{f"num_seqs_{k}": float(v) for k, v in kinds.items()},
-        "num_micro_batches": float(len(plan)),
-        "adv_mean": sum(s.advantage for s in seqs) / max(num_seqs, 1),
-        "adv_abs_mean": sum(abs(s.advantage) for s in seqs) / max(num_seqs, 1),
-        "old_logprob_source": source,
-        "old_logprob_sampler_frac": sampler_seqs / max(num_seqs, 1),
-        "old_logprob_max_diff": max_diff if diff_tokens else math.nan,
-        "old_logprob_mean_diff": diff_sum / diff_tokens if diff_tokens else math.nan,
-        "mismatch_kl": gap_sum / diff_tokens if diff_tokens else math.nan,
-        "tis_frac": tis["tokens"] / max(num_tokens, 1),
-        "tis_weight_mean": tis["weight_sum"] / tis["tokens"] if tis["tokens"] else math.nan,
-        "tis_trunc_frac": tis["trunc_sum"] / tis["tokens"] if tis["tokens"] else math.nan,
-        "tis_ratio_max": tis["ratio_max"] if tis["tokens"] else math.nan,
-        "nonfinite_loss": 0.0 if finite else 1.0,
-    }
+        if stats.finite and not work.padding:
+            stats.add_loss(loss, loss_stats)
+    _warn_sampler_gap(stats, cfg, len(seqs))
+    return stats.finalise(seqs, len(plan))
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
@@ -533,6 +581,54 @@ class _Snapshot:
             optimizer.state[p] = st
 
 
+def _clip_gradients(params: list[torch.nn.Parameter], grad_clip: float | None) -> float:
+    """Clip the gradients' global norm to ``grad_clip`` (None: no clipping); returns the norm before."""
+    max_norm = grad_clip if grad_clip is not None else math.inf
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+    grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP2: a DTensor
+    if not math.isfinite(grad_norm):
+        logger.warning("non-finite gradient norm (%s); skipping this update", grad_norm)
+    return grad_norm
+
+
+def _step_or_undo(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], dp: DistContext | None,
+                  snapshot_max_bytes: int | None) -> bool:
+    """Take the optimizer step, and undo it if it made a weight non-finite; returns whether it was kept."""
+    stepped = [p for p in params if p.grad is not None]
+    snapshot = _Snapshot.take(stepped, optimizer, snapshot_max_bytes)
+    try:
+        optimizer.step()
+        finite = _all_finite(stepped)
+    except RuntimeError as exc:  # torch's own overflow check on a huge lr, after the moments moved
+        if "overflow" not in str(exc):
+            if snapshot is not None:
+                snapshot.restore(optimizer)
+            raise
+        finite = False
+    if dp is not None:  # FSDP2: each rank checked its own shards; all ranks undo (or keep) the step
+        finite = dp.max_int(0 if finite else 1) == 0
+    if finite:
+        return True
+    lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.zero_grad(set_to_none=True)
+    if snapshot is None:
+        size, limit = sum(_nbytes(p) for p in stepped) / 2**30, (snapshot_max_bytes or 0) / 2**30
+        raise NonFiniteParamsError(
+            f"the optimizer step (lr {lr:g}) made some weights non-finite, and no copy was kept to "
+            f"undo it (trainable state above {limit:g} GiB, weights alone {size:.2f} GiB); lower optim.lr")
+    snapshot.restore(optimizer)
+    logger.warning("the optimizer step (lr %g) made some weights non-finite; undone, skipping this update",
+                   lr)
+    return False
+
+
+def _fsdp_passes(seqs: Sequence[TrainSequence], cfg: RLConfig, dp: DistContext | None) -> int | None:
+    """FSDP2: every rank runs as many forward/backward passes as the rank with the most micro-batches."""
+    if dp is None or not dp.fsdp:
+        return None
+    return dp.max_int(len(plan_micro_batches([s.length for s in seqs], cfg.micro_batch_tokens)))
+
+
 def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs: Sequence[TrainSequence],
                   cfg: RLConfig, ref: torch.nn.Module | None = None,
                   scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
@@ -546,81 +642,38 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs
     (exact when this is the first update since sampling: ratio 1, no extra pass); 'sampler' = each sequence's
     ``old_logprobs`` (needed for a second update on the same rollout batch); 'auto' = the sampler's, per
     micro-batch, where all are present and within ``cfg.old_logprob_tol`` of the recomputed ones, else
-    recomputed. ``cfg.tis_cap``: where the old log-probs are the recomputed ones and the sampler's are
-    present, each token's clipped policy-gradient term is weighted by min(exp(recomputed - sampler),
-    tis_cap) (truncated importance sampling for the sampler/trainer mismatch, as verl).
-    Returns floats: loss, pg_loss, kl (k3, before kl_coef), entropy, clip_frac, approx_kl,
-    ratio_mean/min/max, grad_norm (before clipping), lr (the one used), num_seqs, num_tokens, num_sessions,
-    num_seqs_{memory,final,imr,search}, num_micro_batches, adv_mean, adv_abs_mean, old_logprob_sampler_frac,
-    old_logprob_max_diff/mean_diff (nan without sampler log-probs), mismatch_kl (mean sampler - recomputed
-    log-prob: the train/inference gap as a k1 KL estimate; nan without sampler log-probs), tis_frac (share of
-    tokens reweighted by ``cfg.tis_cap``), tis_weight_mean/tis_trunc_frac/tis_ratio_max (nan when none
-    were), skipped_nonfinite (1.0: no step was taken, or it was undone, and the gradients were zeroed),
-    nonfinite_params (1.0: the reason was that the step made a weight non-finite; it was undone from a copy,
-    see SNAPSHOT_MAX_BYTES; without a copy :class:`NonFiniteParamsError` is raised), skipped_empty; and one
-    string, old_logprob_source
-    ('sampler' | 'recomputed' | 'mixed' | 'none'). An empty ``seqs`` (e.g. all groups filtered) takes no
-    step and returns skipped_empty=1.
+    recomputed. ``cfg.tis_cap``: where the old log-probs are recomputed and the sampler's are known, each
+    token's clipped term is weighted by min(exp(recomputed - sampler), tis_cap) (truncated IS, as verl).
+    Returns the stats of ``UpdateStats.finalise`` (but nonfinite_loss), grad_norm (before clipping), lr (the
+    one used), skipped_nonfinite (1.0: no step was taken, or it was undone, and the gradients were zeroed),
+    nonfinite_params (1.0: the step made a weight non-finite and was undone from a copy, see
+    SNAPSHOT_MAX_BYTES; without a copy :class:`NonFiniteParamsError` is raised) and skipped_empty (1.0: an
+    empty ``seqs``, e.g. all groups filtered; no step).
 
     ``dp`` (data-parallel training, ``memtrain.rl.distributed``): ``seqs`` is this rank's share; the loss is
     normalised by the whole batch's totals and the gradients are summed over ranks before clipping, so all
     ranks take the same step (the stats stay this rank's; ``reduce_update_stats`` combines them). Under FSDP2
     every rank runs as many forward/backward passes as the rank with the most micro-batches.
     """
-    params = _optimizer_params(optimizer)
-    lr = float(optimizer.param_groups[0]["lr"])
+    params, lr = _optimizer_params(optimizer), float(optimizer.param_groups[0]["lr"])
     # --- data-parallel (memtrain.rl.distributed): global totals; the step is skipped only if ALL are empty
     totals = dp.totals(seqs) if dp is not None else None
     if (not seqs and dp is None) or (totals is not None and totals[0] == 0):
         return {"loss": 0.0, "num_seqs": 0.0, "num_tokens": 0.0, "skipped_empty": 1.0,
                 "skipped_nonfinite": 0.0, "nonfinite_params": 0.0, "lr": lr, "old_logprob_source": "none"}
-    passes = None
-    if dp is not None and dp.fsdp:
-        passes = dp.max_int(len(plan_micro_batches([s.length for s in seqs], cfg.micro_batch_tokens)))
+    passes = _fsdp_passes(seqs, cfg, dp)
     _warn_low_precision(params, lr)
     optimizer.zero_grad(set_to_none=True)
     with _mode(model, True):
         stats = accumulate_policy_gradients(model, seqs, cfg, ref, totals=totals, passes=passes)
-    grad_norm = math.nan
-    skipped = stats.pop("nonfinite_loss") == 1.0
+    finite = stats.pop("nonfinite_loss") == 0.0
     if dp is not None:  # --- data-parallel: sum the gradients; a non-finite loss on any rank skips everywhere
-        skipped = not dp.reduce_gradients(params, finite=not skipped)
-    if not skipped:
-        max_norm = grad_clip if grad_clip is not None else math.inf
-        norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
-        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP2: a DTensor
-        skipped = not math.isfinite(grad_norm)
-        if skipped:
-            logger.warning("non-finite gradient norm (%s); skipping this update", grad_norm)
-    bad_params = False
-    if not skipped:
-        stepped = [p for p in params if p.grad is not None]
-        snapshot = _Snapshot.take(stepped, optimizer, snapshot_max_bytes)
-        try:
-            optimizer.step()
-            finite = _all_finite(stepped)
-        except RuntimeError as exc:  # torch's own overflow check on a huge lr, after the moments moved
-            if "overflow" not in str(exc):
-                if snapshot is not None:
-                    snapshot.restore(optimizer)
-                raise
-            finite = False
-        if dp is not None:  # FSDP2: each rank checked its own shards; all ranks undo (or keep) the step
-            finite = dp.max_int(0 if finite else 1) == 0
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-            if snapshot is None:
-                size, limit = sum(_nbytes(p) for p in stepped) / 2**30, (snapshot_max_bytes or 0) / 2**30
-                raise NonFiniteParamsError(
-                    f"the optimizer step (lr {lr:g}) made some weights non-finite, and no copy was kept to "
-                    f"undo it (trainable state above {limit:g} GiB, weights alone {size:.2f} GiB); lower "
-                    "optim.lr")
-            snapshot.restore(optimizer)
-            bad_params = skipped = True
-            logger.warning("the optimizer step (lr %g) made some weights non-finite; undone, skipping this "
-                           "update", lr)
-        elif scheduler is not None:
-            scheduler.step()
+        finite = dp.reduce_gradients(params, finite=finite)
+    grad_norm = _clip_gradients(params, grad_clip) if finite else math.nan
+    bad_params = math.isfinite(grad_norm) and not _step_or_undo(optimizer, params, dp, snapshot_max_bytes)
+    skipped = not math.isfinite(grad_norm) or bad_params
+    if not skipped and scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     stats.update(grad_norm=grad_norm, lr=lr, skipped_nonfinite=1.0 if skipped else 0.0,
                  nonfinite_params=1.0 if bad_params else 0.0, skipped_empty=0.0)

@@ -30,7 +30,8 @@ from memtrain.backends.verl import AGENT_NAME, META_KEY, ROW_COLUMN
 from memtrain.config import Config
 from memtrain.engines.base import Completion, GenerationRequest, SamplingParams
 from memtrain.engines.checks import validate_requests
-from memtrain.rl.tasks import Rollout, Task, make_task
+from memtrain.rl.rollout import Rollout, Task
+from memtrain.rl.tasks.registry import make_task
 
 # The task is synchronous; each running session holds one thread while its requests are awaited.
 _EXECUTOR = ThreadPoolExecutor(max_workers=256, thread_name_prefix="memtrain-agent")
@@ -121,26 +122,26 @@ class ServerEngine:
 def rollout_meta(uid: str, session: int, index: int, rollout: Rollout) -> dict[str, Any]:
     """The advantage bookkeeping of one rollout: a step-unique rollout id, its group and reward.
 
-    E2E (and search) rollouts of a row share their task group across the row's sessions; an IMR group is the
-    G2 answers to one session's own IMR prompt, so it is scoped to the session.
+    A primary group (E2E, search) spans the row's sessions; a secondary one (IMR: the G2 answers to one
+    session's own IMR prompt) is scoped to its session (``memtrain.rl.rollout.GroupKind``).
     """
-    group = f"{uid}/{session}/{rollout.group}" if rollout.kind == "imr" else f"{uid}/{rollout.group}"
+    group = f"{uid}/{rollout.group}" if rollout.primary else f"{uid}/{session}/{rollout.group}"
     return {"rollout": f"{uid}/{session}/{index}", "group": group, "reward": float(rollout.reward),
-            "kind": rollout.kind}
+            "kind": rollout.kind.name}
 
 
 def rollout_outputs(rollouts: list[Rollout], uid: str, session: int, seconds: float,
                     counters: dict[str, float] | None = None,
                     weight_steps: dict[str, int] | None = None) -> list[AgentLoopOutput]:
-    """One output per turn of ``rollouts``; the primary (non-IMR) rollout's final turn last, carrying R_E and,
+    """One output per turn of ``rollouts``; the primary rollout's final turn last, carrying R_E and,
     as verl's ``reward_extra_info``, the rollout's metrics and the task's ``counters``. ``weight_steps``
     (min/max_global_steps of the policy versions that generated the session) go to every output: verl's
     staleness bookkeeping reads them."""
-    primary = [r for r in rollouts if r.kind != "imr"]
+    primary = [r for r in rollouts if r.primary]
     if len(primary) != 1:
-        raise RuntimeError(f"a verl session expects exactly one trajectory rollout from the task, got "
-                           f"{len(primary)} (kinds: {[r.kind for r in rollouts]})")
-    ordered = [r for r in rollouts if r.kind == "imr"] + primary
+        raise RuntimeError(f"a verl session expects exactly one rollout of a primary group from the task, "
+                           f"got {len(primary)} (kinds: {[r.kind.name for r in rollouts]})")
+    ordered = [r for r in rollouts if not r.primary] + primary
     outputs = []
     for index, rollout in enumerate(ordered):
         meta = rollout_meta(uid, session, index, rollout)

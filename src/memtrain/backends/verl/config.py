@@ -22,6 +22,9 @@ import yaml
 
 from memtrain.backends.verl import AGENT_NAME, CONFIG_SECTION, ESTIMATOR_NAME, PLUGIN_MODULE, TRAINER_MODE
 from memtrain.config import Config
+from memtrain.errors import UserError
+from memtrain.rl.rollout import SessionShape
+from memtrain.rl.tasks.registry import task_class
 from memtrain.rl.update import check_trainable_sampling
 
 CONFIG_NAME = "memtrain_ppo"
@@ -64,33 +67,6 @@ class RunPaths:
         return self.out_dir / "tensorboard"
 
 
-def rows_per_session(config: Config) -> int:
-    """Most outputs one session (one of the rollout.n runs of a row) can return: its model calls."""
-    if config.train.task == "searchqa":
-        steps = config.search.max_turns
-    elif config.agent.max_chunks is None:
-        raise ValueError("agent.max_chunks is null (read every chunk): the verl backend sizes its batches by "
-                         "the most model calls per session, so training with it needs a number (paper: 8)")
-    else:
-        steps = config.agent.max_chunks + 1
-    imr = config.rl.imr_group_size if config.train.task == "proxy" and config.rl.imr else 0
-    return steps + imr
-
-
-def prompt_tokens(config: Config) -> int:
-    """The longest prompt the agent renders: instruction + problem + chunk (or search results) + memory."""
-    body = config.search.results_tokens if config.train.task == "searchqa" else config.agent.chunk_tokens
-    return config.agent.instruction_tokens + body + config.agent.memory_tokens
-
-
-def response_tokens(config: Config) -> int:
-    """The longest completion: a memory, an answer or a search reply."""
-    caps = [config.agent.memory_tokens, config.agent.answer_tokens]
-    if config.train.task == "searchqa":
-        caps.append(config.search.response_tokens)
-    return max(caps)
-
-
 def _escape(value: Any) -> Any:
     """Strings with ``${`` would be read as OmegaConf interpolations; escape them (nested)."""
     if isinstance(value, str):
@@ -109,36 +85,35 @@ def agent_loop_entries(config: Config) -> list[dict[str, Any]]:
              "_recursive_": False, "memtrain_config": _escape(config.model_dump(mode="json"))}]
 
 
+def check_verl_run(config: Config, num_rows: int) -> SessionShape:
+    """Refuse what the verl backend cannot run as asked, naming the setting; returns the task's session
+    shape (``train.task``), by which verl sizes its sequences and mini-batches."""
+    cfg_rl, cfg_t, cfg_v = config.rl, config.train, config.verl
+    check_trainable_sampling(cfg_rl)  # verl's actor cannot reproduce top-p truncation either
+    if cfg_rl.loss_agg not in LOSS_AGG:
+        raise UserError(f"rl.loss_agg={cfg_rl.loss_agg}: the verl backend offers "
+                        f"{', '.join(LOSS_AGG)} (verl's loss_agg_mode has no per-session weighting); use "
+                        "one of them or the native trainer")
+    if num_rows < cfg_t.batch_size:
+        raise UserError(f"the dataset has {num_rows} rows, fewer than train.batch_size={cfg_t.batch_size}: "
+                        "verl drops incomplete batches, so no step could run")
+    sessions, gpus = cfg_t.batch_size * cfg_rl.group_size, cfg_v.nnodes * cfg_v.gpus_per_node
+    if sessions % gpus:
+        raise UserError(f"train.batch_size * rl.group_size = {sessions} sessions must be divisible by the "
+                        f"{gpus} GPUs (verl.nnodes * verl.gpus_per_node), verl's data-parallel split")
+    shape = task_class(config.train.task).session_shape(config)
+    if cfg_v.max_tokens_per_gpu < shape.prompt_tokens + shape.response_tokens:
+        raise UserError(f"verl.max_tokens_per_gpu={cfg_v.max_tokens_per_gpu} is below one whole sequence "
+                        f"({shape.prompt_tokens} prompt + {shape.response_tokens} response tokens); "
+                        "raise it")
+    return shape
+
+
 def render_verl_config(config: Config, paths: RunPaths, model_path: str, num_rows: int,
                        resume: bool = False) -> dict[str, Any]:
     """The primary verl config (a nested dict) for ``config``; ``num_rows`` sizes the epochs."""
-    cfg_rl, cfg_t, cfg_o, cfg_v = config.rl, config.train, config.optim, config.verl
-    check_trainable_sampling(cfg_rl)  # verl's actor cannot reproduce top-p truncation either
-    if cfg_rl.loss_agg not in LOSS_AGG:
-        raise ValueError(f"rl.loss_agg={cfg_rl.loss_agg}: the verl backend offers "
-                         f"{', '.join(LOSS_AGG)} (verl's loss_agg_mode has no per-session weighting); use "
-                         "one of them or the native trainer")
-    if num_rows < cfg_t.batch_size:
-        raise ValueError(f"the dataset has {num_rows} rows, fewer than train.batch_size={cfg_t.batch_size}: "
-                         "verl drops incomplete batches, so no step could run")
-    sessions, gpus = cfg_t.batch_size * cfg_rl.group_size, cfg_v.nnodes * cfg_v.gpus_per_node
-    if sessions % gpus:
-        raise ValueError(f"train.batch_size * rl.group_size = {sessions} sessions must be divisible by the "
-                         f"{gpus} GPUs (verl.nnodes * verl.gpus_per_node), verl's data-parallel split")
-    prompt_len, response_len = prompt_tokens(config), response_tokens(config)
-    if cfg_v.max_tokens_per_gpu < prompt_len + response_len:
-        raise ValueError(f"verl.max_tokens_per_gpu={cfg_v.max_tokens_per_gpu} is below one whole sequence "
-                         f"({prompt_len} prompt + {response_len} response tokens); raise it")
-    # one optimizer step per batch (paper): a mini-batch holds every output of the step; verl counts
-    # ppo_mini_batch_size in prompts and multiplies it by rollout.n
-    mini_batch = cfg_t.batch_size * rows_per_session(config)
-    steps_per_epoch = num_rows // cfg_t.batch_size
-    lora = config.model.lora
-    model: dict[str, Any] = {"path": model_path,
-                             "enable_gradient_checkpointing": config.model.gradient_checkpointing,
-                             "use_remove_padding": True}
-    if lora is not None:
-        model.update(lora_rank=lora.rank, lora_alpha=lora.alpha, target_modules=lora.target_modules)
+    shape = check_verl_run(config, num_rows)
+    cfg_rl = config.rl
     # the DAPO filter itself (per E2E group and per IMR group) is memtrain_sync's; verl's filter_groups drops
     # whole rows by their E2E rewards and refills the batch: only the refill of rl.fill_filtered_batches
     refill = cfg_rl.dynamic_filter and cfg_rl.fill_filtered_batches
@@ -154,86 +129,116 @@ def render_verl_config(config: Config, paths: RunPaths, model_path: str, num_row
             "filter_groups": {"enable": refill, "metric": "reward"},
         },
         CONFIG_SECTION: {"dynamic_filter": cfg_rl.dynamic_filter},
-        "data": {
-            "train_files": [str(paths.train_file)],
-            "val_files": [str(paths.train_file)],  # required by verl; validation is off (test_freq -1)
-            "prompt_key": "prompt",
-            "max_prompt_length": prompt_len,
-            "max_response_length": response_len,
-            "train_batch_size": cfg_t.batch_size,
-            "shuffle": config.data.shuffle,
-            "seed": cfg_t.seed,
-            "filter_overlong_prompts": False,
-            "truncation": "error",
-            "return_raw_chat": True,
-        },
+        "data": _data(config, paths, shape),
         "actor_rollout_ref": {
-            "model": model,
-            "actor": {
-                "ppo_mini_batch_size": mini_batch,
-                "ppo_epochs": 1,
-                "use_dynamic_bsz": True,
-                "ppo_max_token_len_per_gpu": cfg_v.max_tokens_per_gpu,
-                "clip_ratio_low": cfg_rl.clip_low,
-                "clip_ratio_high": cfg_rl.clip_high,
-                "loss_agg_mode": LOSS_AGG[cfg_rl.loss_agg],
-                "use_kl_loss": cfg_rl.kl_coef > 0,
-                "kl_loss_coef": cfg_rl.kl_coef,
-                "kl_loss_type": "low_var_kl",
-                "entropy_coeff": 0.0,
-                "grad_clip": cfg_o.grad_clip,
-                "data_loader_seed": cfg_t.seed,
-                "optim": {
-                    "lr": cfg_o.lr,
-                    "lr_warmup_steps": cfg_o.warmup_steps,
-                    "lr_scheduler_type": "constant",
-                    "weight_decay": cfg_o.weight_decay,
-                    "betas": list(cfg_o.betas),
-                    "clip_grad": cfg_o.grad_clip,
-                    "override_optimizer_config": {"eps": cfg_o.eps},
-                },
-                "fsdp_config": {"param_offload": cfg_v.param_offload,
-                                "optimizer_offload": cfg_v.optimizer_offload},
-            },
-            "ref": {"fsdp_config": {"param_offload": cfg_v.param_offload}},
-            "rollout": {
-                "name": cfg_v.rollout,
-                "mode": "async",
-                "n": cfg_rl.group_size,
-                "temperature": cfg_rl.temperature,
-                "top_p": cfg_rl.top_p,
-                "top_k": -1,
-                "prompt_length": prompt_len,
-                "response_length": response_len,
-                "max_model_len": prompt_len + response_len,
-                "tensor_model_parallel_size": cfg_v.tensor_parallel,
-                "gpu_memory_utilization": cfg_v.gpu_memory_utilization,
-                "calculate_log_probs": True,
-                "agent": {"default_agent_loop": AGENT_NAME, "num_workers": cfg_v.agent_workers,
-                          "agent_loop_config_path": str(paths.agent_loop_file)},
-                "val_kwargs": {"n": 1, "temperature": 0, "top_p": 1.0, "top_k": -1, "do_sample": False},
-            },
+            "model": _model(config, model_path),
+            "actor": _actor(config, shape),
+            "ref": {"fsdp_config": {"param_offload": config.verl.param_offload}},
+            "rollout": _rollout(config, paths, shape),
         },
         "critic": {"enable": False},
-        "trainer": {
-            "project_name": "memtrain",
-            "experiment_name": paths.out_dir.name,
-            "logger": ["console", "file"] + (["tensorboard"] if cfg_t.tensorboard else []),
-            "nnodes": cfg_v.nnodes,
-            "n_gpus_per_node": cfg_v.gpus_per_node,
-            "total_training_steps": cfg_t.steps,
-            "total_epochs": math.ceil(cfg_t.steps / steps_per_epoch),
-            "save_freq": cfg_t.checkpoint_every,
-            "max_actor_ckpt_to_keep": cfg_t.keep_last,
-            "default_local_dir": str(paths.checkpoints),
-            "resume_mode": "auto" if resume else "disable",
-            "val_before_train": False,
-            "test_freq": -1,
-            "critic_warmup": 0,
-            "use_v1": True,
-            "v1": {"trainer_mode": TRAINER_MODE},
-        },
+        "trainer": _trainer(config, paths, num_rows, resume),
         "ray_kwargs": {"ray_init": {"runtime_env": {"env_vars": env}}},
+    }
+
+
+def _data(config: Config, paths: RunPaths, shape: SessionShape) -> dict[str, Any]:
+    return {
+        "train_files": [str(paths.train_file)],
+        "val_files": [str(paths.train_file)],  # required by verl; validation is off (test_freq -1)
+        "prompt_key": "prompt",
+        "max_prompt_length": shape.prompt_tokens,
+        "max_response_length": shape.response_tokens,
+        "train_batch_size": config.train.batch_size,
+        "shuffle": config.data.shuffle,
+        "seed": config.train.seed,
+        "filter_overlong_prompts": False,
+        "truncation": "error",
+        "return_raw_chat": True,
+    }
+
+
+def _model(config: Config, model_path: str) -> dict[str, Any]:
+    model: dict[str, Any] = {"path": model_path,
+                             "enable_gradient_checkpointing": config.model.gradient_checkpointing,
+                             "use_remove_padding": True}
+    lora = config.model.lora
+    if lora is not None:
+        model.update(lora_rank=lora.rank, lora_alpha=lora.alpha, target_modules=lora.target_modules)
+    return model
+
+
+def _actor(config: Config, shape: SessionShape) -> dict[str, Any]:
+    cfg_rl, cfg_o, cfg_v = config.rl, config.optim, config.verl
+    return {
+        # one optimizer step per batch (paper): a mini-batch holds every output of the step; verl counts
+        # ppo_mini_batch_size in prompts and multiplies it by rollout.n
+        "ppo_mini_batch_size": config.train.batch_size * shape.calls,
+        "ppo_epochs": 1,
+        "use_dynamic_bsz": True,
+        "ppo_max_token_len_per_gpu": cfg_v.max_tokens_per_gpu,
+        "clip_ratio_low": cfg_rl.clip_low,
+        "clip_ratio_high": cfg_rl.clip_high,
+        "loss_agg_mode": LOSS_AGG[cfg_rl.loss_agg],
+        "use_kl_loss": cfg_rl.kl_coef > 0,
+        "kl_loss_coef": cfg_rl.kl_coef,
+        "kl_loss_type": "low_var_kl",
+        "entropy_coeff": 0.0,
+        "grad_clip": cfg_o.grad_clip,
+        "data_loader_seed": config.train.seed,
+        "optim": {
+            "lr": cfg_o.lr,
+            "lr_warmup_steps": cfg_o.warmup_steps,
+            "lr_scheduler_type": "constant",
+            "weight_decay": cfg_o.weight_decay,
+            "betas": list(cfg_o.betas),
+            "clip_grad": cfg_o.grad_clip,
+            "override_optimizer_config": {"eps": cfg_o.eps},
+        },
+        "fsdp_config": {"param_offload": cfg_v.param_offload, "optimizer_offload": cfg_v.optimizer_offload},
+    }
+
+
+def _rollout(config: Config, paths: RunPaths, shape: SessionShape) -> dict[str, Any]:
+    cfg_rl, cfg_v = config.rl, config.verl
+    return {
+        "name": cfg_v.rollout,
+        "mode": "async",
+        "n": cfg_rl.group_size,
+        "temperature": cfg_rl.temperature,
+        "top_p": cfg_rl.top_p,
+        "top_k": -1,
+        "prompt_length": shape.prompt_tokens,
+        "response_length": shape.response_tokens,
+        "max_model_len": shape.prompt_tokens + shape.response_tokens,
+        "tensor_model_parallel_size": cfg_v.tensor_parallel,
+        "gpu_memory_utilization": cfg_v.gpu_memory_utilization,
+        "calculate_log_probs": True,
+        "agent": {"default_agent_loop": AGENT_NAME, "num_workers": cfg_v.agent_workers,
+                  "agent_loop_config_path": str(paths.agent_loop_file)},
+        "val_kwargs": {"n": 1, "temperature": 0, "top_p": 1.0, "top_k": -1, "do_sample": False},
+    }
+
+
+def _trainer(config: Config, paths: RunPaths, num_rows: int, resume: bool) -> dict[str, Any]:
+    cfg_t, cfg_v = config.train, config.verl
+    return {
+        "project_name": "memtrain",
+        "experiment_name": paths.out_dir.name,
+        "logger": ["console", "file"] + (["tensorboard"] if cfg_t.tensorboard else []),
+        "nnodes": cfg_v.nnodes,
+        "n_gpus_per_node": cfg_v.gpus_per_node,
+        "total_training_steps": cfg_t.steps,
+        "total_epochs": math.ceil(cfg_t.steps / (num_rows // cfg_t.batch_size)),
+        "save_freq": cfg_t.checkpoint_every,
+        "max_actor_ckpt_to_keep": cfg_t.keep_last,
+        "default_local_dir": str(paths.checkpoints),
+        "resume_mode": "auto" if resume else "disable",
+        "val_before_train": False,
+        "test_freq": -1,
+        "critic_warmup": 0,
+        "use_v1": True,
+        "v1": {"trainer_mode": TRAINER_MODE},
     }
 
 
@@ -263,8 +268,8 @@ def compose_verl_config(paths: RunPaths, overrides: Sequence[str] = ()) -> Any:
             cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides))
         validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     except (HydraException, OmegaConfBaseException, AssertionError, ValueError, TypeError) as exc:
-        raise ValueError(f"verl rejected the rendered config {paths.config_file} "
-                         f"(overrides: {list(overrides)}): {exc}") from exc
+        raise UserError(f"verl rejected the rendered config {paths.config_file} "
+                        f"(overrides: {list(overrides)}): {exc}") from exc
     finally:
         GlobalHydra.instance().clear()
     return cfg

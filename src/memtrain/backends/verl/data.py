@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memtrain.backends.verl import AGENT_NAME, ROW_COLUMN
+from memtrain.errors import UserError
 
 SCHEMA = pa.schema([
     ("data_source", pa.string()),
@@ -30,13 +31,14 @@ SCHEMA = pa.schema([
 
 
 def verl_rows(rows: Sequence[dict[str, Any]], task: str) -> list[dict[str, Any]]:
-    """verl dataset rows for memtrain ``rows`` of ``task`` (checked by ``memtrain.rl.tasks.check_rows``)."""
+    """verl dataset rows for memtrain ``rows`` of ``task`` (checked by
+    ``memtrain.rl.tasks.registry.check_rows``)."""
     out = []
     for i, row in enumerate(rows):
         try:
             payload = json.dumps(row, ensure_ascii=False)
         except TypeError as exc:
-            raise ValueError(f"row {i} (id {row.get('id')!r}) is not JSON-serialisable: {exc}") from None
+            raise UserError(f"row {i} (id {row.get('id')!r}) is not JSON-serialisable: {exc}") from None
         out.append({
             "data_source": f"memtrain/{task}",
             "prompt": [{"role": "user", "content": str(row["question"])}],

@@ -8,7 +8,7 @@ group it belongs to. So:
 - :func:`joint_advantages` is the pure part: given each output's rollout id, group and reward (written by the
   agent loop into ``extra_fields["memtrain"]``), it computes ``memtrain.rl.core.group_advantages`` over the
   rollouts (each counted once, however many outputs it has) and broadcasts each rollout's advantage to its
-  outputs - exactly what the native trainer does (``memtrain.rl.trainer.score_groups``).
+  outputs - exactly what the native trainer does (``memtrain.rl.rollout.score_groups``).
 - ``memtrain_joint`` is registered with ``register_adv_est``; it reads the per-output metadata of the batch
   being processed from :data:`_ROWS`.
 - ``memtrain_sync`` (``register_trainer``) is verl's synchronous v1 trainer whose ``_compute_advantage``
@@ -94,7 +94,7 @@ def joint_advantages(metas: Sequence[RowMeta | None], std_norm: bool = False) ->
 
 def kept_outputs(metas: Sequence[RowMeta | None], dynamic_filter: bool) -> list[bool]:
     """Which outputs train (False for ``None``, a padding row): all of them, or with ``dynamic_filter``
-    (DAPO, as ``memtrain.rl.trainer.score_groups``) those whose rollout's group has unequal rewards - an E2E
+    (DAPO, as ``memtrain.rl.rollout.score_groups``) those whose rollout's group has unequal rewards - an E2E
     group and each IMR group decided on its own, each rollout counted once."""
     rollouts = _rollouts(metas)
     if not dynamic_filter or not rollouts:

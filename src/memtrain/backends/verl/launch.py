@@ -19,6 +19,7 @@ from memtrain.backends.verl import PLUGIN_MODULE
 from memtrain.backends.verl.config import RunPaths, compose_verl_config, render_verl_config, write_run_files
 from memtrain.backends.verl.data import write_verl_dataset
 from memtrain.config import Config, load_config, save_config
+from memtrain.errors import UserError
 from memtrain.log import logger
 
 CONFIG_FILE = "config.yaml"
@@ -27,10 +28,10 @@ CONFIG_FILE = "config.yaml"
 def require_verl() -> None:
     """Fail with the install instructions when verl is not importable here."""
     if importlib.util.find_spec("verl") is None:
-        raise ValueError("--backend verl needs verl, which is not installed in this environment. verl pins "
-                         "transformers<5.11, so give it its own environment: python -m venv .venv-verl && "
-                         ".venv-verl/bin/pip install -e '.[verl]' plus verl's GPU stack, e.g. "
-                         "'verl[vllm]==0.9.1' (docs/verl.md)")
+        raise UserError("--backend verl needs verl, which is not installed in this environment. verl pins "
+                        "transformers<5.11, so give it its own environment: python -m venv .venv-verl && "
+                        ".venv-verl/bin/pip install -e '.[verl]' plus verl's GPU stack, e.g. "
+                        "'verl[vllm]==0.9.1' (docs/verl.md)")
 
 
 def prepare_run_dir(out_dir: Path, config: Config, resume: bool) -> None:
@@ -47,8 +48,8 @@ def prepare_run_dir(out_dir: Path, config: Config, resume: bool) -> None:
     if holds_run:
         diffs = config_differences(load_config(out_dir / CONFIG_FILE), config)
         if diffs:
-            raise ValueError(f"cannot resume {out_dir}: the config differs from the run's in "
-                             f"{'; '.join(diffs)}")
+            raise UserError(f"cannot resume {out_dir}: the config differs from the run's in "
+                            f"{'; '.join(diffs)}")
 
 
 def verl_command(paths: RunPaths, overrides: Sequence[str]) -> list[str]:
@@ -68,11 +69,11 @@ def run(config: Config, out_dir: str | Path, overrides: Sequence[str] = (), resu
     from memtrain.assets import resolve
     from memtrain.data.dataset import load_rows
     from memtrain.models import load_tokenizer
-    from memtrain.rl.tasks import check_rows, make_task
+    from memtrain.rl.tasks.registry import check_rows, make_task
 
     require_verl()
     if not config.data.path:
-        raise ValueError("data.path is empty: set it to a dataset directory built by `memtrain data ...`")
+        raise UserError("data.path is empty: set it to a dataset directory built by `memtrain data ...`")
     paths = RunPaths(Path(out_dir).resolve())
     prepare_run_dir(paths.out_dir, config, resume)
     rows = load_rows(config.data.path)

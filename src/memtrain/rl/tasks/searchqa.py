@@ -10,18 +10,16 @@ next to the reward, so the reward metric is never confused with the evaluation o
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from memtrain.agent.search import SearchAgent, SearchAgentConfig, SearchEpisode
 from memtrain.config import Config
 from memtrain.engines.base import Engine, SamplingParams
+from memtrain.errors import UserError
 from memtrain.retrieval.service import SearchBackend, open_retriever
+from memtrain.rl.rollout import SEARCH, Rollout, SessionShape
+from memtrain.rl.tasks.registry import register_task
 from memtrain.scoring import METRICS
-
-if TYPE_CHECKING:
-    from memtrain.rl.tasks import Rollout
-
-REWARD = "em"  # mean over objectives
 
 
 def episode_metrics(ep: SearchEpisode) -> dict[str, float]:
@@ -34,18 +32,18 @@ def episode_metrics(ep: SearchEpisode) -> dict[str, float]:
     return out
 
 
+@register_task("searchqa")
 class SearchQATask:
     """Multi-objective search QA with the search agent; reward = mean EM over objectives (by default), 0 for
     malformed or unanswered episodes."""
 
-    name = "searchqa"
     required_fields = ("id", "question", "objective_answers")
 
     def __init__(self, config: Config, tokenizer: Any, backend: SearchBackend | None = None) -> None:
         if backend is None and not config.search.retriever:
-            raise ValueError("train.task=searchqa needs search.retriever: the URL of `memtrain "
-                             "serve-retriever`, an index directory or a corpus JSONL "
-                             "(e.g. search.retriever=http://127.0.0.1:8001)")
+            raise UserError("train.task=searchqa needs search.retriever: the URL of `memtrain "
+                            "serve-retriever`, an index directory or a corpus JSONL "
+                            "(e.g. search.retriever=http://127.0.0.1:8001)")
         self.config = config
         self.tokenizer = tokenizer
         self.reward_metric = config.rl.reward_metric or "em"
@@ -62,8 +60,6 @@ class SearchQATask:
 
     def rollout(self, samples: list[dict], engine: Engine, params: SamplingParams, group_size: int,
                 rng: random.Random) -> tuple[list[Rollout], dict[str, float]]:
-        from memtrain.rl.tasks import Rollout
-
         agent = SearchAgent(engine, self.tokenizer, self.backend, self.agent_config)
         episodes = agent.run(samples, params, n=group_size)
         out = []
@@ -71,9 +67,22 @@ class SearchQATask:
             sample = samples[ep.sample_index]
             reward = float(ep.scores.get(self.reward_metric, 0.0)) if ep.outcome == "answer" else 0.0
             out.append(Rollout(
-                group=f"{ep.sample_id}/search", reward=reward, turns=list(ep.turns), kind="search",
+                group=SEARCH.group_id(ep.sample_id), reward=reward, turns=list(ep.turns), kind=SEARCH,
                 metrics=episode_metrics(ep),
                 record={"sample_id": ep.sample_id, "question": sample["question"],
                         "gold": sample["objective_answers"], "outcome": ep.outcome, "reason": ep.reason,
                         "trace": ep.trace(), "answer": ep.answer, "scores": ep.scores, "reward": reward}))
         return out, {f"search_{k}": float(v) for k, v in agent.stats.items()}
+
+    @classmethod
+    def session_shape(cls, config: Config) -> SessionShape:
+        """One model call per turn; prompts of instruction + search results + memory, completions of a memory
+        with a query or an answer."""
+        a, s = config.agent, config.search
+        return SessionShape(s.max_turns, a.instruction_tokens + s.results_tokens + a.memory_tokens,
+                            max(a.memory_tokens, a.answer_tokens, s.response_tokens))
+
+    @classmethod
+    def check_budgets(cls, config: Config) -> None:
+        """Nothing to check before loading: a search turn's prompt is bounded by the ``search.*`` caps, not
+        by the memory agent's chunk budgets, and the engine enforces the model's limit."""

@@ -1,0 +1,57 @@
+"""A task defined here, and nowhere else, trains through the real trainer: registration is all it takes."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from memtrain.engines.base import Engine, SamplingParams
+from memtrain.io import read_jsonl
+from memtrain.rl.rollout import GroupKind, Rollout
+from memtrain.rl.tasks.memory import MemoryAgentTask, agent_counters, trajectory_metrics
+from memtrain.rl.tasks.registry import TASKS, register_task
+from memtrain.rl.trainer import train
+from train_helpers import tiny_config, write_proxy_dataset
+
+CONTAINS = GroupKind("contains", primary=True)  # a kind of its own: its metrics are contains_*
+
+
+@register_task("contains_token")
+class ContainsTokenTask(MemoryAgentTask):
+    """The memory agent, rewarded by whether its final answer contains a token whose id is a multiple of 3
+    (a reward the samples of a random-weight model differ in, so the update has a gradient)."""
+
+    required_fields = ("id", "context", "question", "answers")
+
+    def rollout(self, samples: list[dict], engine: Engine, params: SamplingParams, group_size: int,
+                rng: random.Random) -> tuple[list[Rollout], dict[str, float]]:
+        agent = self.agent(engine, samples)
+        out = []
+        for traj in agent.run(samples, params, n=group_size):
+            reward = float(any(t % 3 == 0 for t in traj.final_turn.completion_ids))
+            out.append(Rollout(CONTAINS.group_id(traj.sample_id), reward, list(traj.turns), CONTAINS,
+                               metrics=trajectory_metrics(traj, self.reward_metric),
+                               record={"sample_id": traj.sample_id, "answer": traj.answer, "reward": reward}))
+        return out, agent_counters(agent)
+
+
+def test_a_task_registered_in_a_test_file_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
+    assert TASKS["contains_token"] is ContainsTokenTask and ContainsTokenTask.name == "contains_token"
+    data = write_proxy_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    config = tiny_config(tiny_model_dir, data, ["train.task=contains_token", "rl.group_size=4",
+                                                "agent.answer_tokens=2", "train.tensorboard=false",
+                                                "train.checkpoint_every=2"])
+    train(config, run)
+
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["contains_reward"] is not None and r["e2e_reward"] is None for r in rows)
+    assert any(r["filtered_groups"] < r["groups"] and r["num_seqs"] > 0 for r in rows)  # a real update
+    samples = read_jsonl(run / "samples.jsonl")
+    assert samples and {s["kind"] for s in samples} == {"contains"}
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    trained = load_file(str(run / "checkpoints" / "step_000002" / "model.safetensors"))
+    assert max(float((trained[k] - initial[k]).abs().max()) for k in initial) > 0
