@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The demo runs on the fastest engine that installs: vLLM in its own environment (docs/vllm.md), else the
+# HF engine in .venv (scripts/demo.sh says which one ran).
 demo: venv
 	$(BIN)/memtrain assets fetch
+	$(MAKE) venv-vllm || echo "demo: the vLLM environment did not install (see above); using the HF engine"
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 test: venv
