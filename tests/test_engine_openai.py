@@ -93,6 +93,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, code: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        self._finish_request()  # before the first byte: once the client has the reply it may send the next
         data = json.dumps(payload).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -118,6 +119,7 @@ class Handler(BaseHTTPRequestHandler):
             fault = fake.faults.pop(0) if fake.faults else None
             fake.inflight += 1
             fake.max_inflight = max(fake.max_inflight, fake.inflight)
+        self._in_flight = True
         try:
             if fault == "drop":
                 self.close_connection = True
@@ -149,6 +151,13 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._send(200, fake.completions(body))
         finally:
+            self._finish_request()
+
+    def _finish_request(self) -> None:
+        """A POST stops counting as in flight when its reply starts (or when it is dropped)."""
+        if getattr(self, "_in_flight", False):
+            self._in_flight = False
+            fake: FakeServer = self.server.fake
             with fake.lock:
                 fake.inflight -= 1
 
