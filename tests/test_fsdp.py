@@ -24,6 +24,7 @@ from test_distributed import (
     _free_port,
     assert_same_run,
     join_as_rank,
+    leave_group,
     train_then_resume,
 )
 from test_rl_update import _grads, _load, _random_seqs
@@ -53,7 +54,6 @@ def _worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, out
             report: str) -> None:
     join_as_rank(rank, world, port)
     from memtrain.rl import update
-    from memtrain.rl.distributed import shutdown
 
     TASKS["proxy"] = UnevenRolloutTask
     seen: list[dict[str, Any]] = []
@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, out
     train_then_resume(model_dir, data_dir, out_dir, FSDP)
     done = {"updates": seen, "generated": UnevenRolloutTask.generated}
     Path(f"{report}.{rank}").write_text(json.dumps(done), encoding="utf-8")
-    shutdown()
+    leave_group()
 
 
 def test_fsdp2_takes_the_same_steps_as_one_process(tiny_model_dir: Path, tmp_path: Path,
