@@ -21,6 +21,7 @@ from memtrain.eval.report import EXAMPLES, PLOT, SUMMARY, TABLE
 from memtrain.eval.stats import bootstrap_ci, paired_difference_ci
 from memtrain.io import read_jsonl
 from memtrain.prompts import parse
+from memtrain.scoring import contains_answer
 from train_helpers import config_yaml, tiny_config, write_proxy_dataset
 
 N_DOCS = 6
@@ -96,6 +97,14 @@ def test_two_models_get_the_same_prompts_and_imr_questions(proxy_set: Path, tmp_
     assert empty and len(imr_b) == N_DOCS - len(empty) and len(imr_a) == N_DOCS
     assert all(r["imr"]["prediction"] is None and set(r["imr"]["metrics"].values()) == {0.0} for r in empty)
     assert sa["imr"]["n"] == sb["imr"]["n"] == N_DOCS and sb["imr"]["memory_empty"] == len(empty)
+    # what each memory kept: the label inside the memory asked from (alpha keeps a chunk's first 3 words)
+    for run, summary in ((ra, sa), (rb, sb)):
+        kept = [r["imr"]["in_memory"] for r in run.values()]
+        assert kept == [float(contains_answer(r["memories"][r["imr"]["step_k"]], r["imr"]["label"]))
+                        for r in run.values()]
+        assert summary["imr"]["in_memory"]["mean"] == pytest.approx(sum(kept) / N_DOCS)
+    assert all(r["imr"]["in_memory"] == 0.0 for r in empty)
+    assert 0 < sum(r["imr"]["in_memory"] for r in ra.values()) < N_DOCS  # the test can tell both cases
     assert sa["imr"]["metrics"]["strict_em"]["mean"] == pytest.approx(
         sum(r["imr"]["label"] == "Paris" for r in ra.values()) / N_DOCS)
     # E2E: A always answers France (right for doc0, doc4), B never right
@@ -220,6 +229,7 @@ def test_report_shows_the_paired_difference(proxy_set: Path, tmp_path: Path, tok
     row = next(line for line in text.splitlines() if line.startswith("| E2E strict_em |"))
     assert row.endswith(f"| +33.33 [{100 * diff.lo:.2f}, {100 * diff.hi:.2f}] |")
     assert "| IMR f1 |" in text and "paired over 6 matched documents" in text
+    assert re.search(r"^\| IMR label in memory \| [\d.]+ \[.*\] \| [+-][\d.]+ \[", text, re.M)
     assert "6 of them the same question (k, l, entity)" in text
     assert (tmp_path / "cmp.md").read_text() == text
     assert main(["report", str(base), str(trained), "--metric", "em"]) == 0

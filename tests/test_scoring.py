@@ -9,6 +9,7 @@ import pytest
 from memtrain.scoring import (
     METRICS,
     REWARD_METRIC,
+    contains_answer,
     extract_answer,
     extract_boxed,
     normalize_answer,
@@ -243,3 +244,11 @@ def test_score_multi_rejects_bare_string() -> None:
 )
 def test_score_multi(prediction: str, golds: list[list[str]], sep: str, expected: dict[str, float]) -> None:
     assert score_multi(prediction, golds, sep=sep) == pytest.approx(expected)
+
+
+def test_contains_answer_applies_the_sub_em_test_to_any_text() -> None:
+    memory = "Laplace built on the work of Isaac Newton; the Mécanique céleste (1799-1825)."
+    assert contains_answer(memory, "isaac newton") and contains_answer(memory, ["Gauss", "Newton"])
+    assert not contains_answer(memory, "Newton, Isaac")  # in order and contiguous, as sub-EM
+    assert not contains_answer(memory, "Isaac Newtonian") and not contains_answer("", "Newton")
+    assert contains_answer("the years 1799 - 1825", "1799-1825") is False  # punctuation deleted, not spaced

@@ -71,6 +71,9 @@ def test_groups_filter_and_advantage_broadcast(tiny_model_dir: Path) -> None:
     assert m["groups"] == 4 and m["filtered_groups"] == 1
     assert m["e2e_reward"] == pytest.approx((1.25 + 0.25) / 4) and m["imr_match"] == 0.5
     assert m["e2e_match"] == 0.25 and m["imr_none"] == 2
+    e2e = sorted(r.reward for r in scored.rollouts if r.primary)
+    assert e2e == pytest.approx([0.0, 0.0, 0.25, 1.25])  # the spread the reward plot shades: population std
+    assert m["e2e_reward_std"] == pytest.approx(math.sqrt(sum((x - 0.375) ** 2 for x in e2e) / 4))
     assert m["tokens_generated"] == sum(len(t.completion_ids) for r in rollouts for t in r.turns)
 
     std = score_groups(rollouts, std_norm=True, dynamic_filter=False)

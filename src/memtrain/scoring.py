@@ -189,6 +189,12 @@ def _score_answer(answer: str, golds: list[str], has_box: bool) -> dict[str, flo
     return result
 
 
+def contains_answer(text: str, gold: str | Sequence[str]) -> bool:
+    """Whether a gold answer occurs in ``text`` as sub-EM tests it (normalised tokens, contiguous, in order),
+    applied to any text: e.g. whether a memory still holds the fact a question asks for."""
+    return any(_contains_tokens(normalize_answer(text), normalize_answer(g)) for g in _gold_list(gold))
+
+
 def score(prediction: str, gold: str | Sequence[str]) -> dict[str, float]:
     """Score a whole model output against one gold answer or a list of them (max over golds per metric).
 

@@ -59,7 +59,7 @@ from memtrain.io import append_jsonl, atomic_write_json, atomic_write_text, read
 from memtrain.log import logger
 from memtrain.progress import Progress, estimate_turns
 from memtrain.prompts import render, template
-from memtrain.scoring import METRICS, REWARD_METRIC, extract_answer, score
+from memtrain.scoring import METRICS, REWARD_METRIC, contains_answer, extract_answer, score
 
 TASK = "proxy"
 PARTS = ("e2e", "imr")
@@ -97,13 +97,16 @@ def model_identity(name: str) -> dict[str, Any]:
     return {"name": name, "path": str(path.resolve()), "fingerprint": digest.hexdigest()}
 
 
-def _imr_record(choice: ImrChoice | None, memory_empty: bool, text: str | None,
+def _imr_record(choice: ImrChoice | None, memory: str, memory_empty: bool, text: str | None,
                 hit_cap: bool) -> dict[str, Any] | None:
+    """``in_memory``: the label is in the memory the question is asked from - what the memory kept, apart
+    from whether the answer then names it."""
     if choice is None:
         return None
     rec: dict[str, Any] = {"step_k": choice.step_k, "chunk_l": choice.chunk_l, "entity": choice.entity,
                            "label": choice.entity, "entity_label": choice.entity_label,
-                           "memory_empty": memory_empty}
+                           "memory_empty": memory_empty,
+                           "in_memory": float(not memory_empty and contains_answer(memory, choice.entity))}
     if memory_empty or text is None:  # not asked: the memory holds nothing to recall from
         return {**rec, "prediction": None, "extracted": None, "metrics": dict.fromkeys(METRICS, 0.0),
                 "hit_cap": False}
@@ -148,8 +151,10 @@ def _turns(agent: AgentConfig, row: Mapping[str, Any]) -> int:
 
 def _record(row: Mapping[str, Any], traj: Trajectory, choice: ImrChoice | None,
             turn: Turn | None) -> dict[str, Any]:
-    imr = _imr_record(choice, choice is not None and turn is None, None if turn is None else turn.text,
-                      turn is not None and turn.hit_cap)
+    memory = traj.memories[choice.step_k] if choice is not None else ""
+    asked = turn is not None
+    imr = _imr_record(choice, memory, choice is not None and not asked, turn.text if asked else None,
+                      asked and turn.hit_cap)
     return {"key": str(row["id"]), "group": TASK, "id": str(row["id"]), "status": "ok",
             "question": row["question"], "gold": list(row["answers"]),
             "e2e": {"prediction": traj.answer, "extracted": extract_answer(traj.answer),
@@ -173,6 +178,8 @@ def summarize_proxy(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
     with_imr = [r["imr"] for r in records if r.get("imr") is not None]
     e2e = {m: _intervals([float(r["e2e"]["metrics"][m]) for r in records]) for m in METRICS} if n else None
     imr = {m: _intervals([float(q["metrics"][m]) for q in with_imr]) for m in METRICS} if with_imr else None
+    kept = [q.get("in_memory") for q in with_imr]  # absent in records of older versions
+    in_memory = _intervals([float(k) for k in kept]) if kept and None not in kept else None
     memory_turns = sum(r["num_chunks"] for r in records)
     groups = {part: {"n": count, "too_long": 0, "metrics": None if ci is None else
                      {m: ci[m]["mean"] for m in METRICS}}
@@ -180,7 +187,8 @@ def summarize_proxy(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
     return {"task": TASK, **dict(meta), "n": n, "ids": [r["id"] for r in records],
             "e2e": {"n": n, "metrics": e2e},
             "imr": {"n": len(with_imr), "no_question": n - len(with_imr),
-                    "memory_empty": sum(bool(q["memory_empty"]) for q in with_imr), "metrics": imr},
+                    "memory_empty": sum(bool(q["memory_empty"]) for q in with_imr), "metrics": imr,
+                    "in_memory": in_memory},
             "num_chunks": memory_turns / n if n else 0.0,
             "truncated": sum(bool(r["truncated"]) for r in records) / n if n else 0.0,
             "memory_cap_rate": sum(r["memory_cap_hits"] for r in records) / max(memory_turns, 1),
@@ -220,6 +228,8 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     lines += ["", f"IMR: one question per document drawn from the data alone; {imr['no_question']} of "
               f"{summary['n']} documents have no usable entity (no question); {imr['memory_empty']} "
               "questions hit an empty memory and score 0.",
+              f"IMR label kept in the memory it is asked from (the sub-EM test on the memory): "
+              f"{_ci(imr.get('in_memory'))}%.",
               f"Chunks per document {summary['num_chunks']:.2f}, truncated {_pct(summary['truncated'])}%, "
               f"memory cap hit-rate {_pct(summary['memory_cap_rate'])}%, answer cap hit-rate "
               f"{_pct(summary['answer_cap_rate'])}%."]
@@ -367,20 +377,33 @@ def compare_proxy(runs: Sequence[str | Path], labels: Sequence[str], metric: str
             for s in summaries:
                 block = s[part]["metrics"]
                 cells.append(_ci(block[m] if block else None))
-            for other in docs[1:]:
-                a, b = _part_scores(base, part, m), _part_scores(other, part, m)
-                try:
-                    diff = paired_difference_ci(a, b, CONFIDENCE, RESAMPLES, BOOTSTRAP_SEED)
-                    cells.append(_ci(diff.to_dict(), signed=True))
-                except ValueError:
-                    cells.append("-")
+            scores = _part_scores(base, part, m)
+            cells += [_paired(scores, _part_scores(other, part, m)) for other in docs[1:]]
             lines.append(f"| {part.upper()} {m} | " + " | ".join(cells) + " |")
+    lines.append(_in_memory_row(summaries, docs))
     for lab, other, s in zip(labels[1:], docs[1:], summaries[1:], strict=True):
         notes.append(_matching_note(base_label, lab, base, other))
         diff = _differences(summaries[0], s)
         if diff:
             notes.append(f"**WARNING ({lab} vs {base_label})**: evaluated differently: {'; '.join(diff)}")
     return "\n".join([*lines, "", *notes]) + "\n"
+
+
+def _in_memory_row(summaries: Sequence[Mapping[str, Any]],
+                   docs: Sequence[Mapping[str, Mapping[str, Any]]]) -> str:
+    """The row of the IMR label kept in memory: each run's rate, and the paired differences."""
+    kept = [{i: float(r["imr"]["in_memory"]) for i, r in d.items()
+             if r.get("imr") is not None and "in_memory" in r["imr"]} for d in docs]
+    cells = [_ci(s["imr"].get("in_memory")) for s in summaries] + [_paired(kept[0], b) for b in kept[1:]]
+    return "| IMR label in memory | " + " | ".join(cells) + " |"
+
+
+def _paired(a: Mapping[str, float], b: Mapping[str, float]) -> str:
+    """b - a paired over their common ids, with its interval ("-" when they have none in common)."""
+    try:
+        return _ci(paired_difference_ci(a, b, CONFIDENCE, RESAMPLES, BOOTSTRAP_SEED).to_dict(), signed=True)
+    except ValueError:
+        return "-"
 
 
 def _part_scores(docs: Mapping[str, Mapping[str, Any]], part: str, metric: str) -> dict[str, float]:

@@ -204,6 +204,23 @@ def summary_table(
     return "\n".join(lines)
 
 
+SMOOTHING = 5  # steps in the moving average drawn over curves that have at least twice as many points
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean of up to ``window`` values ending at each position (shorter at the start), so the
+    curve starts at step 1 and never uses a later step."""
+    if window < 1:
+        raise ValueError(f"window={window}; expected >= 1")
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     """Write one PNG per entry of PLOTS (rewards, KL/loss, lengths, timings) from metrics.jsonl."""
     import matplotlib
@@ -223,8 +240,17 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
             continue
         fig, axes = plt.subplots(len(present), 1, figsize=(7, 2.2 * len(present)), sharex=True, squeeze=False)
         for ax, (col, label) in zip(axes[:, 0], present, strict=True):
-            pts = [(r["step"], r[col]) for r in rows if r.get(col) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3)
+            pts = [r for r in rows if r.get(col) is not None]
+            steps, values = [r["step"] for r in pts], [r[col] for r in pts]
+            ax.plot(steps, values, marker="o" if len(pts) < 30 else None, ms=3, lw=0.8, label="per step")
+            if all(r.get(f"{col}_std") is not None for r in pts):  # the spread over the step's rollouts
+                std = [r[f"{col}_std"] for r in pts]
+                ax.fill_between(steps, [v - d for v, d in zip(values, std, strict=True)],
+                                [v + d for v, d in zip(values, std, strict=True)], alpha=0.15, label="± std")
+            if len(pts) >= 2 * SMOOTHING:
+                ax.plot(steps, moving_average(values, SMOOTHING), lw=2,
+                        label=f"moving average ({SMOOTHING} steps)")
+                ax.legend(fontsize=6, loc="upper left")
             ax.set_ylabel(label, fontsize=8)
             ax.grid(alpha=0.3)
         axes[-1, 0].set_xlabel("step")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -217,6 +218,7 @@ def step_metrics(scored: Scored, counters: dict[str, float]) -> dict[str, float]
             lengths[f"len_{t.kind}"].append(len(t.completion_ids))
     out = {k: float(v) for k, v in counters.items()}
     out.update({key: sum(vs) / len(vs) for key, vs in (rewards | values | lengths).items()})
+    out.update({f"{key}_std": statistics.pstdev(vs) for key, vs in rewards.items()})  # the per-step spread
     groups = scored.groups
     out.update(
         groups=float(len(groups)),

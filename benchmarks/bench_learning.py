@@ -1,0 +1,201 @@
+"""MemTrain's claim in miniature: does proxy training make the memory better, and does a MemTrain start help
+long-document QA post-training (MEMTRAIN.md sections 2-5; the paper's "+MemAgent" vs "+MemTrain+MemAgent")?
+
+Every stage is a `memtrain` command run with this interpreter, in its own directory under ``--out``; a stage
+whose output is complete is skipped and an interrupted one resumes, so re-running the script continues it.
+
+1. proxy sets: ``--docs`` training documents, and ``--heldout-docs`` held-out ones built with
+   ``--exclude-from`` the training set (no Wikipedia article in common);
+2. held-out proxy eval (`memtrain eval proxy`, greedy, one IMR question per document drawn from the data
+   alone) of the base model, 3. MemTrain proxy training (``--proxy-config``), 4. the same eval of its last
+   checkpoint, and `memtrain report base memtrain` (paired differences with bootstrap 95% intervals);
+5. long-document QA (HotpotQA from ``../shared/data``): a post-training set of ``--longqa-train-docs``
+   paragraphs per document from the train split, held-out dev questions at ``--longqa-sizes`` paragraphs;
+6. post-training (``--longqa-config``, final-answer reward only) from the base model and from the MemTrain
+   checkpoint with the same budget, 7. both evaluated on the held-out questions, side by side.
+
+    python benchmarks/bench_learning.py [--out runs/bench-learning] [--skip longqa]
+        [--proxy-config configs/memtrain_demo_cpu.yaml] [--longqa-config configs/longqa_smollm2_cpu.yaml]
+        [--docs 64] [--heldout-docs 64] [--steps 24] [--longqa-steps 10] [--longqa-sizes 10,20]
+        [--recipe paper]   # Qwen2.5-7B-Instruct at the paper's sizes, on GPUs (not run on CPU)
+        [KEY=VALUE ...]    # overrides for the proxy training config, e.g. engine.kind=vllm
+
+``--recipe paper`` swaps in configs/memtrain_qwen2.5_7b.yaml and configs/longqa_qwen2.5_7b.yaml, the paper's
+document sizes (N = 150 passages, 29 related, 24k-40k tokens, dense retrieval) and RULER-HotpotQA sizes,
+and the configs' own step counts; launch it under torchrun for several GPUs as docs/distributed.md says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _machine import load_average, machine
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "hotpotqa"
+
+CPU = {
+    "proxy_config": "configs/memtrain_demo_cpu.yaml",
+    "longqa_config": "configs/longqa_smollm2_cpu.yaml",
+    "proxy_data": ["--passages", "4", "--related", "2", "--min-tokens", "300", "--max-tokens", "500",
+                   "--retriever", "bm25"],
+}
+PAPER = {
+    "proxy_config": "configs/memtrain_qwen2.5_7b.yaml",
+    "longqa_config": "configs/longqa_qwen2.5_7b.yaml",
+    "proxy_data": ["--passages", "150", "--related", "29", "--min-tokens", "24000", "--max-tokens", "40000",
+                   "--retriever", "dense"],
+}
+
+
+def memtrain(*args: str | Path) -> float:
+    """Run one `memtrain` command with this interpreter; its wall seconds (it fails the benchmark loudly)."""
+    cmd = [sys.executable, "-m", "memtrain", *map(str, args)]
+    print(f"$ memtrain {' '.join(map(str, args))}   (load average {load_average()})", flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - start
+
+
+def done(path: Path) -> bool:
+    return (path / "manifest.json").is_file() or (path / "summary.json").is_file()
+
+
+def last_checkpoint(run: Path) -> Path:
+    return run / "checkpoints" / "latest"
+
+
+def proxy_stages(args: argparse.Namespace, recipe: dict, out: Path, timings: dict[str, float]) -> Path:
+    """Stages 1-4; the trained checkpoint."""
+    train_set, heldout = out / "proxy-train", out / "proxy-heldout"
+    if not done(train_set):
+        timings["proxy data"] = memtrain("data", "proxy", "--out", train_set, "--num-docs", args.docs,
+                                         "--seed", 1, *recipe["proxy_data"])
+    if not done(heldout):
+        timings["held-out proxy data"] = memtrain(
+            "data", "proxy", "--out", heldout, "--num-docs", args.heldout_docs, "--seed", 2,
+            "--exclude-from", train_set, *recipe["proxy_data"])
+    config = ["--config", recipe["proxy_config"]]
+    run = out / "memtrain"
+    train_over = [f"data.path={train_set}", *step_overrides(args.steps), *args.overrides]
+    evals = {"base": out / "eval-base", "memtrain": out / "eval-memtrain"}
+    models = {"base": [], "memtrain": ["--model", last_checkpoint(run)]}
+    for label in ("base", "memtrain"):
+        if label == "memtrain" and not finished(run, args.steps):
+            timings["memtrain training"] = memtrain("train", *config, "--out", run, "--resume", *train_over)
+        if not done(evals[label]):
+            timings[f"eval {label}"] = memtrain("eval", "proxy", *config, *models[label], "--data", heldout,
+                                                "--out", evals[label], "--batch-size", args.eval_batch,
+                                                *engine_overrides(args))
+    memtrain("report", evals["base"], evals["memtrain"], "--labels", "base,memtrain",
+             "--out", out / "proxy-report.md")
+    memtrain("plot", run)
+    return last_checkpoint(run)
+
+
+def finished(run: Path, steps: int | None) -> bool:
+    """The run has a checkpoint and its metrics reach its last step (``steps``, else its config's)."""
+    import yaml
+
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file() or not last_checkpoint(run).exists():
+        return False
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if steps is None:
+        steps = yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"]
+    return bool(rows) and rows[-1]["step"] >= steps
+
+
+def step_overrides(steps: int | None) -> list[str]:
+    """Train for ``steps`` and checkpoint at the end (the config's own schedule when None)."""
+    return [] if steps is None else [f"train.steps={steps}", f"train.checkpoint_every={steps}"]
+
+
+def engine_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides that also apply to evaluations and post-training: engine and compute dtype."""
+    return [o for o in args.overrides if o.startswith(("engine.", "model.compute_dtype"))]
+
+
+def longqa_stages(args: argparse.Namespace, recipe: dict, out: Path, checkpoint: Path,
+                  timings: dict[str, float]) -> None:
+    """Stages 5-7: post-training from the base model and from the MemTrain checkpoint, same budget."""
+    train_set, eval_set = out / "longqa-train", out / "longqa-eval"
+    if not done(train_set):
+        timings["longqa data"] = memtrain("data", "longqa", "--train", "--hotpotqa", SHARED / "train.jsonl",
+                                          "--out", train_set, "--num-docs", args.longqa_train_docs)
+    if not (eval_set / "manifest.json").is_file() and not list(eval_set.glob("*/manifest.json")):
+        timings["longqa eval data"] = memtrain(
+            "data", "longqa", "--hotpotqa", SHARED / "dev.jsonl", "--pool", SHARED / "test.jsonl", "--out",
+            eval_set, "--num-docs", args.longqa_sizes, "--num-questions", args.longqa_questions)
+    config = ["--config", recipe["longqa_config"]]
+    runs = []
+    for label, start in (("memagent", None), ("memtrain+memagent", checkpoint)):
+        run = out / f"post-{label.replace('+', '-')}"
+        model = [] if start is None else [f"model.name={start}"]
+        if not finished(run, args.longqa_steps):
+            timings[f"post-training {label}"] = memtrain(
+                "train", *config, "--out", run, "--resume", f"data.path={train_set}", *model,
+                *step_overrides(args.longqa_steps), *engine_overrides(args))
+        ev = out / f"eval-{run.name}"
+        if not done(ev):
+            timings[f"eval {label}"] = memtrain(
+                "eval", "longqa", *config, "--model", last_checkpoint(run), "--data", eval_set, "--out", ev,
+                "--batch-size", args.eval_batch, *engine_overrides(args))
+        runs.append((label, ev))
+    memtrain("report", *(ev for _, ev in runs), "--labels", ",".join(label for label, _ in runs),
+             "--out", out / "longqa-report.md")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/bench-learning"))
+    p.add_argument("--recipe", choices=("cpu", "paper"), default="cpu")
+    p.add_argument("--proxy-config", help="MemTrain training config (default: the recipe's)")
+    p.add_argument("--longqa-config", help="long-document QA post-training config (default: the recipe's)")
+    p.add_argument("--docs", type=int, default=64, help="proxy training documents (cpu recipe)")
+    p.add_argument("--heldout-docs", type=int, default=64, help="held-out proxy documents")
+    p.add_argument("--steps", type=int, help="MemTrain steps (default: the config's)")
+    p.add_argument("--longqa-steps", type=int, help="post-training steps (default: the config's)")
+    p.add_argument("--longqa-train-docs", type=int, default=10,
+                   help="paragraphs per post-training document")
+    p.add_argument("--longqa-sizes", default="10,20",
+                   help="paragraphs per held-out document, comma-separated")
+    p.add_argument("--longqa-questions", type=int, default=64, help="held-out questions per size")
+    p.add_argument("--eval-batch", type=int, default=32, help="documents per eval batch")
+    p.add_argument("--skip", default="", help="comma-separated: longqa")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="proxy training config overrides")
+    args = p.parse_args()
+    recipe = dict(PAPER if args.recipe == "paper" else CPU)
+    if args.recipe == "paper":
+        args.docs = max(args.docs, 30000)  # the paper's 30k training documents
+        args.longqa_sizes, args.longqa_questions = "50,100,200,400,800,1600,3200,6400", 128
+        args.longqa_train_docs = 200
+    recipe["proxy_config"] = args.proxy_config or recipe["proxy_config"]
+    recipe["longqa_config"] = args.longqa_config or recipe["longqa_config"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {machine()}", flush=True)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    checkpoint = proxy_stages(args, recipe, args.out, timings)
+    if "longqa" not in args.skip.split(","):
+        if not SHARED.is_dir():
+            raise SystemExit(f"{SHARED} is absent: the long-document QA part needs the shared HotpotQA files")
+        longqa_stages(args, recipe, args.out, checkpoint, timings)
+    print("\n## held-out proxy eval: base vs MemTrain\n")
+    print((args.out / "proxy-report.md").read_text())
+    if (args.out / "longqa-report.md").is_file():
+        print("\n## long-document QA after post-training: +MemAgent vs +MemTrain+MemAgent\n")
+        print((args.out / "longqa-report.md").read_text())
+    print("\n## wall time per stage run now (stages found done are not listed)\n")
+    for stage, seconds in timings.items():
+        print(f"- {stage}: {seconds:.0f} s")
+    print(f"total {time.perf_counter() - start:.0f} s; load average {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
