@@ -17,18 +17,22 @@ whose output is complete is skipped and an interrupted one resumes, so re-runnin
     python benchmarks/bench_learning.py [--out runs/bench-learning] [--skip longqa]
         [--proxy-config configs/memtrain_demo_cpu.yaml] [--longqa-config configs/longqa_smollm2_cpu.yaml]
         [--docs 64] [--heldout-docs 64] [--steps 24] [--longqa-steps 10] [--longqa-sizes 10,20]
-        [--recipe paper]   # Qwen2.5-7B-Instruct at the paper's sizes, on GPUs (not run on CPU)
+        [--recipe paper --corpus hf:wikimedia/wikipedia:20231101.en]   # the paper's recipe on GPUs
         [KEY=VALUE ...]    # overrides for the proxy training config, e.g. engine.kind=vllm
+
+Only the ``engine.*`` and ``model.compute_dtype`` overrides also apply to the evaluations and the
+post-training (an ``agent.*`` override changes the proxy training alone; both evals use the config's budgets).
 
 ``--recipe paper`` swaps in configs/memtrain_qwen2.5_7b.yaml and configs/longqa_qwen2.5_7b.yaml, the paper's
 document sizes (N = 150 passages, 29 related, 24k-40k tokens, dense retrieval) and RULER-HotpotQA sizes,
-and the configs' own step counts; launch it under torchrun for several GPUs as docs/distributed.md says.
+and the configs' own step counts; ``--launcher 'torchrun --nproc-per-node 8'`` runs the two kinds of
+training on several GPUs (docs/distributed.md), the rest in one process.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
 import subprocess
 import sys
 import time
@@ -40,22 +44,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "hotpotqa"
 
 CPU = {
-    "proxy_config": "configs/memtrain_demo_cpu.yaml",
-    "longqa_config": "configs/longqa_smollm2_cpu.yaml",
+    "proxy_config": ROOT / "configs" / "memtrain_demo_cpu.yaml",
+    "longqa_config": ROOT / "configs" / "longqa_smollm2_cpu.yaml",
     "proxy_data": ["--passages", "4", "--related", "2", "--min-tokens", "300", "--max-tokens", "500",
                    "--retriever", "bm25"],
 }
 PAPER = {
-    "proxy_config": "configs/memtrain_qwen2.5_7b.yaml",
-    "longqa_config": "configs/longqa_qwen2.5_7b.yaml",
+    "proxy_config": ROOT / "configs" / "memtrain_qwen2.5_7b.yaml",
+    "longqa_config": ROOT / "configs" / "longqa_qwen2.5_7b.yaml",
     "proxy_data": ["--passages", "150", "--related", "29", "--min-tokens", "24000", "--max-tokens", "40000",
                    "--retriever", "dense"],
 }
 
 
+LAUNCHER: list[str] = []  # --launcher: what starts `memtrain train` instead of this interpreter
+
+
 def memtrain(*args: str | Path) -> float:
-    """Run one `memtrain` command with this interpreter; its wall seconds (it fails the benchmark loudly)."""
-    cmd = [sys.executable, "-m", "memtrain", *map(str, args)]
+    """Run one `memtrain` command with this interpreter (training under ``--launcher`` when given); its wall
+    seconds (a failing command stops the benchmark)."""
+    start_with = LAUNCHER if args[0] == "train" and LAUNCHER else [sys.executable]
+    cmd = [*start_with, "-m", "memtrain", *map(str, args)]
     print(f"$ memtrain {' '.join(map(str, args))}   (load average {load_average()})", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -63,11 +72,26 @@ def memtrain(*args: str | Path) -> float:
 
 
 def done(path: Path) -> bool:
-    return (path / "manifest.json").is_file() or (path / "summary.json").is_file()
+    """A data set or an eval that completed (each writes one of these files last)."""
+    return any((path / name).is_file() for name in ("manifest.json", "summary.json", "longqa.json"))
 
 
-def last_checkpoint(run: Path) -> Path:
-    return run / "checkpoints" / "latest"
+def train(run: Path, *args: str | Path) -> tuple[float, Path]:
+    """Train, resume, or do nothing when the run is already at its last step (the trainer says so before it
+    loads anything); its wall seconds and the run's last checkpoint as the real directory of that step
+    (``checkpoints/step_N``), so that what is evaluated or started from it is named by the step."""
+    seconds = memtrain("train", *args, "--out", run, "--resume")
+    return seconds, (run / "checkpoints" / "latest").resolve()
+
+
+def step_overrides(steps: int | None) -> list[str]:
+    """Train for ``steps`` and checkpoint at the end (the config's own schedule when None)."""
+    return [] if steps is None else [f"train.steps={steps}", f"train.checkpoint_every={steps}"]
+
+
+def engine_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides that also apply to evaluations and post-training: engine and compute dtype."""
+    return [o for o in args.overrides if o.startswith(("engine.", "model.compute_dtype"))]
 
 
 def proxy_stages(args: argparse.Namespace, recipe: dict, out: Path, timings: dict[str, float]) -> Path:
@@ -81,44 +105,19 @@ def proxy_stages(args: argparse.Namespace, recipe: dict, out: Path, timings: dic
             "data", "proxy", "--out", heldout, "--num-docs", args.heldout_docs, "--seed", 2,
             "--exclude-from", train_set, *recipe["proxy_data"])
     config = ["--config", recipe["proxy_config"]]
-    run = out / "memtrain"
-    train_over = [f"data.path={train_set}", *step_overrides(args.steps), *args.overrides]
-    evals = {"base": out / "eval-base", "memtrain": out / "eval-memtrain"}
-    models = {"base": [], "memtrain": ["--model", last_checkpoint(run)]}
-    for label in ("base", "memtrain"):
-        if label == "memtrain" and not finished(run, args.steps):
-            timings["memtrain training"] = memtrain("train", *config, "--out", run, "--resume", *train_over)
-        if not done(evals[label]):
-            timings[f"eval {label}"] = memtrain("eval", "proxy", *config, *models[label], "--data", heldout,
-                                                "--out", evals[label], "--batch-size", args.eval_batch,
-                                                *engine_overrides(args))
-    memtrain("report", evals["base"], evals["memtrain"], "--labels", "base,memtrain",
-             "--out", out / "proxy-report.md")
-    memtrain("plot", run)
-    return last_checkpoint(run)
-
-
-def finished(run: Path, steps: int | None) -> bool:
-    """The run has a checkpoint and its metrics reach its last step (``steps``, else its config's)."""
-    import yaml
-
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file() or not last_checkpoint(run).exists():
-        return False
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    if steps is None:
-        steps = yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"]
-    return bool(rows) and rows[-1]["step"] >= steps
-
-
-def step_overrides(steps: int | None) -> list[str]:
-    """Train for ``steps`` and checkpoint at the end (the config's own schedule when None)."""
-    return [] if steps is None else [f"train.steps={steps}", f"train.checkpoint_every={steps}"]
-
-
-def engine_overrides(args: argparse.Namespace) -> list[str]:
-    """The overrides that also apply to evaluations and post-training: engine and compute dtype."""
-    return [o for o in args.overrides if o.startswith(("engine.", "model.compute_dtype"))]
+    evaluate = ["--data", heldout, "--batch-size", args.eval_batch, *engine_overrides(args)]
+    base = out / "eval-base"
+    if not done(base):
+        timings["eval base"] = memtrain("eval", "proxy", *config, *evaluate, "--out", base)
+    timings["memtrain training"], checkpoint = train(
+        out / "memtrain", *config, f"data.path={train_set}", *step_overrides(args.steps), *args.overrides)
+    trained = out / f"eval-memtrain-{checkpoint.name}"  # a longer run (more --steps) gets its own eval
+    if not done(trained):
+        timings["eval memtrain"] = memtrain("eval", "proxy", *config, *evaluate, "--model", checkpoint,
+                                            "--out", trained)
+    memtrain("report", base, trained, "--labels", "base,memtrain", "--out", out / "proxy-report.md")
+    memtrain("plot", out / "memtrain")
+    return checkpoint
 
 
 def longqa_stages(args: argparse.Namespace, recipe: dict, out: Path, checkpoint: Path,
@@ -128,23 +127,23 @@ def longqa_stages(args: argparse.Namespace, recipe: dict, out: Path, checkpoint:
     if not done(train_set):
         timings["longqa data"] = memtrain("data", "longqa", "--train", "--hotpotqa", SHARED / "train.jsonl",
                                           "--out", train_set, "--num-docs", args.longqa_train_docs)
-    if not (eval_set / "manifest.json").is_file() and not list(eval_set.glob("*/manifest.json")):
+    if not done(eval_set):
         timings["longqa eval data"] = memtrain(
             "data", "longqa", "--hotpotqa", SHARED / "dev.jsonl", "--pool", SHARED / "test.jsonl", "--out",
             eval_set, "--num-docs", args.longqa_sizes, "--num-questions", args.longqa_questions)
     config = ["--config", recipe["longqa_config"]]
     runs = []
+    # the same config and budget from both start points; the MemTrain one is named by its checkpoint step
     for label, start in (("memagent", None), ("memtrain+memagent", checkpoint)):
-        run = out / f"post-{label.replace('+', '-')}"
+        run = out / ("post-memagent" if start is None else f"post-memtrain-{start.name}")
         model = [] if start is None else [f"model.name={start}"]
-        if not finished(run, args.longqa_steps):
-            timings[f"post-training {label}"] = memtrain(
-                "train", *config, "--out", run, "--resume", f"data.path={train_set}", *model,
-                *step_overrides(args.longqa_steps), *engine_overrides(args))
-        ev = out / f"eval-{run.name}"
+        timings[f"post-training {label}"], post = train(
+            run, *config, f"data.path={train_set}", *model, *step_overrides(args.longqa_steps),
+            *engine_overrides(args))
+        ev = out / f"eval-{run.name}-{post.name}"
         if not done(ev):
             timings[f"eval {label}"] = memtrain(
-                "eval", "longqa", *config, "--model", last_checkpoint(run), "--data", eval_set, "--out", ev,
+                "eval", "longqa", *config, "--model", post, "--data", eval_set, "--out", ev,
                 "--batch-size", args.eval_batch, *engine_overrides(args))
         runs.append((label, ev))
     memtrain("report", *(ev for _, ev in runs), "--labels", ",".join(label for label, _ in runs),
@@ -157,6 +156,11 @@ def main() -> None:
     p.add_argument("--recipe", choices=("cpu", "paper"), default="cpu")
     p.add_argument("--proxy-config", help="MemTrain training config (default: the recipe's)")
     p.add_argument("--longqa-config", help="long-document QA post-training config (default: the recipe's)")
+    p.add_argument("--corpus", help="Wikipedia for the proxy sets (default: the embedded one; the paper "
+                   "recipe's 24k-40k-token documents need a full dump, e.g. "
+                   "hf:wikimedia/wikipedia:20231101.en)")
+    p.add_argument("--launcher", default="",
+                   help="command that starts the training runs, e.g. 'torchrun --nproc-per-node 8'")
     p.add_argument("--docs", type=int, default=64, help="proxy training documents (cpu recipe)")
     p.add_argument("--heldout-docs", type=int, default=64, help="held-out proxy documents")
     p.add_argument("--steps", type=int, help="MemTrain steps (default: the config's)")
@@ -171,6 +175,9 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="proxy training config overrides")
     args = p.parse_args()
     recipe = dict(PAPER if args.recipe == "paper" else CPU)
+    LAUNCHER[:] = shlex.split(args.launcher)
+    if args.corpus:
+        recipe["proxy_data"] = [*recipe["proxy_data"], "--corpus", args.corpus]
     if args.recipe == "paper":
         args.docs = max(args.docs, 30000)  # the paper's 30k training documents
         args.longqa_sizes, args.longqa_questions = "50,100,200,400,800,1600,3200,6400", 128

@@ -6,7 +6,7 @@ base model, the IMR answers that the trainer would sample: the memories come fro
 proxy` draws it, and ``--group-size`` answers are sampled per question at each ``--temperatures`` for each
 answer template:
 
-* ``default``: the shipped IMR template (prompts.py);
+* ``default``: the config's IMR template (``agent.templates.imr``, else the shipped one in prompts.py);
 * ``entity-only``: the same, asking for the entity only;
 * ``boxed-prefix``: the shipped template with the answer opened for the model ("The answer is \\boxed{" at
   the start of the assistant turn, stopping at "}"), scored as a boxed answer.
@@ -16,8 +16,9 @@ answer length, and the number of questions whose group has any reward variance u
 would train). Also: the share of questions whose label is anywhere in the memory they are asked from (an
 upper bound for recall from memory).
 
-    python benchmarks/bench_signal.py --data runs/demo-data-heldout [--config configs/memtrain_demo_cpu.yaml]
-        [--docs 32] [--group-size 8] [--temperatures 0.8,1.0] [KEY=VALUE ...]
+    python benchmarks/bench_signal.py --data runs/memtrain-demo-data-heldout
+        [--config configs/memtrain_demo_cpu.yaml] [--docs 32] [--group-size 8] [--temperatures 0.8,1.0]
+        [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -32,20 +33,20 @@ from memtrain.agent.loop import MemoryAgent
 from memtrain.config import load_config
 from memtrain.data.dataset import load_rows
 from memtrain.engines.base import GenerationRequest, SamplingParams
-from memtrain.engines.factory import make_engine
+from memtrain.eval.longqa import load_engine
 from memtrain.eval.proxy import COLUMNS, imr_rng
-from memtrain.models import load_tokenizer
-from memtrain.prompts import DEFAULT_TEMPLATES, chat_text, encode_prompt, fill, template
-from memtrain.scoring import score
+from memtrain.prompts import chat_text, encode_prompt, fill, template
+from memtrain.scoring import contains_answer, score
 
 ASK = "Give the final answer inside \\boxed{}, for example \\boxed{Paris}."
-TEMPLATES = {
-    "default": (DEFAULT_TEMPLATES["imr"], ""),
-    "entity-only": (DEFAULT_TEMPLATES["imr"].replace(
-        ASK, "Which entity does [TARGET] stand for? Reply with the entity only, inside \\boxed{}, "
-             "for example \\boxed{Paris}."), ""),
-    "boxed-prefix": (DEFAULT_TEMPLATES["imr"], "The answer is \\boxed{"),
-}
+ENTITY_ONLY = ("Which entity does [TARGET] stand for? Reply with the entity only, inside \\boxed{}, for "
+               "example \\boxed{Paris}.")
+
+
+def variants(shipped: str) -> dict[str, tuple[str, str]]:
+    """(template, opening of the answer) per variant of the config's IMR template."""
+    return {"default": (shipped, ""), "entity-only": (shipped.replace(ASK, ENTITY_ONLY), ""),
+            "boxed-prefix": (shipped, "The answer is \\boxed{")}
 
 
 def main() -> None:
@@ -59,22 +60,26 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
     print(f"machine: {machine()}; load average {load_average()}", flush=True)
-    tok = load_tokenizer(cfg.model.name)
-    engine = make_engine(cfg.engine, cfg.model.name, tokenizer=tok)
+    engine, tok = load_engine(cfg)  # as `memtrain eval proxy` builds it (model.dtype, model.compute_dtype)
     rows = load_rows(args.data)[: args.docs]
     samples = [{k: r[k] for k in COLUMNS} | {"answers": list(r["answers"])} for r in rows]
     start = time.perf_counter()
     trajs = MemoryAgent(engine, tok, cfg.agent).run(samples, SamplingParams(temperature=0.0), n=1)
     print(f"greedy memories of {len(rows)} documents: {time.perf_counter() - start:.0f} s")
-    asked = [(c, t) for s, t in zip(samples, trajs, strict=True)
-             if (c := draw_imr_choice(t, s, imr_rng(0, str(s["id"])))) is not None]
-    in_memory = sum(c.entity.lower() in t.memories[c.step_k].lower() for c, t in asked)
-    print(f"IMR questions {len(asked)}; label anywhere in the memory asked from: {in_memory}")
+    initial = template("initial_memory", cfg.agent.templates)
+    asked = [(c, t) for s, t in zip(samples, trajs, strict=True)  # as the eval: never from an empty memory
+             if (c := draw_imr_choice(t, s, imr_rng(0, str(s["id"])))) is not None
+             and t.memories[c.step_k] != initial]
+    if not asked:
+        raise SystemExit("no IMR question: no document has a usable entity in a chunk read before a memory")
+    in_memory = sum(contains_answer(t.memories[c.step_k], c.entity) for c, t in asked)
+    print(f"IMR questions {len(asked)}; label in the memory asked from (sub-EM test): {in_memory}")
     question = template("imr_question", cfg.agent.templates)
+    shipped = template("imr", cfg.agent.templates)
     print("\n| T | template | F1 % | sub-EM % | boxed % | answer tokens | groups with reward variance |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for temperature in (float(t) for t in args.temperatures.split(",")):
-        for name, (text, prefix) in TEMPLATES.items():
+        for name, (text, prefix) in variants(shipped).items():
             stop = ("}",) if prefix else ()
             params = SamplingParams(temperature=temperature, n=args.group_size, seed=1,
                                     max_tokens=cfg.agent.answer_tokens, stop=stop)

@@ -9,8 +9,8 @@ leaves most groups uniform and the update time would measure mostly nothing. The
 (``engine.kind=vllm``: the in-process vLLM engine, which reloads the weights after every update, column
 ``sync_s``).
 
-    python benchmarks/bench_train.py [--config configs/memtrain_demo_cpu.yaml] [--data runs/demo-data]
-                                     [--steps 2] [KEY=VALUE ...]
+    python benchmarks/bench_train.py [--config configs/memtrain_demo_cpu.yaml]
+                                     [--data runs/memtrain-demo-data] [--steps 2] [KEY=VALUE ...]
 
 Needs the demo dataset (``bash scripts/demo.sh`` builds it, or the ``memtrain data proxy`` line in the
 config's header).
@@ -38,7 +38,7 @@ os.environ.setdefault("MEMTRAIN_NO_PROGRESS", "1")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/memtrain_demo_cpu.yaml")
-    parser.add_argument("--data", default="runs/demo-data")
+    parser.add_argument("--data", default="runs/memtrain-demo-data")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

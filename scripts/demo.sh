@@ -29,9 +29,10 @@ if [ "$ENGINE" = vllm ]; then
 fi
 echo "engine: $ENGINE ($(command -v memtrain))"
 
-DATA="${MEMTRAIN_DEMO_DATA:-runs/demo-data}"
+# (new names since the held-out demo: a run of the earlier demo recipe cannot be resumed with this one)
+DATA="${MEMTRAIN_DEMO_DATA:-runs/memtrain-demo-data}"
 HELDOUT="$DATA-heldout"
-RUN="${MEMTRAIN_DEMO_RUN:-runs/demo-$ENGINE}"
+RUN="${MEMTRAIN_DEMO_RUN:-runs/memtrain-demo-$ENGINE}"
 STEPS="${MEMTRAIN_DEMO_STEPS:-}"
 CONFIG=configs/memtrain_demo_cpu.yaml
 start=$(date +%s)
@@ -49,13 +50,15 @@ EVAL=(--config "$CONFIG" --data "$HELDOUT" --engine "$ENGINE" --batch-size 32)
 memtrain eval proxy "${EVAL[@]}" --out "$RUN-eval-base"
 memtrain train --config "$CONFIG" "data.path=$DATA" "engine.kind=$ENGINE" ${STEPS:+"train.steps=$STEPS"} \
   ${STEPS:+"train.checkpoint_every=$STEPS"} --out "$RUN" --resume
-memtrain eval proxy "${EVAL[@]}" --model "$RUN/checkpoints/latest" --out "$RUN-eval-trained"
+# one eval per checkpoint (step_N): a longer re-run gets its own
+TRAINED="$RUN-eval-$(cd -P "$RUN/checkpoints/latest" && basename "$PWD")"
+memtrain eval proxy "${EVAL[@]}" --model "$RUN/checkpoints/latest" --out "$TRAINED"
 
 echo
 echo "held-out proxy set ($HELDOUT: no article in common with the training set), base vs trained:"
-memtrain report "$RUN-eval-base" "$RUN-eval-trained" --labels base,trained --out "$RUN-heldout.md"
+memtrain report "$RUN-eval-base" "$TRAINED" --labels base,trained --out "$RUN-heldout.md"
 echo
-echo "curves (reward per step with its moving average and spread):"
-memtrain plot "$RUN"
+echo "reward per step (the curves shade each step's spread; runs of 10+ steps add a moving average):"
+memtrain plot --table "$RUN"
 echo "sample trajectories: $RUN/samples.jsonl   TensorBoard: tensorboard --logdir $RUN/tensorboard"
 echo "demo finished in $(( $(date +%s) - start ))s with the $ENGINE engine"
