@@ -44,7 +44,7 @@ memtrain assets fetch
 PROXY=(--passages 4 --related 2 --min-tokens 300 --max-tokens 500 --retriever bm25)
 [ -f "$DATA/manifest.json" ] || memtrain data proxy --out "$DATA" --num-docs 64 --seed 1 "${PROXY[@]}"
 [ -f "$HELDOUT/manifest.json" ] || \
-  memtrain data proxy --out "$HELDOUT" --num-docs 32 --seed 2 --exclude-from "$DATA" "${PROXY[@]}"
+  memtrain data proxy --out "$HELDOUT" --num-docs 64 --seed 2 --exclude-from "$DATA" "${PROXY[@]}"
 
 EVAL=(--config "$CONFIG" --data "$HELDOUT" --engine "$ENGINE" --batch-size 32)
 memtrain eval proxy "${EVAL[@]}" --out "$RUN-eval-base"
