@@ -27,7 +27,7 @@ import argparse
 import time
 from statistics import mean
 
-from _machine import load_average, machine
+from _machine import machine
 from memtrain.agent.imr import draw_imr_choice
 from memtrain.agent.loop import MemoryAgent
 from memtrain.config import load_config
@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
-    print(f"machine: {machine()}; load average {load_average()}", flush=True)
+    print(f"machine: {machine()}", flush=True)
     engine, tok = load_engine(cfg)  # as `memtrain eval proxy` builds it (model.dtype, model.compute_dtype)
     rows = load_rows(args.data)[: args.docs]
     samples = [{k: r[k] for k in COLUMNS} | {"answers": list(r["answers"])} for r in rows]

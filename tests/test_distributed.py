@@ -208,3 +208,22 @@ def test_torchrun_cli_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000001"]
     assert done.stdout.count("curves: memtrain plot") == 1  # the summary, from rank 0 alone
     assert "destroy_process_group" not in done.stderr  # each rank left the process group
+
+
+def test_shutdown_leaves_a_process_group_it_did_not_create(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one process the vLLM engine creates its own process group and destroys it at exit; the trainer's
+    shutdown destroying it first made that exit raise "Invalid process group specified" after a finished
+    run. A group init_from_env created is still left by shutdown (the 2-process tests above)."""
+    import torch.distributed as dist
+
+    from memtrain.rl.distributed import init_from_env, shutdown
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)  # as vLLM does in process
+    try:
+        assert init_from_env("cpu").world_size == 1  # one process: nothing joined, nothing owned
+        shutdown()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -330,6 +330,12 @@ def reduce_update_stats(stats: dict[str, Any], ctx: DistContext) -> dict[str, An
     return out
 
 
+# Whether init_from_env created the default process group (then shutdown destroys it). In a single process
+# the vLLM engine creates one of its own, which its shutdown at exit destroys: destroying it first made that
+# shutdown raise "Invalid process group specified" after a finished run.
+_owned_group = False
+
+
 def init_from_env(device: str, parallel: str = "ddp") -> DistContext:
     """Join torchrun's process group when WORLD_SIZE > 1 (NCCL for ``device='cuda'``, else gloo).
     ``parallel``: ``train.parallel`` (ignored in a single process).
@@ -337,6 +343,7 @@ def init_from_env(device: str, parallel: str = "ddp") -> DistContext:
     On GPUs each process uses GPU LOCAL_RANK. Ranks other than 0 log warnings only, so the console shows one
     copy of the progress lines.
     """
+    global _owned_group
     world = _env_int("WORLD_SIZE", 1)
     if world < 1:
         raise UserError(f"$WORLD_SIZE={world}: expected >= 1")
@@ -352,6 +359,7 @@ def init_from_env(device: str, parallel: str = "ddp") -> DistContext:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        _owned_group = True
     if rank != 0:
         logger.setLevel(logging.WARNING)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank,
@@ -359,13 +367,16 @@ def init_from_env(device: str, parallel: str = "ddp") -> DistContext:
 
 
 def shutdown(barrier: bool = True) -> None:
-    """Leave the process group, by default after a barrier so rank 0 does not close the store under the
-    others (pass ``barrier=False`` on an error path, where the other ranks may never arrive).
+    """Leave the process group that :func:`init_from_env` joined (one it did not create, such as vLLM's in a
+    single process, is left to its owner), by default after a barrier so rank 0 does not close the store
+    under the others (pass ``barrier=False`` on an error path, where the other ranks may never arrive).
 
     A process that exits with gloo's threads still running can abort ("terminate called without an active
     exception"), failing a run that finished.
     """
-    if dist.is_available() and dist.is_initialized():
+    global _owned_group
+    if _owned_group and dist.is_available() and dist.is_initialized():
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
+    _owned_group = False
