@@ -373,14 +373,10 @@ def compare_proxy(runs: Sequence[str | Path], labels: Sequence[str], metric: str
     notes: list[str] = []
     for part in PARTS:
         for m in metrics:
-            cells = []
-            for s in summaries:
-                block = s[part]["metrics"]
-                cells.append(_ci(block[m] if block else None))
-            scores = _part_scores(base, part, m)
-            cells += [_paired(scores, _part_scores(other, part, m)) for other in docs[1:]]
-            lines.append(f"| {part.upper()} {m} | " + " | ".join(cells) + " |")
-    lines.append(_in_memory_row(summaries, docs))
+            cis = [s[part]["metrics"][m] if s[part]["metrics"] else None for s in summaries]
+            lines.append(_row(f"{part.upper()} {m}", cis, [_part_scores(d, part, m) for d in docs]))
+    lines.append(_row("IMR label in memory", [s["imr"].get("in_memory") for s in summaries],
+                      [_in_memory_scores(d) for d in docs]))
     for lab, other, s in zip(labels[1:], docs[1:], summaries[1:], strict=True):
         notes.append(_matching_note(base_label, lab, base, other))
         diff = _differences(summaries[0], s)
@@ -389,13 +385,16 @@ def compare_proxy(runs: Sequence[str | Path], labels: Sequence[str], metric: str
     return "\n".join([*lines, "", *notes]) + "\n"
 
 
-def _in_memory_row(summaries: Sequence[Mapping[str, Any]],
-                   docs: Sequence[Mapping[str, Mapping[str, Any]]]) -> str:
-    """The row of the IMR label kept in memory: each run's rate, and the paired differences."""
-    kept = [{i: float(r["imr"]["in_memory"]) for i, r in d.items()
-             if r.get("imr") is not None and "in_memory" in r["imr"]} for d in docs]
-    cells = [_ci(s["imr"].get("in_memory")) for s in summaries] + [_paired(kept[0], b) for b in kept[1:]]
-    return "| IMR label in memory | " + " | ".join(cells) + " |"
+def _row(label: str, cis: Sequence[Mapping[str, Any] | None], scores: Sequence[Mapping[str, float]]) -> str:
+    """One table row: each run's mean with its interval, then each run minus the first, paired by id."""
+    cells = [_ci(ci) for ci in cis] + [_paired(scores[0], other) for other in scores[1:]]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def _in_memory_scores(docs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Per document: was the IMR label in the memory asked from (records of older versions lack it)."""
+    return {i: float(r["imr"]["in_memory"]) for i, r in docs.items()
+            if r.get("imr") is not None and "in_memory" in r["imr"]}
 
 
 def _paired(a: Mapping[str, float], b: Mapping[str, float]) -> str:
