@@ -2,14 +2,16 @@
 ``sequence_logprobs`` pass over an agent-like batch, for several micro-batch token budgets.
 
 The batch mimics memory-agent steps: long prompts (chunk + memory) with short completions, of varied
-lengths. Reports wall time, completion tokens trained per second and the padding overhead of the plan,
+lengths, plus ``--imr-groups`` IMR groups (``--g2`` short answers sampled from one memory + chunk prompt),
+each run with ``rl.share_prompts`` off and on (a group's prompt once, its answers on its KV cache).
+Reports wall time, completion tokens trained per second and the padding overhead of the plan,
 for each compute dtype (``model.compute_dtype``: bf16 autocast over the same fp32 master weights) in the
 same run, with the fp32 and bf16 matmul ceilings measured first and each phase as a percentage of the
 ceiling of the dtype it ran in (FLOPs estimated from the model shape: forward 2 x params x tokens +
 attention + LM head on the kept positions, the update 3x that).
 
     python benchmarks/bench_rl_update.py [--model smollm2-135m] [--seqs 4] [--budgets 1024,4096]
-                                         [--compute-dtypes float32,bfloat16]
+                                         [--compute-dtypes float32,bfloat16] [--imr-groups 4 --g2 8]
 """
 
 from __future__ import annotations
@@ -34,12 +36,34 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def agent_batch(count: int, vocab: int, seed: int = 0) -> list[TrainSequence]:
+def agent_batch(count: int, vocab: int, seed: int = 0, imr_groups: int = 0,
+                g2: int = 8) -> list[TrainSequence]:
+    """``count`` memory steps, then ``imr_groups`` x ``g2`` IMR answers (5-24 tokens) to one prompt each."""
     rng = random.Random(seed)
-    return [TrainSequence([rng.randrange(vocab) for _ in range(rng.randint(200, 600))],
+    seqs = [TrainSequence([rng.randrange(vocab) for _ in range(rng.randint(200, 600))],
                           [rng.randrange(vocab) for _ in range(rng.randint(32, 96))],
                           advantage=rng.uniform(-1, 1), kind="memory", group=f"g{i % 2}")
             for i in range(count)]
+    for g in range(imr_groups):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(250, 400))]
+        seqs += [TrainSequence(prompt, [rng.randrange(vocab) for _ in range(rng.randint(5, 24))],
+                               advantage=rng.uniform(-1, 1), kind="imr", group=f"imr{g}") for _ in range(g2)]
+    return seqs
+
+
+def timed(model: torch.nn.Module, opt: torch.optim.Optimizer, seqs: list[TrainSequence], budget: int,
+          repeats: int, share: bool) -> tuple[float, float, dict]:
+    """Best-of-``repeats`` seconds of one policy_update and of one sequence_logprobs pass, and the stats."""
+    cfg = RLConfig(kl_coef=0.0, micro_batch_tokens=budget, share_prompts=share)
+    upd = fwd = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        stats = policy_update(model, opt, seqs, cfg)
+        upd = min(upd, time.perf_counter() - start)
+        start = time.perf_counter()
+        sequence_logprobs(model, seqs, budget, share_prompts=share)
+        fwd = min(fwd, time.perf_counter() - start)
+    return upd, fwd, stats
 
 
 def main() -> None:
@@ -52,17 +76,19 @@ def main() -> None:
     parser.add_argument("--compute-dtypes", default="float32,bfloat16",
                         help="comma-separated model.compute_dtype values, each run on the same batch")
     parser.add_argument("--repeats", type=int, default=1, help="timed updates per setting (best is kept)")
+    parser.add_argument("--imr-groups", type=int, default=0, help="IMR groups in the batch (one prompt each)")
+    parser.add_argument("--g2", type=int, default=8, help="answers per IMR group")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"machine: {machine()}, device {device}", flush=True)
     ceiling = ceilings(device)
     model = load_policy(args.model, dtype="float32", device=device)
-    seqs = agent_batch(args.seqs, model.config.vocab_size)
+    seqs = agent_batch(args.seqs, model.config.vocab_size, imr_groups=args.imr_groups, g2=args.g2)
     lengths = [s.length for s in seqs]
     comp = sum(len(s.completion_ids) for s in seqs)
-    print(f"model {args.model}: {args.seqs} sequences, {sum(lengths)} tokens ({comp} completion tokens)",
-          flush=True)
+    print(f"model {args.model}: {len(seqs)} sequences ({args.imr_groups} IMR groups of {args.g2}), "
+          f"{sum(lengths)} tokens ({comp} completion tokens)", flush=True)
     opt = build_optimizer(model, OptimConfig(lr=1e-6))
     dtypes = [resolve_compute_dtype(name, device) for name in args.compute_dtypes.split(",")]
     for dtype in dtypes:  # warm-up per dtype (allocations, optimizer state, oneDNN bf16 kernels)
@@ -76,18 +102,10 @@ def main() -> None:
                                   len(mb) * (max(lengths[i] for i in mb)
                                              - min(len(seqs[i].prompt_ids) for i in mb) + 1))
                     for mb in plan)
-        cfg = RLConfig(kl_coef=0.0, micro_batch_tokens=budget)
         speed: dict[torch.dtype, tuple[float, float]] = {}
         for dtype in dtypes:
             set_compute_dtype(model, dtype)
-            upd = fwd = float("inf")
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                stats = policy_update(model, opt, seqs, cfg)
-                upd = min(upd, time.perf_counter() - start)
-                start = time.perf_counter()
-                sequence_logprobs(model, seqs, budget)
-                fwd = min(fwd, time.perf_counter() - start)
+            upd, fwd, stats = timed(model, opt, seqs, budget, args.repeats, share=False)  # the FLOPs above
             speed[dtype] = (upd, fwd)
             peak = ceiling[dtype]
             gflops = 3 * flops / upd / 1e9
@@ -98,6 +116,13 @@ def main() -> None:
                   f"sequence_logprobs {fwd:6.2f} s ({flops / fwd / 1e9 / peak:4.0%}) | "
                   f"grad_norm {stats['grad_norm']:.3g} | peak RSS so far {peak_rss_gib():.1f} GiB",
                   flush=True)
+            if args.imr_groups:
+                s_upd, s_fwd, s_stats = timed(model, opt, seqs, budget, args.repeats, share=True)
+                print(f"budget {budget:>6} {dtype_name(dtype)}: rl.share_prompts on: "
+                      f"{int(s_stats['num_micro_batches'])} micro-batches | policy_update {s_upd:6.2f} s "
+                      f"(x{upd / s_upd:.2f} vs off) | sequence_logprobs {s_fwd:6.2f} s "
+                      f"(x{fwd / s_fwd:.2f}) | loss {s_stats['loss']:.6g} vs {stats['loss']:.6g} off "
+                      "(same run, same batch)", flush=True)
         if torch.float32 in speed and torch.bfloat16 in speed:
             (u32, f32), (u16, f16) = speed[torch.float32], speed[torch.bfloat16]
             print(f"budget {budget:>6}: bf16 / fp32 speed-up: policy_update x{u32 / u16:.2f}, "

@@ -21,6 +21,7 @@ from memtrain.rl.rollout import TrainSequence
 from memtrain.rl.update import (
     accumulate_policy_gradients,
     plan_micro_batches,
+    plan_update,
     policy_update,
     sequence_logprobs,
     sequence_logprobs_and_entropy,
@@ -88,6 +89,37 @@ def test_plan_micro_batches_respects_the_padded_budget() -> None:
         plan_micro_batches([1], 0)
 
 
+def test_plan_update_runs_a_repeated_prompt_once() -> None:
+    a, b, c = [1, 2, 3, 4], [5, 6], [7, 8, 9]
+    prompts = [a, b, a, c, a, b, a]
+    completions = [3, 2, 5, 4, 1, 2, 2]
+    plan = plan_update(prompts, completions, max_tokens=100)
+    assert sorted(i for m in plan for i in m.rows) == list(range(7))
+    shared = {tuple(m.rows): m for m in plan if m.shared_prompt}
+    assert set(shared) == {(2, 0, 6, 4), (1, 5)}  # longest completion first; c has no repeat
+    assert [m.rows for m in plan if not m.shared_prompt] == [[3]]
+    # budget: prompt once + rows x longest completion; a group split down to one row goes to the padded plan
+    tight = plan_update(prompts, completions, max_tokens=4 + 2 * 5)
+    assert [m.rows for m in tight if m.shared_prompt] == [[2, 0], [6, 4], [1, 5]]
+    assert [m.rows for m in plan_update([a, a], [9, 9], max_tokens=4 + 9)] == [[0], [1]]  # no room for two
+    off = plan_update(prompts, completions, max_tokens=100, share_prompts=False)
+    lengths = [len(p) + n for p, n in zip(prompts, completions, strict=True)]
+    assert [(m.rows, m.shared_prompt) for m in off] == [(r, False) for r in plan_micro_batches(lengths, 100)]
+
+
+def _shared_prompt_seqs(seed: int) -> list[TrainSequence]:
+    """IMR-like groups (one prompt, several sampled answers of different lengths) among lone sequences."""
+    rng = random.Random(seed)
+    seqs = _random_seqs(4, seed=seed)
+    for g in range(3):
+        prompt = [rng.randrange(3, 500) for _ in range(rng.randint(6, 16))]
+        for _ in range(rng.randint(2, 5)):
+            completion = [rng.randrange(3, 500) for _ in range(rng.randint(1, 8))]
+            seqs.append(TrainSequence(prompt, completion, rng.uniform(-1.5, 1.5), kind="imr", group=f"i{g}"))
+    rng.shuffle(seqs)
+    return seqs
+
+
 # --- log-probs -------------------------------------------------------------------------------------------
 
 def test_sequence_logprobs_match_unpadded_forward_for_any_micro_batching(tiny_model_dir: Path) -> None:
@@ -106,6 +138,70 @@ def test_sequence_logprobs_match_unpadded_forward_for_any_micro_batching(tiny_mo
         p = len(s.prompt_ids)
         ref = [float(logits.log_softmax(-1)[p - 1 + j, t]) for j, t in enumerate(s.completion_ids)]
     torch.testing.assert_close(hot, torch.tensor(ref), atol=2e-5, rtol=0)
+
+
+def test_shared_prompt_passes_give_the_padded_forward_logprobs(tiny_model_dir: Path) -> None:
+    model = _load(tiny_model_dir)
+    seqs = _shared_prompt_seqs(seed=6)
+    for budget in (30, 10_000):
+        for got, s in zip(sequence_logprobs(model, seqs, budget, temperature=0.7), seqs, strict=True):
+            want = torch.tensor(_unpadded_logprobs(model, s, 0.7))
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+def test_a_loaded_model_computes_exactly_as_its_copy(tiny_model_dir: Path) -> None:
+    """load_policy leaves no weight at an unaligned address in the safetensors memory map, where CPU kernels
+    may round differently: a reloaded reference or resumed policy must compute what the original did."""
+    import copy
+
+    from memtrain.models import load_policy
+
+    loaded = load_policy(str(tiny_model_dir), "float32", "cpu")
+    assert all(t.data_ptr() % 64 == 0 for t in (*loaded.parameters(), *loaded.buffers()) if t.numel())
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
+    twin = copy.deepcopy(loaded)
+    seqs = _shared_prompt_seqs(seed=9)
+    theirs = sequence_logprobs(twin, seqs, 10_000)
+    for a, b in zip(sequence_logprobs(loaded, seqs, 10_000), theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_passes_give_the_padded_gradient(tiny_model_dir: Path, lora: bool) -> None:
+    """rl.share_prompts changes how the batch is computed, not the loss or its gradient (with the KL term:
+    a frozen reference, or the LoRA policy with its adapters off)."""
+    torch.manual_seed(0)
+    model = _load(tiny_model_dir)
+    ref = None
+    if lora:
+        model = apply_lora(model, LoraConfig(rank=4, alpha=8))
+        with torch.no_grad():  # non-zero adapters, so the policy differs from its reference
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+    else:
+        ref = _load(tiny_model_dir)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    seqs = _shared_prompt_seqs(seed=7)
+    gen = torch.Generator().manual_seed(8)
+    for s, lp in zip(seqs, sequence_logprobs(model, seqs, 10_000), strict=True):
+        s.old_logprobs = (lp + 0.8 * (torch.rand(lp.shape, generator=gen) - 0.5)).tolist()
+    cfg = RLConfig(kl_coef=0.1, temperature=0.8, micro_batch_tokens=10_000, old_logprobs="sampler")
+    unshared = cfg.model_copy(update={"share_prompts": False})
+    padded = accumulate_policy_gradients(model, seqs, unshared, ref=ref)
+    g_padded = _grads(model)
+    model.zero_grad(set_to_none=True)
+    shared = accumulate_policy_gradients(model, seqs, cfg, ref=ref)
+    g_shared = _grads(model)
+    assert padded["num_micro_batches"] == 1 and shared["num_micro_batches"] == 4  # 3 groups + the rest
+    assert padded["clip_frac"] > 0 and padded["kl"] > 0
+    assert shared["loss"] == pytest.approx(padded["loss"], rel=1e-5, abs=1e-7)
+    assert shared["kl"] == pytest.approx(padded["kl"], rel=1e-5)
+    assert sum(float(g.abs().sum()) for g in g_padded) > 0
+    for a, b in zip(g_padded, g_shared, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
 def test_entropy_matches_softmax_definition(tiny_model_dir: Path) -> None:
@@ -219,7 +315,8 @@ def test_old_logprobs_sampler_verified_recomputed_or_mixed(tiny_model_dir: Path)
     model = _load(tiny_model_dir)
     seqs = _engine_seqs(model, tokenizer)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the model stays as sampled
-    cfg = RLConfig(kl_coef=0.0, micro_batch_tokens=100_000)
+    # one micro-batch for all (the engine's samples share prompts, which would otherwise run apart)
+    cfg = RLConfig(kl_coef=0.0, micro_batch_tokens=100_000, share_prompts=False)
 
     st = policy_update(model, opt, seqs, cfg)
     # the engine's log-probs are on exactly the tokens the trainer scores: they agree to float precision

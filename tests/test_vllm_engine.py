@@ -223,7 +223,9 @@ def test_lora_policy_is_served_merged(tiny: tuple[Any, Any]) -> None:
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
-    engine = make_engine(CFG, "tiny", model=peft, tokenizer=tok)
+    # (with 32-token KV blocks, engine.block_size, as the CPU configs set: the engine's own checks still hold)
+    engine = make_engine(CFG.model_copy(update={"block_size": 32}), "tiny", model=peft, tokenizer=tok)
+    assert engine.llm.llm_engine.vllm_config.cache_config.block_size == 32
     assert engine.sync_weights(peft)["sync_logprob_max_diff"] < FP32_TOL
     requests = [GenerationRequest(_ids(tok, PROMPTS[2]), SamplingParams(n=2, temperature=1.0, max_tokens=8,
                                                                        seed=1))]

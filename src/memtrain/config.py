@@ -162,6 +162,13 @@ class EngineConfig(Section):
         description="vllm on GPU: the engine's share of GPU memory (weights + KV cache); the rest is the "
         "trainer's. The engine sleeps (frees it) while the trainer updates when the trainer asks it to",
     )
+    block_size: int | None = Field(
+        None,
+        gt=0,
+        description="vllm: tokens per KV cache block, the unit its prefix cache shares between prompts; "
+        "default vLLM's (128 on CPU, 16 on GPU). The agent's prompts share a template prefix (~110 "
+        "SmolLM2 tokens) that a 128-token block never shares across documents; 32 does",
+    )
     enforce_eager: bool = Field(
         True,
         description="vllm: run eagerly; false = torch.compile (CUDA graphs on GPU), ~2x faster decoding on "
@@ -223,6 +230,13 @@ class RLConfig(Section):
         "truncated distribution, so the ratio and KL would be biased)",
     )
     micro_batch_tokens: int = Field(16384, gt=0, description="padded tokens per forward/backward micro-batch")
+    share_prompts: bool = Field(
+        True,
+        description="sequences with one identical prompt (the G2 IMR answers to one memory, the first memory "
+        "turns of a row's G1 trajectories) run as one prompt forward and their completions on its KV cache: "
+        "the same log-probs and gradients for (n - 1) x prompt fewer tokens. Off under FSDP2 and gradient "
+        "checkpointing (each needs one forward per pass)",
+    )
     old_logprobs: Literal["auto", "sampler", "recompute"] = Field(
         "auto",
         description="PPO 'old' log-probs: the engine's when they agree with a recompute within "

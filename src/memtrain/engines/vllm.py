@@ -233,6 +233,8 @@ class VLLMEngine:
             kv_gib = CPU_KV_CACHE_GIB
         if kv_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_gib * 2**30)
+        if cfg.block_size is not None:
+            kwargs["block_size"] = cfg.block_size
         if self.on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=True)
         # under torchrun vLLM joins the trainer's process group, which its shutdown would destroy

@@ -5,7 +5,10 @@ and the completion the sampler produced for it, with the advantage it was assign
 broadcast to every step; IMR: its own group's). ``policy_update`` turns a list of them into exactly one
 optimizer step:
 
-1. plan micro-batches by a padded-token budget (``plan_micro_batches``);
+1. plan micro-batches by a token budget (``plan_update``): sequences that share one prompt (the G2 IMR answers
+   to one memory, the first memory turns of a row's G1 trajectories) run as the prompt once and their
+   completions on its KV cache (``rl.share_prompts``: same log-probs and gradients, (n - 1) x prompt fewer
+   tokens), the rest right-padded together (``plan_micro_batches``);
 2. per micro-batch: reference log-probs (a frozen model, or the same peft model with its adapters disabled;
    skipped when ``kl_coef == 0``), then the policy forward with gradients, the old log-probs (the sampler's
    when they agree with the recomputed ones, else the recomputed ones), the loss (``core.grpo_loss``: the
@@ -72,6 +75,51 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int
     return batches
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """The sequence indices of one forward/backward pass; ``shared_prompt``: they all have one prompt, run
+    once, and their completions run on its KV cache."""
+
+    rows: list[int]
+    shared_prompt: bool = False
+
+
+def plan_update(prompts: Sequence[Sequence[int]], completion_lengths: Sequence[int], max_tokens: int,
+                share_prompts: bool = True) -> list[MicroBatch]:
+    """The micro-batches of one update: with ``share_prompts``, sequences whose prompt another one repeats
+    go in shared-prompt micro-batches (cost: the prompt once + rows x the longest completion, kept <=
+    ``max_tokens``, longest completions first); the rest, and a group's single leftover, right-padded by
+    ``plan_micro_batches``. Deterministic; every index appears exactly once."""
+    if len(prompts) != len(completion_lengths):
+        raise ValueError(f"{len(prompts)} prompts but {len(completion_lengths)} completion lengths")
+    lengths = [len(p) + n for p, n in zip(prompts, completion_lengths, strict=True)]
+    if not share_prompts:
+        return [MicroBatch(rows) for rows in plan_micro_batches(lengths, max_tokens)]
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(tuple(prompt), []).append(i)
+    shared: list[MicroBatch] = []
+    rest: list[int] = []
+
+    def close(rows: list[int]) -> None:
+        if len(rows) > 1:
+            shared.append(MicroBatch(rows, shared_prompt=True))
+        else:
+            rest.extend(rows)
+
+    for prompt, members in by_prompt.items():
+        rows: list[int] = []
+        for i in sorted(members, key=lambda i: (-completion_lengths[i], i)):
+            if rows and len(prompt) + (len(rows) + 1) * completion_lengths[rows[0]] > max_tokens:
+                close(rows)
+                rows = []
+            rows.append(i)
+        close(rows)
+    rest.sort()
+    padded = plan_micro_batches([lengths[i] for i in rest], max_tokens) if rest else []
+    return shared + [MicroBatch([rest[j] for j in rows]) for rows in padded]
+
+
 def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype
@@ -92,6 +140,7 @@ class _Batch:
     mask: Tensor  # [B, keep] bool: True on completion tokens
     start: int
     offsets: list[int]  # column of each row's first completion token
+    shared_prompt: bool = False  # every row has the same prompt (input_ids[:, :start + 1])
 
     @property
     def keep(self) -> int:
@@ -114,7 +163,8 @@ class _Batch:
         return out
 
 
-def _collate(seqs: Sequence[HasTokens], rows: list[int], device: torch.device) -> _Batch:
+def _collate(seqs: Sequence[HasTokens], rows: list[int], device: torch.device,
+             shared_prompt: bool = False) -> _Batch:
     items = [seqs[i] for i in rows]
     total = max(len(s.prompt_ids) + len(s.completion_ids) for s in items)
     start = min(len(s.prompt_ids) for s in items) - 1
@@ -134,7 +184,28 @@ def _collate(seqs: Sequence[HasTokens], rows: list[int], device: torch.device) -
         mask[b, off: off + n] = True
         offsets.append(off)
     return _Batch(rows, input_ids.to(device), attention.to(device), labels.to(device), mask.to(device), start,
-                  offsets)
+                  offsets, shared_prompt)
+
+
+def _logits(model: torch.nn.Module, batch: _Batch, device: torch.device) -> Tensor:
+    """The [B, keep, vocab] logits of ``batch``: one right-padded forward, or (a shared prompt) the prompt
+    once, its KV cache repeated per row, and every row's completion on it; gradients flow through the cache
+    into the prompt's forward, so they equal the padded forward's."""
+    ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
+    with autocast_for(model):
+        if not batch.shared_prompt:
+            return model(input_ids=ids, attention_mask=attention, logits_to_keep=batch.keep,
+                         use_cache=False).logits
+        prompt = batch.start + 1
+        head = model(input_ids=ids[:1, :prompt], use_cache=True, logits_to_keep=1)
+        cache = head.past_key_values
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+            raise UserError(f"rl.share_prompts: {type(model).__name__} returned no repeatable KV cache "
+                            "(transformers' Cache); set rl.share_prompts=false")
+        cache.batch_repeat_interleave(ids.shape[0])
+        tail = model(input_ids=ids[:, prompt:], attention_mask=attention, past_key_values=cache,
+                     use_cache=True)
+    return torch.cat([head.logits.expand(ids.shape[0], -1, -1), tail.logits], dim=1)
 
 
 def _forward_logprobs(model: torch.nn.Module, batch: _Batch, temperature: float = 1.0,
@@ -142,10 +213,7 @@ def _forward_logprobs(model: torch.nn.Module, batch: _Batch, temperature: float 
     """Per-token log p(label) [B, keep] under softmax(logits / temperature), in float32 (differentiable when
     grad is on), and optional entropies of that same tempered distribution (as verl reports them)."""
     device, _ = _device_dtype(model)  # a reference model may live on another device than the batch
-    with autocast_for(model):
-        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                    logits_to_keep=batch.keep, use_cache=False)
-    logits = out.logits.float()
+    logits = _logits(model, batch, device).float()
     if logits.shape[1] != batch.keep:
         raise RuntimeError(f"the model returned logits for {logits.shape[1]} positions, expected "
                            f"{batch.keep}: it must support transformers' logits_to_keep argument")
@@ -178,15 +246,17 @@ def _mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
 
 
 def sequence_logprobs(model: torch.nn.Module, seqs: Sequence[HasTokens], micro_batch_tokens: int,
-                      temperature: float = 1.0) -> list[Tensor]:
+                      temperature: float = 1.0, share_prompts: bool = True) -> list[Tensor]:
     """Per-completion-token log-probs (CPU float32, one tensor per sequence, input order), no gradient.
 
     Runs in eval mode (no dropout) in padded micro-batches of at most ``micro_batch_tokens`` tokens. Use it to
     recompute old log-probs before the first of several updates on one rollout batch, or to check an engine.
     ``temperature`` divides the logits: pass the rollout's (``rl.temperature``) to get what the engines
-    report for tokens sampled at that temperature and what the update uses.
+    report for tokens sampled at that temperature and what the update uses. ``share_prompts``: as
+    ``rl.share_prompts`` (a prompt several sequences share runs once).
     """
-    return [lp for lp, _ in _no_grad_passes(model, seqs, micro_batch_tokens, temperature, False)]
+    passes = _no_grad_passes(model, seqs, micro_batch_tokens, temperature, False, share_prompts)
+    return [lp for lp, _ in passes]
 
 
 def sequence_logprobs_and_entropy(model: torch.nn.Module, seqs: Sequence[HasTokens], micro_batch_tokens: int,
@@ -197,17 +267,19 @@ def sequence_logprobs_and_entropy(model: torch.nn.Module, seqs: Sequence[HasToke
 
 
 def _no_grad_passes(model: torch.nn.Module, seqs: Sequence[HasTokens], micro_batch_tokens: int,
-                    temperature: float, with_entropy: bool) -> list[tuple[Tensor, Tensor]]:
+                    temperature: float, with_entropy: bool,
+                    share: bool = True) -> list[tuple[Tensor, Tensor]]:
     device, _ = _device_dtype(model)
     out: list[tuple[Tensor, Tensor]] = [(torch.empty(0), torch.empty(0))] * len(seqs)
-    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in seqs]
+    plan = plan_update([s.prompt_ids for s in seqs], [len(s.completion_ids) for s in seqs],
+                       micro_batch_tokens, share and _can_share_prompts(model))
     with torch.no_grad(), _mode(model, False):
-        for rows in plan_micro_batches(lengths, micro_batch_tokens):
-            batch = _collate(seqs, rows, device)
+        for micro in plan:
+            batch = _collate(seqs, micro.rows, device, micro.shared_prompt)
             logp, ent = _forward_logprobs(model, batch, temperature, with_entropy)
             lps = batch.gather(logp)
-            ents = batch.gather(ent) if ent is not None else [torch.empty(0)] * len(rows)
-            for b, i in enumerate(rows):
+            ents = batch.gather(ent) if ent is not None else [torch.empty(0)] * len(micro.rows)
+            for b, i in enumerate(micro.rows):
                 out[i] = (lps[b], ents[b])
     return out
 
@@ -385,6 +457,7 @@ class _Pass:
     seqs: Sequence[TrainSequence]
     rows: list[int]
     totals: AggTotals
+    shared_prompt: bool = False
 
     @property
     def padding(self) -> bool:
@@ -395,7 +468,7 @@ class _Pass:
         return [self.seqs[i] for i in self.rows]
 
 
-def _plan_passes(seqs: Sequence[TrainSequence], plan: list[list[int]], totals: tuple[int, int, int],
+def _plan_passes(seqs: Sequence[TrainSequence], plan: list[MicroBatch], totals: tuple[int, int, int],
                  passes: int | None) -> list[_Pass]:
     """One pass per planned micro-batch, then (FSDP2) zero-weight padding passes up to ``passes``."""
     if passes is not None and passes < len(plan):
@@ -403,7 +476,8 @@ def _plan_passes(seqs: Sequence[TrainSequence], plan: list[list[int]], totals: t
     num_seqs, num_tokens, sessions = totals
     norm = AggTotals(num_seqs=num_seqs, num_tokens=num_tokens, num_sessions=sessions)
     sizes = session_sizes([s.session for s in seqs])  # sequences per session, over this whole (local) batch
-    work = [_Pass(seqs, rows, replace(norm, session_size=[sizes[i] for i in rows])) for rows in plan]
+    work = [_Pass(seqs, m.rows, replace(norm, session_size=[sizes[i] for i in m.rows]), m.shared_prompt)
+            for m in plan]
     return work + [_Pass(_PADDING, [0], replace(norm, session_size=[1]))] * ((passes or 0) - len(plan))
 
 
@@ -456,7 +530,7 @@ def _micro_batch_loss(model: torch.nn.Module, reference: _Reference, cfg: RLConf
                       stats: UpdateStats) -> tuple[Tensor, dict[str, Tensor]]:
     """One micro-batch's share of the full-batch GRPO loss (differentiable) and its stats (``grpo_loss``'s
     plus entropy_sum: its tokens' summed policy entropy)."""
-    batch = _collate(work.seqs, work.rows, _device_dtype(model)[0])
+    batch = _collate(work.seqs, work.rows, _device_dtype(model)[0], work.shared_prompt)
     items = work.items
     ref_logp = _reference_logprobs(model, reference, batch, cfg.temperature)
     logp, entropy = _forward_logprobs(model, batch, cfg.temperature, with_entropy=True)
@@ -498,7 +572,9 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
     check_trainable_sampling(cfg)
     _check_sampler_logprobs(seqs, cfg)
     reference = _reference_context(model, ref, cfg.kl_coef)
-    plan = plan_micro_batches([s.length for s in seqs], cfg.micro_batch_tokens)
+    share = cfg.share_prompts and passes is None and _can_share_prompts(model)  # FSDP2: one forward per pass
+    plan = plan_update([s.prompt_ids for s in seqs], [len(s.completion_ids) for s in seqs],
+                       cfg.micro_batch_tokens, share)
     stats = UpdateStats()
     for work in _plan_passes(seqs, plan, totals if totals is not None else _batch_counts(seqs), passes):
         loss, loss_stats = _micro_batch_loss(model, reference, cfg, work, stats)
@@ -515,6 +591,17 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
             stats.add_loss(loss, loss_stats)
     _warn_sampler_gap(stats, cfg, len(seqs))
     return stats.finalise(seqs, len(plan))
+
+
+def _can_share_prompts(model: torch.nn.Module) -> bool:
+    """A transformers model (peft-wrapped or not), so it returns the KV cache a shared prompt's completions
+    run on, without gradient checkpointing (which drops that cache in training; the flag was renamed)."""
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    on = getattr(model, "is_activation_checkpointing", None)
+    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False) if on is None else on)
+    return isinstance(base, PreTrainedModel) and not checkpointing
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
