@@ -2,12 +2,13 @@
 # The CPU demo of the whole MemTrain loop on the embedded defaults (docs/benchmarks.md has its timings):
 #   1. fetch the embedded assets (SmolLM2-135M-Instruct, Wikipedia corpus, spaCy NER, MiniLM),
 #   2. build a small proxy training set and a held-out one that shares no Wikipedia article with it,
-#   3. evaluate the base model on the held-out set (E2E + IMR, greedy, bootstrap 95% intervals),
-#   4. train with GRPO on the joint E2E + IMR objective (configs/memtrain_demo_cpu.yaml) with the vLLM
-#      engine when its environment installed (`make demo` tries), else the HF engine,
-#   5. evaluate the trained checkpoint on the same held-out questions and print base vs trained side by side
-#      (the paired difference with its 95% interval), the reward per step and the paths of the curves.
-# Re-running it continues/reuses what is there (data, evals and the run are resumed or reused).
+#   3. train with GRPO on the joint E2E + IMR objective (configs/memtrain_demo_cpu.yaml) with the vLLM
+#      engine when its environment installed (`make demo` tries), else the HF engine, validating on the
+#      held-out set (E2E + IMR, greedy, bootstrap 95% intervals) before the first step, every
+#      train.eval_every steps and after the last (train.eval_data: RUN/eval/step_N),
+#   4. print the held-out base (step 0) vs trained (last step) table side by side (the paired difference with
+#      its 95% interval), the reward and validation per step, and the paths of the curves.
+# Re-running it continues/reuses what is there (data, the run and its validations are resumed or reused).
 # MEMTRAIN_DEMO_DATA / MEMTRAIN_DEMO_RUN move the data / run directories; MEMTRAIN_DEMO_STEPS sets the steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,19 +47,16 @@ PROXY=(--passages 4 --related 2 --min-tokens 300 --max-tokens 500 --retriever bm
 [ -f "$HELDOUT/manifest.json" ] || \
   memtrain data proxy --out "$HELDOUT" --num-docs 64 --seed 2 --exclude-from "$DATA" "${PROXY[@]}"
 
-EVAL=(--config "$CONFIG" --data "$HELDOUT" --engine "$ENGINE" --batch-size 32)
-memtrain eval proxy "${EVAL[@]}" --out "$RUN-eval-base"
-memtrain train --config "$CONFIG" "data.path=$DATA" "engine.kind=$ENGINE" ${STEPS:+"train.steps=$STEPS"} \
-  ${STEPS:+"train.checkpoint_every=$STEPS"} --out "$RUN" --resume
-# one eval per checkpoint (step_N): a longer re-run gets its own
-TRAINED="$RUN-eval-$(cd -P "$RUN/checkpoints/latest" && basename "$PWD")"
-memtrain eval proxy "${EVAL[@]}" --model "$RUN/checkpoints/latest" --out "$TRAINED"
+memtrain train --config "$CONFIG" "data.path=$DATA" "train.eval_data=$HELDOUT" "engine.kind=$ENGINE" \
+  ${STEPS:+"train.steps=$STEPS"} ${STEPS:+"train.checkpoint_every=$STEPS"} --out "$RUN" --resume
+LAST="$(basename "$(ls -d "$RUN"/eval/step_* | sort | tail -n 1)")"  # the validation after the last step
 
 echo
 echo "held-out proxy set ($HELDOUT: no article in common with the training set), base vs trained:"
-memtrain report "$RUN-eval-base" "$TRAINED" --labels base,trained --out "$RUN-heldout.md"
+memtrain report "$RUN/eval/step_000000" "$RUN/eval/$LAST" --labels base,trained --out "$RUN/heldout.md"
 echo
-echo "reward per step (the curves shade each step's spread; runs of 10+ steps add a moving average):"
+echo "per step: the training reward (the curves shade each step's spread; runs of 10+ steps add a moving"
+echo "average) and the held-out validation (plots/validation.png: 95% intervals):"
 memtrain plot --table "$RUN"
 echo "sample trajectories: $RUN/samples.jsonl   TensorBoard: tensorboard --logdir $RUN/tensorboard"
 echo "demo finished in $(( $(date +%s) - start ))s with the $ENGINE engine"

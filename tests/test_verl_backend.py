@@ -76,7 +76,8 @@ def test_rendered_verl_config_maps_every_setting(tmp_path: Path) -> None:
     # settings the verl backend cannot express fail before anything starts, naming the key
     for bad, msg in ((["rl.loss_agg=session_mean"], r"rl.loss_agg=session_mean: the verl backend offers"),
                      (["agent.max_chunks=null"], r"agent.max_chunks is null"),
-                     (["rl.top_p=0.9"], r"rl.top_p=0.9: training needs rl.top_p=1.0")):
+                     (["rl.top_p=0.9"], r"rl.top_p=0.9: training needs rl.top_p=1.0"),
+                     (["train.eval_data=held"], r"train.eval_data='held': validation during training")):
         with pytest.raises(ValueError, match=msg):
             render_verl_config(load_config(None, ["train.batch_size=4", *bad]), paths, "m", num_rows=10)
     assert rollout["n"] == 8 and rollout["tensor_model_parallel_size"] == 2 and rollout["calculate_log_probs"]

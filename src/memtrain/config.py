@@ -308,6 +308,17 @@ class TrainConfig(Section):
     threads: int | None = Field(
         None, gt=0, description="torch CPU threads; default $MEMTRAIN_THREADS, else all cores"
     )
+    eval_data: str = Field(
+        "",
+        description="a held-out dataset for validation during training (empty: none): the policy is "
+        "evaluated greedily on it with the training engine before the first step, every train.eval_every "
+        "steps and after the last, by the evaluation named like train.task (memtrain eval proxy); results "
+        "in RUN_DIR/eval/step_N, compared by `memtrain report`, drawn by `memtrain plot`",
+    )
+    eval_every: int = Field(0, ge=0, description="validate every N steps (0: before the first and after the "
+                            "last step only)")
+    eval_limit: int | None = Field(None, gt=0, description="validate on the first N rows of train.eval_data")
+    eval_batch_size: int = Field(32, gt=0, description="rows per validation batch")
     parallel: Literal["ddp", "fsdp2"] = Field(
         "ddp",
         description="under torchrun: ddp = a full model per rank, gradients all-reduced; fsdp2 = weights, "

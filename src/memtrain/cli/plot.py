@@ -15,11 +15,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from memtrain.rl.metrics import plot_run, read_metrics, summary_table
+    from memtrain.rl.metrics import plot_run, read_metrics, summary_table, validation_table
 
     paths = plot_run(args.run_dir, args.out)
     if args.table:
-        print(summary_table(read_metrics(args.run_dir)))
+        rows = read_metrics(args.run_dir)
+        print(summary_table(rows))
+        validations = validation_table(args.run_dir, rows)
+        if validations:
+            print(f"\nvalidation on train.eval_data ({args.run_dir}/eval/step_N):")
+            print(validations)
     for path in paths:
         print(path)
     return 0

@@ -257,9 +257,13 @@ def plot(summary: Mapping[str, Any], path: Path) -> Path:
 
 def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit: int | None = None,
                    batch_size: int = 16, temperature: float = TEMPERATURE, top_p: float = TOP_P,
-                   seed: int = SEED, engine: Engine | None = None, tokenizer: Any = None) -> dict[str, Any]:
+                   seed: int = SEED, engine: Engine | None = None, tokenizer: Any = None,
+                   model_id: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate ``cfg.model`` on the proxy set in ``data_dir`` (first ``limit`` documents); returns the
     summary it writes to ``out_dir``.
+
+    ``engine`` / ``tokenizer``: used instead of loading ``cfg.model`` (the trainer's validation passes its
+    engine, synced to the policy, and a ``model_id`` naming the run and step for the resume check).
 
     ``limit`` is not part of the resume check: a run can be extended to more documents in the same
     directory, and its summary covers the first ``limit`` documents of the set.
@@ -284,7 +288,8 @@ def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit
         # sampled seeds derive from a document's place in its batch: the batch size must not change
         "batch_size": batch_size if sampled else None,
         "compute_dtype": compute_dtype_name(cfg.model.compute_dtype, cfg.model.device)}
-    meta: dict[str, Any] = {"task": TASK, "model": cfg.model.name, "model_id": model_identity(cfg.model.name),
+    identity = dict(model_id) if model_id is not None else model_identity(cfg.model.name)
+    meta: dict[str, Any] = {"task": TASK, "model": cfg.model.name, "model_id": identity,
                             "data": str(Path(data_dir).resolve()), "engine": cfg.engine.kind,
                             "templates": dict(a.templates), "protocol": protocol}
     check_resume(out, meta)
@@ -325,7 +330,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 @register_eval(TASK, help="E2E reconstruction and IMR recall on a proxy set (95%% intervals)",
                description="One E2E trajectory and one IMR question per document; the IMR question is drawn "
                "from the data alone with a seed per document, so two models get the same questions. Compare "
-               "runs with `memtrain report A B`.", main_metric=REWARD_METRIC, arguments=_arguments)
+               "runs with `memtrain report A B`.", main_metric=REWARD_METRIC, arguments=_arguments,
+               validate=run_proxy_eval)
 def proxy_command(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
     """``memtrain eval proxy``."""
     return run_proxy_eval(cfg, args.data, args.out, limit=args.limit, batch_size=args.batch_size,

@@ -12,7 +12,9 @@ use them, and ``memtrain --help`` stays fast.
 A command receives the config (``--config``, dotted overrides, ``--model`` / ``--engine`` / ``--base-url``)
 and the parsed arguments, including the shared ones every evaluation has (``--data``, ``--out``,
 ``--limit``, ``--batch-size``); it writes its run directory (``results.md`` among the files of
-:mod:`memtrain.eval.report`) and returns the summary.
+:mod:`memtrain.eval.report`) and returns the summary. An evaluation may also give a ``validate`` function
+(:data:`Validator`): then ``memtrain train`` with ``train.task`` of the same name can evaluate the policy
+as it trains (``train.eval_data``), on the training engine, into the same kind of run directory.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
 
 Command = Callable[["Config", argparse.Namespace], Mapping[str, Any]]
 Arguments = Callable[[argparse.ArgumentParser], None]
+# validate(cfg, data_dir, out_dir, *, limit, batch_size, engine, tokenizer, model_id) -> summary: greedy, with
+# the engine given (the trainer's, synced to the policy); model_id names what is evaluated in the resume check
+Validator = Callable[..., Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -50,13 +55,15 @@ class Evaluation:
     arguments: Arguments | None = None
     description: str | None = None
     agent_budgets: bool = True
+    validate: Validator | None = None
 
 
 _REGISTRY: dict[str, Evaluation] = {}
 
 
 def register_eval(name: str, *, help: str, main_metric: str, arguments: Arguments | None = None,
-                  description: str | None = None, agent_budgets: bool = True) -> Callable[[Command], Command]:
+                  description: str | None = None, agent_budgets: bool = True,
+                  validate: Validator | None = None) -> Callable[[Command], Command]:
     """Register the decorated command as ``memtrain eval NAME`` (see :class:`Evaluation`)."""
 
     def decorator(command: Command) -> Command:
@@ -65,7 +72,8 @@ def register_eval(name: str, *, help: str, main_metric: str, arguments: Argument
         if main_metric not in METRICS:
             raise ValueError(f"evaluation {name!r}: main_metric {main_metric!r} is not one of "
                              f"{', '.join(METRICS)}")
-        _REGISTRY[name] = Evaluation(name, help, main_metric, command, arguments, description, agent_budgets)
+        _REGISTRY[name] = Evaluation(name, help, main_metric, command, arguments, description, agent_budgets,
+                                     validate)
         return command
 
     return decorator

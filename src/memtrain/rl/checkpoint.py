@@ -24,8 +24,8 @@ the previous checkpoint usable. Older checkpoints beyond ``keep_last`` are delet
 place (never newer ones: a run resumed from an older step leaves them until it redoes those steps).
 
 A run may only be resumed with the config it started with, apart from ``RESUMABLE_KEYS`` (run length,
-logging, checkpoint cadence and pure performance knobs): :func:`config_differences` names every other key
-that changed.
+logging, checkpoint and validation cadence and pure performance knobs): :func:`config_differences` names
+every other key that changed.
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ RESUMABLE_KEYS: frozenset[str] = frozenset(
         "train.tensorboard",
         "train.max_nonfinite",
         "train.threads",
+        "train.eval_data",
+        "train.eval_every",
+        "train.eval_limit",
+        "train.eval_batch_size",
         "engine.batch_size",
         "engine.max_concurrency",
         "engine.timeout_s",

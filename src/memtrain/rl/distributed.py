@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -291,6 +291,9 @@ class NullRunLogger:
         return row
 
     def log_samples(self, step: int, records: Sequence[dict[str, Any]]) -> None:
+        return None
+
+    def log_validation(self, step: int, summary: Mapping[str, Any]) -> None:
         return None
 
     def close(self) -> None:

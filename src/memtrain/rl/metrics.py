@@ -1,5 +1,6 @@
 """What a training run records: ``metrics.jsonl`` (one row per step), TensorBoard events, readable sample
-trajectories, a summary table, and PNG curves (``memtrain plot``).
+trajectories, validations (``eval/step_N``, with ``train.eval_data``), a summary table, and PNG curves
+(``memtrain plot``).
 
 ``metrics.jsonl`` is the source of truth: plain JSON (non-finite numbers are written as null), appended and
 flushed once per step. On resume, rows after the checkpoint's step are dropped (they belong to steps that are
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
+EVAL_DIR = "eval"  # validations: eval/step_N (an eval run directory), eval/dropped/ (moved aside on resume)
+_STEP_DIR = re.compile(r"step_(\d+)")
 
 # Columns every metrics row carries (None where a task does not produce them, e.g. imr_match without IMR).
 REQUIRED_COLUMNS: tuple[str, ...] = (
@@ -157,6 +161,16 @@ class RunLogger:
     def log_samples(self, step: int, records: Sequence[dict[str, Any]]) -> None:
         append_jsonl(self.samples_path, [{"step": step, **r} for r in records])
 
+    def log_validation(self, step: int, summary: Mapping[str, Any]) -> None:
+        """TensorBoard ``val/PART_METRIC`` scalars of a validation (its run directory is the record)."""
+        if self._tb is None:
+            return
+        for part, group in summary.get("groups", {}).items():
+            for metric, value in ((group or {}).get("metrics") or {}).items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"val/{part}_{metric}", value, step)
+        self._tb.flush()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
@@ -260,4 +274,140 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
-    return written
+    validation = _plot_validation(plt, run_dir, rows, out)
+    return written + ([validation] if validation is not None else [])
+
+
+def _plot_validation(plt: Any, run_dir: Path, rows: Sequence[Mapping[str, Any]], out: Path) -> Path | None:
+    """validation.png: the trained metric on the held-out set per validated step, with its 95% interval."""
+    from memtrain.eval.report import load_summary
+
+    summaries = {step: load_summary(path) for step, path in validation_dirs(run_dir).items()}
+    if not summaries:
+        return None
+    metric = _trained_metric(rows, list(summaries.values()))
+    points = {step: validation_points(s, metric) for step, s in summaries.items()}
+    keys = list(dict.fromkeys(k for p in points.values() for k in p))
+    if not keys:
+        return None
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys, strict=True):
+        steps = [step for step, p in points.items() if key in p]
+        means = [100 * points[step][key]["mean"] for step in steps]
+        has_ci = all(points[step][key]["lo"] is not None for step in steps)
+        err = None
+        if has_ci:
+            err = [[m - 100 * points[st][key]["lo"] for st, m in zip(steps, means, strict=True)],
+                   [100 * points[st][key]["hi"] - m for st, m in zip(steps, means, strict=True)]]
+        ax.errorbar(steps, means, yerr=err, marker="o", ms=4, lw=1, capsize=3,
+                    label="mean, 95% bootstrap interval" if has_ci else "mean")
+        ax.set_ylabel(f"{key} (%)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")
+    axes[-1, 0].set_xlabel("step (0: before training)")
+    fig.suptitle(f"Validation on the held-out set (greedy) - {Path(run_dir).name}")
+    fig.tight_layout()
+    path = out / "validation.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validations (train.eval_data): RUN_DIR/eval/step_N, each an eval run directory with its summary.json
+# --------------------------------------------------------------------------------------------------------
+
+
+def validation_dirs(run_dir: Path) -> dict[int, Path]:
+    """Step -> ``eval/step_N`` of every finished validation of a run (those with a summary), by step."""
+    root = Path(run_dir) / EVAL_DIR
+    found = {}
+    for path in root.iterdir() if root.is_dir() else ():
+        match = _STEP_DIR.fullmatch(path.name)
+        if match and (path / "summary.json").is_file():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def drop_validations_after(run_dir: Path, step: int) -> int:
+    """Move validations of steps after ``step`` (a killed run's, about to be redone) to ``eval/dropped/``,
+    as resume moves metrics rows: never erased, never mixed with the redone ones. Returns how many moved."""
+    root = Path(run_dir) / EVAL_DIR
+    moved = 0
+    for path in sorted(root.iterdir()) if root.is_dir() else ():
+        match = _STEP_DIR.fullmatch(path.name)
+        if match and int(match.group(1)) > step:
+            target = root / "dropped" / path.name
+            n = 1
+            while target.exists():
+                n += 1
+                target = root / "dropped" / f"{path.name}.{n}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
+            moved += 1
+    if moved:
+        logger.warning("%s: moved %d validation(s) after step %d (redone now) to %s", root, moved, step,
+                       root / "dropped")
+    return moved
+
+
+def validation_points(summary: Mapping[str, Any], metric: str) -> dict[str, dict[str, float | None]]:
+    """``"PART METRIC"`` -> {mean, lo, hi} of one validation: ``metric`` of every part (group) of the
+    evaluation, with its bootstrap interval where the evaluation gives one, and the rate at which the label
+    was in the memory asked from (``PART label in memory``) where it measures that."""
+    out: dict[str, dict[str, float | None]] = {}
+    for part in summary.get("order") or list(summary.get("groups", {})):
+        detail = summary.get(part) if isinstance(summary.get(part), Mapping) else {}
+        ci = (detail.get("metrics") or {}).get(metric)
+        mean = ((summary.get("groups", {}).get(part) or {}).get("metrics") or {}).get(metric)
+        if isinstance(ci, Mapping):
+            out[f"{part} {metric}"] = {"mean": ci["mean"], "lo": ci["lo"], "hi": ci["hi"]}
+        elif mean is not None:
+            out[f"{part} {metric}"] = {"mean": mean, "lo": None, "hi": None}
+        kept = detail.get("in_memory")
+        if isinstance(kept, Mapping):
+            out[f"{part} label in memory"] = {"mean": kept["mean"], "lo": kept["lo"], "hi": kept["hi"]}
+    return out
+
+
+def validation_line(summary: Mapping[str, Any], metric: str) -> str:
+    """``imr f1 % 2.05 [0.69, 3.68], ...``: :func:`validation_points` for a log line."""
+    points = validation_points(summary, metric)
+    return ", ".join(f"{k} % {_cell(v)}" for k, v in points.items()) or "no metrics"
+
+
+def _cell(point: Mapping[str, float | None]) -> str:
+    """``mean [lo, hi]`` in %, or ``mean`` without an interval."""
+    ci = f" [{_pct(point['lo'])}, {_pct(point['hi'])}]" if point["lo"] is not None else ""
+    return _pct(point["mean"]) + ci
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _trained_metric(rows: Sequence[Mapping[str, Any]], summaries: Sequence[Mapping[str, Any]]) -> str:
+    """The run's reward metric (what it trains on), else the evaluation's main metric."""
+    for row in reversed(rows):
+        if row.get("reward_metric"):
+            return str(row["reward_metric"])
+    return str(summaries[0].get("main_metric", "em")) if summaries else "em"
+
+
+def validation_table(run_dir: Path, rows: Sequence[Mapping[str, Any]] = ()) -> str:
+    """Step x (trained metric per part, label in memory) of a run's validations, in % with 95% intervals;
+    empty when the run has none."""
+    from memtrain.eval.report import load_summary
+
+    summaries = {step: load_summary(path) for step, path in validation_dirs(run_dir).items()}
+    if not summaries:
+        return ""
+    metric = _trained_metric(rows, list(summaries.values()))
+    points = {step: validation_points(s, metric) for step, s in summaries.items()}
+    cols = list(dict.fromkeys(k for p in points.values() for k in p))
+    lines = ["| step | " + " | ".join(f"{c} (%, 95% CI)" for c in cols) + " |",
+             "|---:|" + "---:|" * len(cols)]
+    for step, p in points.items():
+        cells = [_cell(p[c]) if c in p else "-" for c in cols]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -14,7 +14,10 @@ Per step (MEMTRAIN.md section 4):
    exactly one optimizer step (``memtrain.rl.update.policy_update``), then the engine synced to it;
 5. log a metrics row, sample trajectories every ``train.sample_every`` steps, a checkpoint every
    ``train.checkpoint_every`` steps and at the end (never right after a skipped step, so the newest
-   checkpoint always follows a real update).
+   checkpoint always follows a real update);
+6. with ``train.eval_data``: validate - evaluate the policy greedily on that held-out set with the training
+   engine (the evaluation registered under the task's name) before the first step, every
+   ``train.eval_every`` steps and after the last, into ``RUN_DIR/eval/step_N`` (:func:`validate`).
 
 Determinism: every random draw of a step (rollout sampling seeds, IMR choices) derives from
 ``(train.seed, step, round)``, the data order from ``(train.seed, epoch)``; with the optimizer, scheduler and
@@ -43,6 +46,7 @@ from memtrain.agent.loop import derive_seed
 from memtrain.config import Config, TrainConfig, load_config, save_config
 from memtrain.engines.base import Engine, SamplingParams, can_follow_policy
 from memtrain.errors import UserError
+from memtrain.eval.registry import Validator, get_eval
 from memtrain.io import LOCK_FILE, acquire_dir_lock, release_dir_lock
 from memtrain.log import logger
 from memtrain.rl import checkpoint as ckpt_io
@@ -55,7 +59,7 @@ from memtrain.rl.distributed import (
     reduce_update_stats,
     shard_model,
 )
-from memtrain.rl.metrics import RunLogger
+from memtrain.rl.metrics import EVAL_DIR, RunLogger, drop_validations_after, validation_line
 from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler
 from memtrain.rl.rollout import (
     Rollout,
@@ -265,6 +269,25 @@ def check_settings(config: Config) -> None:
         )
 
 
+def find_validator(config: Config) -> Validator | None:
+    """The validation function of ``train.eval_data`` (None without it): the ``validate`` of the evaluation
+    registered under ``train.task``'s name (:mod:`memtrain.eval.registry`)."""
+    if not config.train.eval_data:
+        return None
+    evaluation = get_eval(config.train.task)  # an unknown name is a one-line UserError
+    if evaluation.validate is None:
+        raise UserError(f"train.eval_data={config.train.eval_data!r}: the {evaluation.name!r} evaluation "
+                        "cannot validate during training (no validate function); evaluate the checkpoints "
+                        f"with `memtrain eval {evaluation.name}` instead")
+    return evaluation.validate
+
+
+def validation_due(cfg: TrainConfig, step: int) -> bool:
+    """Validate before the first step (step 0), every ``train.eval_every`` steps, and after the last."""
+    every = cfg.eval_every > 0 and step % cfg.eval_every == 0
+    return bool(cfg.eval_data) and (step in (0, cfg.steps) or every)
+
+
 def _rollout_round(
     task: Task, rows: list[dict], engine: Engine, config: Config, step: int, round_index: int, rank: int = 0
 ) -> tuple[list[Rollout], dict[str, float]]:
@@ -359,6 +382,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     engine: Any  # an Engine that follows the policy (engines.base.PolicyFollower)
+    validator: Validator | None  # evaluates the policy on train.eval_data (None: no validation)
     log: RunLogger | NullRunLogger
     fingerprint: str  # of the config, saved with every checkpoint and checked on resume
     start_step: int  # the last step taken before this process (0: a fresh run)
@@ -385,11 +409,17 @@ def setup_run(config: Config, out_dir: Path, resume: bool = False) -> Run | None
     task = make_task(config, tokenizer)
     rows = load_rows(config.data.path)
     check_rows(task, rows, config.data.path)
+    validator = find_validator(config)
+    if validator is not None:
+        if ctx.enabled:
+            raise UserError("train.eval_data: validation during training runs in a single process; under "
+                            "torchrun evaluate the checkpoints with `memtrain eval` instead")
+        load_rows(config.train.eval_data)  # a missing or unreadable set fails before anything is written
     # one writer per run directory: rank 0 holds its lock until the run ends (released by the kernel if the
     # process dies), so a second trainer on the same --out is refused before it writes anything
     ctx.on_main(lambda: acquire_dir_lock(out_dir))
     try:
-        run = _open_run(config, out_dir, resume, ctx, tokenizer, task, rows)
+        run = _open_run(config, out_dir, resume, ctx, tokenizer, task, rows, validator)
     except BaseException:
         _release_lock(run_dir=out_dir, ctx=ctx)
         raise
@@ -404,7 +434,7 @@ def setup_run(config: Config, out_dir: Path, resume: bool = False) -> Run | None
 
 
 def _open_run(config: Config, out_dir: Path, resume: bool, ctx: DistContext, tokenizer: Any, task: Task,
-              rows: list[dict]) -> Run | None:
+              rows: list[dict], validator: Validator | None) -> Run | None:
     """``setup_run`` once the inputs are checked and the run directory is locked."""
     # run directory: fresh, or resumed from its latest checkpoint (rank 0 checks, the others follow)
     resume_from = ctx.on_main(lambda: check_run_dir(out_dir, config, resume))
@@ -431,10 +461,11 @@ def _open_run(config: Config, out_dir: Path, resume: bool, ctx: DistContext, tok
     log: RunLogger | NullRunLogger = NullRunLogger()
     if ctx.is_main:
         log = RunLogger(out_dir, start_step, tensorboard=config.train.tensorboard)
+        drop_validations_after(out_dir, start_step)  # a killed run's later validations are redone
     synced = sync_engine(engine, model)  # the first rollout samples from exactly these weights
     logger.debug("engine synced to the policy: %s", synced)
-    return Run(config, out_dir, ctx, tokenizer, task, rows, model, ref, optimizer, scheduler, engine, log,
-               ckpt_io.config_fingerprint(config), start_step, position, streak)
+    return Run(config, out_dir, ctx, tokenizer, task, rows, model, ref, optimizer, scheduler, engine,
+               validator, log, ckpt_io.config_fingerprint(config), start_step, position, streak)
 
 
 def _seed_everything(seed: int) -> None:
@@ -505,6 +536,26 @@ def update_policy(run: Run, step: int, seqs: list[TrainSequence]) -> dict[str, A
     return reduce_update_stats(stats, run.ctx)  # data-parallel: over ranks (else unchanged)
 
 
+def validate(run: Run, step: int) -> Any:
+    """Evaluate the policy after ``step`` (0: the initial model) on ``train.eval_data`` into
+    ``RUN_DIR/eval/step_N``: greedy, with the training engine (synced to the policy), resumable like any eval
+    (a validation killed half-way continues from its records). Returns the evaluation's summary."""
+    cfg = run.config.train
+    if run.validator is None:
+        raise ValueError("validate: this run has no train.eval_data")
+    out = run.out_dir / EVAL_DIR / ckpt_io.step_dir_name(step)
+    start = time.perf_counter()
+    model_id = {"name": run.config.model.name, "run": str(Path(run.out_dir).resolve()), "step": step,
+                "fingerprint": run.fingerprint}
+    summary = run.validator(run.config, cfg.eval_data, out, limit=cfg.eval_limit,
+                            batch_size=cfg.eval_batch_size, engine=run.engine, tokenizer=run.tokenizer,
+                            model_id=model_id)
+    run.log.log_validation(step, summary)
+    logger.info("validation after step %d: %s (%.0fs; %s)", step,
+                validation_line(summary, run.task.reward_metric), time.perf_counter() - start, out)
+    return summary
+
+
 def check_nonfinite_streak(run: Run, step: int) -> None:
     """Stop the run after ``train.max_nonfinite`` skipped steps in a row (the weights were not changed)."""
     if run.streak >= run.config.train.max_nonfinite:
@@ -547,11 +598,15 @@ def train(config: Config, out_dir: Path, resume: bool = False) -> Path:
     if run is None:
         return Path(out_dir)
     try:
+        if validation_due(config.train, run.start_step):  # the initial model, or where a resume starts
+            validate(run, run.start_step)
         for step in range(run.start_step + 1, config.train.steps + 1):
             row = train_step(run, step)
             check_nonfinite_streak(run, step)
             if checkpoint_due(config.train, step, row):
                 save_checkpoint(run, step)
+            if validation_due(config.train, step):
+                validate(run, step)
     finally:
         close_run(run)
     return run.out_dir

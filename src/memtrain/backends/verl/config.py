@@ -94,6 +94,9 @@ def check_verl_run(config: Config, num_rows: int) -> SessionShape:
         raise UserError(f"rl.loss_agg={cfg_rl.loss_agg}: the verl backend offers "
                         f"{', '.join(LOSS_AGG)} (verl's loss_agg_mode has no per-session weighting); use "
                         "one of them or the native trainer")
+    if cfg_t.eval_data:
+        raise UserError(f"train.eval_data={cfg_t.eval_data!r}: validation during training is the native "
+                        "trainer's; with the verl backend evaluate the checkpoints with `memtrain eval`")
     if num_rows < cfg_t.batch_size:
         raise UserError(f"the dataset has {num_rows} rows, fewer than train.batch_size={cfg_t.batch_size}: "
                         "verl drops incomplete batches, so no step could run")
