@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from memtrain.errors import UserError
+from memtrain.eval.report import SUMMARY, load_summary
 from memtrain.io import append_jsonl, atomic_write_text, read_jsonl
 from memtrain.log import logger
 
@@ -280,13 +281,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
 
 def _plot_validation(plt: Any, run_dir: Path, rows: Sequence[Mapping[str, Any]], out: Path) -> Path | None:
     """validation.png: the trained metric on the held-out set per validated step, with its 95% interval."""
-    from memtrain.eval.report import load_summary
-
-    summaries = {step: load_summary(path) for step, path in validation_dirs(run_dir).items()}
-    if not summaries:
-        return None
-    metric = _trained_metric(rows, list(summaries.values()))
-    points = {step: validation_points(s, metric) for step, s in summaries.items()}
+    points = _validations(run_dir, rows)
     keys = list(dict.fromkeys(k for p in points.values() for k in p))
     if not keys:
         return None
@@ -324,7 +319,7 @@ def validation_dirs(run_dir: Path) -> dict[int, Path]:
     found = {}
     for path in root.iterdir() if root.is_dir() else ():
         match = _STEP_DIR.fullmatch(path.name)
-        if match and (path / "summary.json").is_file():
+        if match and (path / SUMMARY).is_file():
             found[int(match.group(1))] = path
     return dict(sorted(found.items()))
 
@@ -394,16 +389,19 @@ def _trained_metric(rows: Sequence[Mapping[str, Any]], summaries: Sequence[Mappi
     return str(summaries[0].get("main_metric", "em")) if summaries else "em"
 
 
+def _validations(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Step -> :func:`validation_points` of every finished validation, in the run's trained metric."""
+    summaries = {step: load_summary(path) for step, path in validation_dirs(run_dir).items()}
+    metric = _trained_metric(rows, list(summaries.values()))
+    return {step: validation_points(s, metric) for step, s in summaries.items()}
+
+
 def validation_table(run_dir: Path, rows: Sequence[Mapping[str, Any]] = ()) -> str:
     """Step x (trained metric per part, label in memory) of a run's validations, in % with 95% intervals;
     empty when the run has none."""
-    from memtrain.eval.report import load_summary
-
-    summaries = {step: load_summary(path) for step, path in validation_dirs(run_dir).items()}
-    if not summaries:
+    points = _validations(run_dir, rows)
+    if not points:
         return ""
-    metric = _trained_metric(rows, list(summaries.values()))
-    points = {step: validation_points(s, metric) for step, s in summaries.items()}
     cols = list(dict.fromkeys(k for p in points.values() for k in p))
     lines = ["| step | " + " | ".join(f"{c} (%, 95% CI)" for c in cols) + " |",
              "|---:|" + "---:|" * len(cols)]
