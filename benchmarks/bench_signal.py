@@ -43,10 +43,19 @@ ENTITY_ONLY = ("Which entity does [TARGET] stand for? Reply with the entity only
                "example \\boxed{Paris}.")
 
 
+QUESTION_LAST = """Your memory of the document you are reading:
+{memory}
+
+A section of the document:
+{chunk}
+
+{problem} Reply with the entity only, inside \\boxed{}."""
+
+
 def variants(shipped: str) -> dict[str, tuple[str, str]]:
     """(template, opening of the answer) per variant of the config's IMR template."""
     return {"default": (shipped, ""), "entity-only": (shipped.replace(ASK, ENTITY_ONLY), ""),
-            "boxed-prefix": (shipped, "The answer is \\boxed{")}
+            "boxed-prefix": (shipped, "The answer is \\boxed{"), "question-last": (QUESTION_LAST, "")}
 
 
 def main() -> None:
@@ -76,8 +85,9 @@ def main() -> None:
     print(f"IMR questions {len(asked)}; label in the memory asked from (sub-EM test): {in_memory}")
     question = template("imr_question", cfg.agent.templates)
     shipped = template("imr", cfg.agent.templates)
-    print("\n| T | template | F1 % | sub-EM % | boxed % | answer tokens | groups with reward variance |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("\n| T | template | F1 % | sub-EM % | span F1 % | span EM % | boxed % | answer tokens "
+          "| groups with reward variance (F1) | (span F1) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for temperature in (float(t) for t in args.temperatures.split(",")):
         for name, (text, prefix) in variants(shipped).items():
             stop = ("}",) if prefix else ()
@@ -91,11 +101,15 @@ def main() -> None:
             labels = [c.entity for c, _ in asked]
             scores = [[score(a, label) for a in group] for group, label in zip(answers, labels, strict=True)]
             f1 = [[s["f1"] for s in group] for group in scores]
+            span = [[s["span_f1"] for s in group] for group in scores]
             print(f"| {temperature} | {name} | {100 * mean(map(mean, f1)):.1f} | "
                   f"{100 * mean(s['sub_em'] for g in scores for s in g):.1f} | "
+                  f"{100 * mean(map(mean, span)):.1f} | "
+                  f"{100 * mean(s['span_em'] for g in scores for s in g):.1f} | "
                   f"{100 * mean('boxed' in a for g in answers for a in g):.0f} | "
                   f"{mean(len(o.token_ids) for out in outputs for o in out):.1f} | "
-                  f"{sum(len(set(g)) > 1 for g in f1)}/{len(f1)} |", flush=True)
+                  f"{sum(len(set(g)) > 1 for g in f1)}/{len(f1)} | "
+                  f"{sum(len(set(g)) > 1 for g in span)}/{len(span)} |", flush=True)
 
 
 if __name__ == "__main__":

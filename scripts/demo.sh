@@ -9,7 +9,10 @@
 #   4. print the held-out base (step 0) vs trained (last step) table side by side (the paired difference with
 #      its 95% interval), the reward and validation per step, and the paths of the curves.
 # Re-running it continues/reuses what is there (data, the run and its validations are resumed or reused).
-# MEMTRAIN_DEMO_DATA / MEMTRAIN_DEMO_RUN move the data / run directories; MEMTRAIN_DEMO_STEPS sets the steps.
+# MEMTRAIN_DEMO_SEED (default 1) seeds both the data (training and held-out sets) and the training run: seeds
+# 1, 2 and 3 are the replicates docs/benchmarks.md reports (benchmarks/bench_seeds.py runs and pools them).
+# MEMTRAIN_DEMO_DATA / MEMTRAIN_DEMO_RUN move the data / run directories; MEMTRAIN_DEMO_STEPS sets the steps;
+# MEMTRAIN_DEMO_CONFIG runs another recipe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning torch threads slow every op down
@@ -30,12 +33,14 @@ if [ "$ENGINE" = vllm ]; then
 fi
 echo "engine: $ENGINE ($(command -v memtrain))"
 
-# (new names since the held-out demo: a run of the earlier demo recipe cannot be resumed with this one)
-DATA="${MEMTRAIN_DEMO_DATA:-runs/memtrain-demo-data}"
+# (new names for each recipe: a run of an earlier demo recipe cannot be resumed with this one)
+SEED="${MEMTRAIN_DEMO_SEED:-1}"
+case "$SEED" in ''|*[!0-9]*) echo "MEMTRAIN_DEMO_SEED=$SEED: expected a non-negative integer" >&2; exit 2;; esac
+DATA="${MEMTRAIN_DEMO_DATA:-runs/demo-s$SEED-data}"
 HELDOUT="$DATA-heldout"
-RUN="${MEMTRAIN_DEMO_RUN:-runs/memtrain-demo-$ENGINE}"
+RUN="${MEMTRAIN_DEMO_RUN:-runs/demo-s$SEED-$ENGINE}"
 STEPS="${MEMTRAIN_DEMO_STEPS:-}"
-CONFIG=configs/memtrain_demo_cpu.yaml
+CONFIG="${MEMTRAIN_DEMO_CONFIG:-configs/memtrain_demo_cpu.yaml}"
 start=$(date +%s)
 
 memtrain assets fetch
@@ -43,12 +48,13 @@ memtrain assets fetch
 # Small documents (4 passages, 300-500 tokens: 3-4 chunks of 128); BM25 finds the related passages (a dense
 # index over the whole corpus takes ~10 CPU-minutes to build once).
 PROXY=(--passages 4 --related 2 --min-tokens 300 --max-tokens 500 --retriever bm25)
-[ -f "$DATA/manifest.json" ] || memtrain data proxy --out "$DATA" --num-docs 64 --seed 1 "${PROXY[@]}"
-[ -f "$HELDOUT/manifest.json" ] || \
-  memtrain data proxy --out "$HELDOUT" --num-docs 64 --seed 2 --exclude-from "$DATA" "${PROXY[@]}"
+[ -f "$DATA/manifest.json" ] || memtrain data proxy --out "$DATA" --num-docs 64 --seed "$SEED" "${PROXY[@]}"
+[ -f "$HELDOUT/manifest.json" ] || memtrain data proxy --out "$HELDOUT" --num-docs 64 \
+  --seed "$((SEED + 1000))" --exclude-from "$DATA" "${PROXY[@]}"
 
 memtrain train --config "$CONFIG" "data.path=$DATA" "train.eval_data=$HELDOUT" "engine.kind=$ENGINE" \
-  ${STEPS:+"train.steps=$STEPS"} ${STEPS:+"train.checkpoint_every=$STEPS"} --out "$RUN" --resume
+  "train.seed=$SEED" ${STEPS:+"train.steps=$STEPS"} ${STEPS:+"train.checkpoint_every=$STEPS"} \
+  --out "$RUN" --resume
 LAST="$(basename "$(ls -d "$RUN"/eval/step_* | sort | tail -n 1)")"  # the validation after the last step
 
 echo

@@ -18,10 +18,10 @@ from memtrain.engines.base import Engine
 from memtrain.engines.scripted import ScriptedEngine, kind_responder
 from memtrain.eval.proxy import run_proxy_eval
 from memtrain.eval.report import EXAMPLES, PLOT, SUMMARY, TABLE
-from memtrain.eval.stats import bootstrap_ci, paired_difference_ci
+from memtrain.eval.stats import bootstrap_ci, paired_difference_ci, pooled_paired_ci
 from memtrain.io import read_jsonl
 from memtrain.prompts import parse
-from memtrain.scoring import contains_answer
+from memtrain.scoring import METRICS, contains_answer
 from train_helpers import config_yaml, tiny_config, write_proxy_dataset
 
 N_DOCS = 6
@@ -112,7 +112,7 @@ def test_two_models_get_the_same_prompts_and_imr_questions(proxy_set: Path, tmp_
     assert sb["e2e"]["metrics"]["em"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n": N_DOCS}
     rec = ra["doc0"]
     assert rec["gold"] == ["France"] and rec["e2e"]["metrics"]["strict_em"] == 1.0
-    assert set(rec["e2e"]["metrics"]) == set(rec["imr"]["metrics"]) == {"strict_em", "em", "sub_em", "f1"}
+    assert set(rec["e2e"]["metrics"]) == set(rec["imr"]["metrics"]) == set(METRICS)
     assert rec["memories"][0] == "none" and rec["memories"][1].startswith("alpha")
     table = (tmp_path / "a" / TABLE).read_text()
     assert "| E2E | 6 | 33.33 [" in table and "| IMR | 6 |" in table
@@ -208,6 +208,26 @@ def test_bootstrap_intervals_on_hand_checkable_cases() -> None:
         bootstrap_ci([])
     with pytest.raises(ValueError, match=r"confidence=1\.5"):
         bootstrap_ci([1.0], confidence=1.5)
+
+
+def test_pooled_interval_carries_the_spread_between_seeds() -> None:
+    """Three seeds that agree give an interval like the paired one over all their documents; seeds that
+    disagree (one gains, one loses) give a wide interval even when every seed has many documents."""
+    def seed_pair(gain: float, n: int = 200, tag: str = "") -> tuple[dict[str, float], dict[str, float]]:
+        base = {f"{tag}{i}": float(i % 2) for i in range(n)}
+        return base, {k: v + gain for k, v in base.items()}
+
+    agree = pooled_paired_ci([seed_pair(0.1, tag=s) for s in "abc"])
+    assert agree.n == 600 and agree.mean == pytest.approx(0.1) and agree.lo == agree.hi == pytest.approx(0.1)
+    mixed = [seed_pair(0.3, tag="a"), seed_pair(-0.3, tag="b"), seed_pair(0.3, tag="c")]
+    wide = pooled_paired_ci(mixed)
+    assert wide.mean == pytest.approx(0.1) and wide.lo < 0 < wide.hi  # the losing seed is not averaged away
+    flat = paired_difference_ci(*[{**x, **y, **z} for x, y, z in zip(*mixed, strict=True)])
+    assert flat.lo > 0  # ... as a bootstrap over the pooled documents alone would
+    one = pooled_paired_ci([({"x": 0.0, "y": 1.0, "z": 0.0}, {"x": 1.0, "y": 1.0, "z": 0.0})])
+    assert one.n == 3 and one.mean == pytest.approx(1 / 3) and 0.0 <= one.lo <= one.hi <= 1.0
+    with pytest.raises(ValueError, match="replicate 0"):
+        pooled_paired_ci([({"a": 1.0}, {"b": 1.0})])
 
 
 def test_report_shows_the_paired_difference(proxy_set: Path, tmp_path: Path, tok: Any, tiny_model_dir: Path,

@@ -21,10 +21,11 @@ from memtrain.eval.report import (
     write_report,
 )
 from memtrain.io import append_jsonl
+from memtrain.scoring import METRICS
 
 
 def _rec(group: str, i: int, em: float, status: str = "ok") -> dict:
-    metrics = None if status == "too_long" else {"strict_em": em, "em": em, "sub_em": em, "f1": em}
+    metrics = None if status == "too_long" else dict.fromkeys(METRICS, em)
     return {"key": f"{group}/{i}", "group": group, "status": status, "metrics": metrics,
             "num_doc_tokens": 100 * i}
 
@@ -42,8 +43,8 @@ def test_summary_means_and_average_over_groups() -> None:
     assert s["groups"]["50"]["num_doc_tokens"] == 150.0
     assert s["reward_metric"] == "strict_em" and s["main_metric"] == "sub_em"
     table = markdown_table(s, ("num_doc_tokens",))
-    assert "| 50 | 4 | 75.00 | 75.00 | 75.00 | 75.00 | 150 |" in table
-    assert "| **average** |  | 50.00 | 50.00 | 50.00 | 50.00 |  |" in table
+    assert "| 50 | 4 | 75.00 | 75.00 | 75.00 | 75.00 | 75.00 | 75.00 | 150 |" in table
+    assert "| **average** |  | 50.00 | 50.00 | 50.00 | 50.00 | 50.00 | 50.00 |  |" in table
 
 
 def test_too_long_groups_have_no_metrics() -> None:
@@ -51,7 +52,7 @@ def test_too_long_groups_have_no_metrics() -> None:
     assert s["groups"]["6400"]["metrics"] is None and s["groups"]["6400"]["too_long"] == 2
     assert s["average"]["em"] == 1.0 and s["average_over"] == ["50"]
     table = markdown_table(s)
-    assert "| 6400 | 2 | too long (2/2) | too long | too long | too long |" in table
+    assert "| 6400 | 2 | too long (2/2) | too long | too long | too long | too long | too long |" in table
     assert "average (1/2)" in table
     empty = summarize([], "searchqa", ["nq"], {"model": "m"})
     assert empty["average"] is None and "| nq | 0 | - |" in markdown_table(empty)

@@ -258,6 +258,60 @@ def test_micro_batch_accumulation_equals_full_batch_gradient(tiny_model_dir: Pat
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "token_mean", "session_mean"])
+def test_zero_advantage_sequences_are_skipped_with_the_same_gradient(tiny_model_dir: Path, mode: str) -> None:
+    """Without a KL term a sequence of advantage 0 cannot change the gradient: its pass is left out, the
+    loss's normalisation still counts it, and the gradient is the one of the full batch."""
+    torch.manual_seed(0)
+    model = _load(tiny_model_dir)
+    seqs = _random_seqs(9, seed=4)
+    for i, s in enumerate(seqs):
+        if i % 3 == 0:
+            s.advantage = 0.0
+        s.session = f"t{i // 2}"  # sessions mix trained and skipped sequences
+    cfg = RLConfig(kl_coef=0.0, loss_agg=mode, micro_batch_tokens=60, old_logprobs="recompute")
+    every = accumulate_policy_gradients(model, seqs, cfg, skip_zero_adv=False)
+    g_every = _grads(model)
+    model.zero_grad(set_to_none=True)
+    skipped = accumulate_policy_gradients(model, seqs, cfg)
+    g_skipped = _grads(model)
+    assert skipped["num_seqs_zero_adv_skipped"] == 3 and skipped["num_seqs"] == 6 and every["num_seqs"] == 9
+    assert skipped["loss"] == pytest.approx(every["loss"], rel=1e-5, abs=1e-7)
+    assert sum(float(g.abs().sum()) for g in g_every) > 0
+    for a, b in zip(g_every, g_skipped, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    with_kl = cfg.model_copy(update={"kl_coef": 0.1})
+    kl = accumulate_policy_gradients(model, seqs, with_kl, ref=_load(tiny_model_dir))
+    assert kl["num_seqs_zero_adv_skipped"] == 0  # with a KL term every sequence's pass counts
+
+
+@pytest.mark.parametrize("tis_cap", [None, 2.0])
+def test_auto_old_logprobs_give_the_same_gradient_for_any_micro_batch_plan(tiny_model_dir: Path,
+                                                                           tis_cap: float | None) -> None:
+    """rl.old_logprobs=auto decides per sequence (sampler's within the tolerance, else recomputed), so which
+    sequences share a micro-batch cannot change the gradient (it once decided per micro-batch)."""
+    torch.manual_seed(0)
+    model = _load(tiny_model_dir)
+    seqs = _random_seqs(8, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    for i, (s, lp) in enumerate(zip(seqs, sequence_logprobs(model, seqs, 10_000), strict=True)):
+        noise = 0.01 if i % 2 else 0.8  # odd sequences within old_logprob_tol, even ones far off it
+        s.old_logprobs = (lp + noise * (torch.rand(lp.shape, generator=gen) - 0.5)).tolist()
+    full_cfg = RLConfig(kl_coef=0.0, micro_batch_tokens=100_000, old_logprobs="auto", old_logprob_tol=0.05,
+                        share_prompts=False, tis_cap=tis_cap)
+    full = accumulate_policy_gradients(model, seqs, full_cfg)
+    g_full = _grads(model)
+    model.zero_grad(set_to_none=True)
+    micro = accumulate_policy_gradients(model, seqs, full_cfg.model_copy(update={"micro_batch_tokens": 30}))
+    g_micro = _grads(model)
+    assert full["num_micro_batches"] == 1 and micro["num_micro_batches"] >= 4
+    assert full["old_logprob_sampler_frac"] == micro["old_logprob_sampler_frac"] == 0.5
+    assert micro["loss"] == pytest.approx(full["loss"], rel=1e-5, abs=1e-7)
+    assert sum(float(g.abs().sum()) for g in g_full) > 0
+    for a, b in zip(g_full, g_micro, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize(("mode", "temperature"), [("seq_mean_token_mean", 1.0), ("token_mean", 1.0),
                                                      ("seq_mean_token_mean", 0.7), ("session_mean", 0.7)])
 def test_update_loss_equals_hand_computation(tiny_model_dir: Path, mode: str, temperature: float) -> None:
@@ -324,12 +378,13 @@ def test_old_logprobs_sampler_verified_recomputed_or_mixed(tiny_model_dir: Path)
     assert st["old_logprob_max_diff"] < 1e-4
 
     seqs[0].old_logprobs = [lp - 0.5 for lp in seqs[0].old_logprobs or []]
-    st = policy_update(model, opt, seqs, cfg)  # one micro-batch holds the bad sequence -> all recomputed
-    assert st["old_logprob_source"] == "recomputed"
+    st = policy_update(model, opt, seqs, cfg)  # decided per sequence: only the bad one is recomputed
+    assert st["old_logprob_source"] == "mixed"
+    assert st["old_logprob_sampler_frac"] == pytest.approx(5 / 6)
     assert st["old_logprob_max_diff"] == pytest.approx(0.5, abs=1e-3)
-    assert st["ratio_max"] == pytest.approx(1.0) and st["ratio_min"] == pytest.approx(1.0)
+    assert st["ratio_max"] == pytest.approx(1.0, abs=1e-3) and st["ratio_min"] == pytest.approx(1.0, abs=1e-3)
 
-    st = policy_update(model, opt, seqs, cfg.model_copy(update={"micro_batch_tokens": 1}))
+    st = policy_update(model, opt, seqs, cfg.model_copy(update={"micro_batch_tokens": 1}))  # same, apart
     assert st["old_logprob_source"] == "mixed"
     assert st["old_logprob_sampler_frac"] == pytest.approx(5 / 6)
 

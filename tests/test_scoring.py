@@ -9,9 +9,11 @@ import pytest
 from memtrain.scoring import (
     METRICS,
     REWARD_METRIC,
+    answer_words,
     contains_answer,
     extract_answer,
     extract_boxed,
+    extract_span,
     normalize_answer,
     normalize_math,
     score,
@@ -191,7 +193,8 @@ def test_normalize_answer(text: str, expected: str) -> None:
     ],
 )
 def test_score(prediction: str, gold: str | list[str], expected: dict[str, float]) -> None:
-    assert score(prediction, gold) == pytest.approx(expected)
+    got = score(prediction, gold)
+    assert {k: got[k] for k in expected} == pytest.approx(expected)
 
 
 def test_score_returns_every_metric_in_order() -> None:
@@ -200,7 +203,7 @@ def test_score_returns_every_metric_in_order() -> None:
 
 
 def test_metric_constants() -> None:
-    assert METRICS == ("strict_em", "em", "sub_em", "f1")
+    assert METRICS == ("strict_em", "em", "sub_em", "f1", "span_em", "span_f1")
     assert REWARD_METRIC == "strict_em"
 
 
@@ -243,7 +246,53 @@ def test_score_multi_rejects_bare_string() -> None:
     ],
 )
 def test_score_multi(prediction: str, golds: list[list[str]], sep: str, expected: dict[str, float]) -> None:
-    assert score_multi(prediction, golds, sep=sep) == pytest.approx(expected)
+    got = score_multi(prediction, golds, sep=sep)
+    assert {k: got[k] for k in expected} == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "span"),
+    [
+        (r"I think \boxed{Paris}, or London", "Paris"),  # the box wins
+        ("Paris, the capital of France.", "Paris"),
+        ("Berlin, London, Paris", "Berlin"),  # a list: only its first item
+        ("Berlin; Paris", "Berlin"),
+        ("Berlin and Paris", "Berlin"),
+        ("Berlin\nParis", "Berlin"),
+        ("[TARGET] stands for Paris.", "Paris"),  # the placeholder restated
+        ("The [TARGET] is Paris", "Paris"),
+        ("The answer is July 4, 1776.", "July 4, 1776"),  # a comma before a digit does not end the span
+        ("about 1,000 men", "about 1,000 men"),
+        ("one two three four five six seven eight nine ten", "one two three four five six seven eight"),
+        ("", ""),
+    ],
+)
+def test_extract_span(prediction: str, span: str) -> None:
+    assert extract_span(prediction) == span
+
+
+@pytest.mark.parametrize(
+    "listing",
+    ["Berlin, London, Paris, Rome", "Berlin; Paris; Rome", "Berlin and Paris", "Rome\nParis\nBerlin",
+     "London, Paris", "The memory mentions Berlin, Paris and Rome."],
+)
+def test_span_metrics_do_not_pay_an_entity_list_that_contains_the_gold(listing: str) -> None:
+    """sub-EM pays any list that names the gold somewhere; the answer-span metrics (the demo's reward and
+    headline) do not."""
+    scores = score(listing, "Paris")
+    assert scores["sub_em"] == 1.0
+    assert scores["span_em"] == 0.0 and scores["span_f1"] == 0.0
+
+
+def test_span_metrics_pay_a_short_answer_and_give_partial_credit() -> None:
+    assert score("Paris, the capital.", "Paris")["span_em"] == 1.0
+    # precision 2/2, recall 2/4: F1 = 2 * 1 * 0.5 / 1.5
+    assert score("Nobel Prize", "Nobel Prize in Literature")["span_f1"] == pytest.approx(2 / 3)
+    assert score("Nobel Prize", "Nobel Prize in Literature")["span_em"] == 0.0
+
+
+def test_answer_words_counts_the_whole_output() -> None:
+    assert answer_words("Paris, the capital of France") == 5 and answer_words("  ") == 0
 
 
 def test_contains_answer_applies_the_sub_em_test_to_any_text() -> None:

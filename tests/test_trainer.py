@@ -22,7 +22,7 @@ from memtrain.rl.rollout import score_groups, step_metrics, training_sequences
 from memtrain.rl.tasks.longqa import LongQATask
 from memtrain.rl.tasks.proxy import ProxyTask
 from memtrain.rl.tasks.registry import TASKS
-from memtrain.rl.trainer import NonFiniteError, batch_indices, train, unique_ids
+from memtrain.rl.trainer import NonFiniteError, batch_indices, refill_rows, train, unique_ids
 from train_helpers import scripted_responder, scripted_rows, tiny_config, write_proxy_dataset
 
 TIMING = ("time_rollout_s", "time_update_s", "time_sync_s", "step_time_s")
@@ -210,6 +210,33 @@ def test_fill_filtered_batches_rolls_out_more_rows(tiny_model_dir: Path, tmp_pat
     assert row["filtered_groups"] == row["groups"] > 0
     assert row["skipped_empty"] == 1.0 and row["num_seqs"] == 0.0
     assert row["documents"] == 4  # counters summed over both rounds
+
+
+def test_fill_min_groups_counts_groups_of_any_kind(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """rl.fill_min_groups: the refill target is kept groups of any kind; with every group filtered each extra
+    round rolls out a whole batch again, up to train.fill_max_rounds."""
+    data = write_proxy_dataset(tmp_path / "data")
+    over = ["rl.fill_filtered_batches=true", "rl.fill_min_groups=3", "train.fill_max_rounds=3",
+            "train.steps=1", "train.tensorboard=false"]
+    train(tiny_config(tiny_model_dir, data, over), tmp_path / "run")
+    (row,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert row["rollout_rounds"] == 3 and row["samples"] == 6 and row["kept_groups"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kept", "target", "rows_so_far", "rows_count_groups", "expected"),
+    [
+        (3, 3, 4, False, 0),  # target reached: no more rows
+        (0, 3, 4, False, 2),  # nothing kept yet: a whole batch (batch_size 2)
+        (1, 3, 4, False, 2),  # 1 group per 4 rows: 8 rows would be needed, capped at a batch
+        (6, 8, 4, False, 2),  # 1.5 groups per row: 2 missing -> ceil(2 / 1.5) = 2 rows
+        (7, 8, 4, False, 1),  # 1 missing at 1.75 groups per row: one row
+        (1, 2, 2, True, 1),  # DAPO: rows are groups - exactly the missing rows
+    ],
+)
+def test_refill_rows(kept: int, target: int, rows_so_far: int, rows_count_groups: bool,
+                     expected: int) -> None:
+    assert refill_rows(kept, target, rows_so_far, 2, rows_count_groups) == expected
 
 
 def test_huge_lr_never_writes_nonfinite_weights(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -197,6 +197,17 @@ class RLConfig(Section):
     imr: bool = True
     imr_group_size: int = Field(8, gt=0, description="G2: IMR samples per trajectory")
     imr_lambda: float = Field(0.5, ge=0.0)
+    imr_questions: int = Field(
+        1, gt=0, description="IMR prompts drawn per trajectory (the paper: 1), each answered G2 times and an "
+        "advantage group of its own; the bonus is lambda times the mean match over all M x G2 answers. IMR "
+        "answers are short and share their prompt, so more questions are a cheap source of GRPO signal"
+    )
+    imr_credit: Literal["broadcast", "writer"] = Field(
+        "broadcast",
+        description="which turns of an E2E trajectory the IMR bonus credits: broadcast = every turn (the "
+        "paper: one advantage per trajectory); writer = only the memory turns that wrote the memory the IMR "
+        "question asked (turns 1..k), the match reward still to every turn (memtrain.rl.core.writer_credit)",
+    )
     kl_coef: float = Field(1e-3, ge=0.0)
     clip_low: float = Field(0.2, ge=0.0)
     clip_high: float = Field(0.2, ge=0.0)
@@ -210,12 +221,22 @@ class RLConfig(Section):
     )
     adv_std_norm: bool = False
     dynamic_filter: bool = True
-    reward_metric: Literal["strict_em", "em", "sub_em", "f1"] | None = Field(
+    reward_metric: Literal["strict_em", "em", "sub_em", "f1", "span_em", "span_f1"] | None = Field(
         None,
         description="answer metric used as the reward (and IMR match); default: the paper's for the task "
-        "(strict boxed EM for proxy and longqa, EM for searchqa). f1 gives tiny models a denser signal",
+        "(strict boxed EM for proxy and longqa, EM for searchqa). span_f1 (the first answer span, "
+        "memtrain.scoring) gives tiny models a denser signal that listing entities cannot game",
     )
-    fill_filtered_batches: bool = False
+    fill_filtered_batches: bool = Field(
+        False, description="DAPO's dynamic sampling: when the filter leaves too few groups, roll out more "
+        "rows (at most train.fill_max_rounds rounds) until train.batch_size row groups survive, or "
+        "rl.fill_min_groups groups of any kind"
+    )
+    fill_min_groups: int | None = Field(
+        None, gt=0, description="with fill_filtered_batches: the target is this many kept groups of any "
+        "kind (E2E, IMR, search) instead of train.batch_size row groups - for a small model whose signal is "
+        "mostly in IMR groups; each extra round rolls out about as many rows as the missing groups need"
+    )
     temperature: float = Field(
         1.0,
         gt=0.0,
@@ -304,6 +325,10 @@ class TrainConfig(Section):
         gt=0,
         description="with rl.fill_filtered_batches: at most this many "
         "rollout rounds per step (the first included)",
+    )
+    collapse_patience: int = Field(
+        3, gt=0, description="warn (warn_no_signal in the metrics row) after this many steps in a row that "
+        "kept no group; a step where every memory or every answer hit its cap is flagged at once"
     )
     threads: int | None = Field(
         None, gt=0, description="torch CPU threads; default $MEMTRAIN_THREADS, else all cores"

@@ -12,6 +12,11 @@ mean the same thing by "correct". Four metrics are reported for every prediction
 * ``sub_em`` - the gold answer's normalised tokens appear, in order and contiguous, among the prediction's
   (gold-in-prediction, as the HotpotQA / MemAgent scripts): a longer answer that contains the gold counts, a
   prediction that is only a piece of the gold does not (``no`` is not ``Norway``, ``1`` is not ``1889``).
+  Over a whole rambling answer it can be gamed: an answer that lists entities is paid if one of them is gold.
+* ``span_em`` / ``span_f1`` - em / f1 of the *answer span* (``extract_span``): the box if there is one, else
+  the first item of the answer line (cut at the first sentence end or list separator), at most
+  ``SPAN_MAX_WORDS`` words. Only the first thing the model names counts, so listing entities does not pay;
+  ``span_f1`` keeps partial credit for a partly right name. The CPU demo trains and reports ``span_f1``.
 
 Pure standard library, so scoring never depends on which engine or tokenizer produced the text.
 """
@@ -24,8 +29,9 @@ import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
-METRICS: tuple[str, ...] = ("strict_em", "em", "sub_em", "f1")
+METRICS: tuple[str, ...] = ("strict_em", "em", "sub_em", "f1", "span_em", "span_f1")
 REWARD_METRIC = "strict_em"
+SPAN_MAX_WORDS = 8  # an answer span is capped here: entities have fewer than 8 words (the proxy filters)
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _TEXT_WRAPPER_OPEN = re.compile(r"\\(?:text|textbf|mathrm)\s*\{")
@@ -35,6 +41,12 @@ _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
 _LEADING_ARTICLE = re.compile(r"^\s*(?:a|an|the)\s+", re.IGNORECASE)
 _ASCII_PUNCTUATION = frozenset(string.punctuation)
 _YES_NO = frozenset({"yes", "no", "noanswer"})
+# where the first item of an answer line ends: a sentence end, a list separator, a line break. A comma only
+# separates when followed by a space and not by a digit ("July 4, 1776" and "1,000" stay whole).
+_SPAN_END = re.compile(r"[.!?](?:\s|$)|;|:\s|,\s+(?!\d)|\s(?:and|or)\s|\n|\s[-–—]\s|\(")
+# "[TARGET] stands for Paris" / "The [MASK] is Paris": the placeholder restated before the answer
+_PLACEHOLDER_LEAD = re.compile(r"^(?:the\s+)?(?:entity\s+)?\[[A-Z]+\]\s*(?:stands for|refers to|represents|"
+                               r"is|=)?\s*:?\s*", re.IGNORECASE)
 
 
 def _closing_brace(text: str, start: int) -> int | None:
@@ -92,6 +104,26 @@ def extract_answer(prediction: str) -> str:
         else:
             answer = prediction.strip()
     return _unwrap_text_commands(answer)
+
+
+def extract_span(prediction: str, max_words: int = SPAN_MAX_WORDS) -> str:
+    """The answer span that ``span_em`` / ``span_f1`` grade: the content of the last box if there is one,
+    else the first item of the answer (``extract_answer`` without a box: the "answer is" line or the whole
+    output, a restated ``[TARGET] is`` dropped, cut at the first sentence end, list separator or line
+    break), at most ``max_words`` words. "Berlin, London, Paris" gives "Berlin"."""
+    boxed = extract_boxed(prediction)
+    if boxed is not None:
+        span = _unwrap_text_commands(boxed)
+    else:
+        span = _PLACEHOLDER_LEAD.sub("", extract_answer(prediction).strip(), count=1)
+        if (end := _SPAN_END.search(span)) is not None:
+            span = span[: end.start()]
+    return " ".join(span.split()[:max_words]).strip()
+
+
+def answer_words(prediction: str) -> int:
+    """Words of the whole output: reported next to every metric, so a metric bought with length shows."""
+    return len(prediction.split())
 
 
 def _unwrap_text_commands(s: str) -> str:
@@ -171,10 +203,11 @@ def _gold_list(gold: str | Sequence[str]) -> list[str]:
     return golds
 
 
-def _score_answer(answer: str, golds: list[str], has_box: bool) -> dict[str, float]:
-    """All metrics for one extracted answer, each the max over ``golds``."""
+def _score_answer(answer: str, span: str, golds: list[str], has_box: bool) -> dict[str, float]:
+    """All metrics for one extracted answer and its answer span, each the max over ``golds``."""
     pred_math = normalize_math(answer)
     pred_norm = normalize_answer(answer)
+    span_norm = normalize_answer(span)
     result = dict.fromkeys(METRICS, 0.0)
     for gold in golds:
         gold_norm = normalize_answer(gold)
@@ -183,6 +216,8 @@ def _score_answer(answer: str, golds: list[str], has_box: bool) -> dict[str, flo
             "em": float(pred_norm == gold_norm),
             "sub_em": float(_contains_tokens(pred_norm, gold_norm)),
             "f1": _f1(pred_norm, gold_norm),
+            "span_em": float(bool(span_norm) and span_norm == gold_norm),
+            "span_f1": _f1(span_norm, gold_norm),
         }
         for name, value in metrics.items():
             result[name] = max(result[name], value)
@@ -202,7 +237,8 @@ def score(prediction: str, gold: str | Sequence[str]) -> dict[str, float]:
     Raises ValueError for an empty gold list.
     """
     golds = _gold_list(gold)
-    return _score_answer(extract_answer(prediction), golds, extract_boxed(prediction) is not None)
+    return _score_answer(extract_answer(prediction), extract_span(prediction), golds,
+                         extract_boxed(prediction) is not None)
 
 
 def score_multi(prediction: str, golds: Sequence[str | Sequence[str]], sep: str = ";") -> dict[str, float]:
@@ -223,6 +259,7 @@ def score_multi(prediction: str, golds: Sequence[str | Sequence[str]], sep: str 
     parts = [part.strip() for part in extract_answer(prediction).split(sep)]
     totals = dict.fromkeys(METRICS, 0.0)
     for part, part_golds in zip(parts, objective_golds, strict=False):
-        for name, value in _score_answer(part, part_golds, has_box).items():
+        span = " ".join(part.split()[:SPAN_MAX_WORDS])
+        for name, value in _score_answer(part, span, part_golds, has_box).items():
             totals[name] += value
     return {name: total / len(objective_golds) for name, total in totals.items()}

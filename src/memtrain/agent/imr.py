@@ -8,9 +8,11 @@ For a finished trajectory over chunks c_0..c_{T-1} with memories m_0 (initial) .
 2. chunk l is drawn with l < k, i.e. among the chunks m_k has already read (the paper's choice; the
    reference scripts' draw from 1..k with the input memory is an off-by-one that can ask about a chunk the
    memory has not seen yet).
-3. an entity lying fully inside chunk l is drawn; every occurrence of it and of its variants in the chunk is
-   replaced by ``[TARGET]`` with the masking rule of the E2E task (:mod:`memtrain.data.entities`: word
-   boundaries, case rule, determiner stripped, surname / punctuation / contained-span variants masked too);
+3. an entity lying fully inside chunk l is drawn (never a number that is also a ``Document N:`` header of
+   the document: masking it would turn the header into ``Document [TARGET]:``); every occurrence of it and
+   of its variants in the chunk is replaced by ``[TARGET]`` with the masking rule of the E2E task
+   (:mod:`memtrain.data.entities`: word boundaries, case rule, determiner stripped, surname / punctuation /
+   contained-span variants masked too);
    an entity that a surviving variant would give away, or that needs more than ``DEFAULT_MAX_MASKS`` masks,
    is not eligible.
 4. the prompt is the ``imr`` template with memory m_k and the masked chunk; the label is the entity.
@@ -43,7 +45,9 @@ from memtrain.data.entities import (
     Span,
     candidates,
     find_leaks,
+    header_count,
     mask_forms,
+    names_a_header,
     normalize_spans,
     variant_forms,
 )
@@ -78,12 +82,16 @@ def _mask_target(chunk: str, entity: str, variants: list[str]) -> str | None:
     return None
 
 
-def _maskable(chunk: str, spans: list[Span], masked_in: str | None = None) -> list[tuple[str, str, str]]:
-    """(entity, label, masked chunk) for every candidate of ``chunk`` that the masking rule can hide; the
-    masking is applied to ``masked_in`` (default ``chunk``: the text the prompt will show)."""
+def _maskable(chunk: str, spans: list[Span], headers: int,
+              masked_in: str | None = None) -> list[tuple[str, str, str]]:
+    """(entity, label, masked chunk) for every candidate of ``chunk`` that the masking rule can hide and that
+    is not a ``Document N:`` header number (N <= ``headers``); the masking is applied to ``masked_in``
+    (default ``chunk``: the text the prompt will show)."""
     others = [chunk[s:e] for s, e, _ in spans]
     out = []
     for c in candidates(chunk, spans, MAX_ENTITY_OCCURRENCES, MAX_ENTITY_WORDS):
+        if names_a_header(c.text, headers):
+            continue
         variants = variant_forms(c.text, c.label, others)
         if (masked := _mask_target(chunk if masked_in is None else masked_in, c.text, variants)) is not None:
             out.append((c.text, c.label, masked))
@@ -101,7 +109,8 @@ def _chunk_entities(traj: Trajectory, sample: Mapping[str, Any], chunk_l: int,
         if ner is None:
             raise UserError(f"{where}: no 'entity_spans' and no fallback ner callable; IMR needs entities "
                             "(build proxy data with entity spans, or pass ner=...)")
-        return _maskable(chunk, normalize_spans(chunk, ner(chunk)))
+        headers = header_count(sample.get("context", chunk))
+        return _maskable(chunk, normalize_spans(chunk, ner(chunk)), headers)
     context = sample["context"]
     lo, hi = traj.chunk_char_spans[chunk_l]
     inside: list[Span] = []
@@ -118,7 +127,7 @@ def _chunk_entities(traj: Trajectory, sample: Mapping[str, Any], chunk_l: int,
             inside.append((s - lo, e - lo, label))
     # The chunk is the decoded token slice: for byte-level tokenizers it equals context[lo:hi]; for others
     # the entities (found in the context) are masked, variants and checks included, in the chunk itself.
-    return _maskable(context[lo:hi], inside, masked_in=chunk)
+    return _maskable(context[lo:hi], inside, header_count(context), masked_in=chunk)
 
 
 ChunkCache = dict[tuple[int, int, tuple[int, int]], list[tuple[str, str, str]]]

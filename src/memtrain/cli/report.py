@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "metrics, columns the runs with 95% intervals, then each run minus the first (paired "
                        "bootstrap over the documents both runs evaluated).")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="directories written by `memtrain eval`")
-    p.add_argument("--metric", help="metric to show: strict_em, em, sub_em or f1 (default: the main metric "
-                   "of the runs' evaluation, e.g. sub_em for longqa; all of them for proxy)")
+    p.add_argument("--metric", help="metric to show: strict_em, em, sub_em, f1, span_em or span_f1 (default: "
+                   "the main metric of the runs' evaluation, e.g. sub_em for longqa; all of them for proxy)")
     p.add_argument("--labels", help="comma-separated row labels, one per run (default: model names)")
     p.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     p.set_defaults(func=_report)

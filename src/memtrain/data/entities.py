@@ -10,18 +10,25 @@ into local fill-in-the-blank.
   ("one", "first", "summer") is a common word, not a name, and is never a candidate.
 - **Where it matches**: wherever its words occur with word boundaries on both sides (``(?<!\w)``/``(?!\w)``,
   so ``U.S.`` or ``$5`` work); any run of whitespace matches the spaces between its words and ``'`` matches
-  ``’``; possessives keep their suffix (``Paris's`` -> ``[MASK]'s``); inflections that form another word
-  (``Parisian``) are not matched. Case: an entity with a capital letter matches any capitalisation that has
-  one (``Paris``, ``PARIS``) but never an all-lower-case word (``May`` does not hit the verb "may", ``US``
-  not "us"); an entity without capitals (``1889``, ``19th century``) ignores case.
+  ``’``; possessives keep their suffix (``Paris's`` -> ``[MASK]'s``); a plural is masked whole
+  (``Kennedys``, ``1990s``); accents do not matter (``Sao Paulo`` for ``São Paulo``); inflections that form
+  another word (``Parisian``) are not matched. Case: a one-word entity with a capital letter matches any
+  capitalisation that has one (``Paris``, ``PARIS``) but never an all-lower-case word (``May`` does not hit
+  the verb "may"); an acronym only in upper case (``US`` is not "us" nor "Us"); a multi-word name matches
+  in any case (``supreme being``); an entity without capitals (``1889``, ``19th century``) ignores case.
 - **Variants** (:func:`variant_forms`) are masked too, with the same token, and counted: punctuation variants
   (``U.S.`` -> ``U.S``, ``US``; ``1,000`` -> ``1000``: the entity's words with at most a few non-word
-  characters between them), a PERSON's surname (``Barack Obama`` -> ``Obama``), and every other NER span of
-  the text that is contained in the entity (``May 2009`` -> ``2009``). A span that contains the entity is
-  masked inside (``Barack [MASK]``).
-- **Leak check** (:func:`find_leaks`): after masking, no form may survive under the loose (punctuation-blind)
-  pattern; the proxy builder re-checks every whole document (headers included) and tries another entity if
-  one does, so the datasets' leak rate is 0 by construction and measured on every row.
+  characters between them), the dotted initials of a multi-word name (``United States`` -> ``U.S.``, and so
+  ``US``), a PERSON's surname (``Barack Obama`` -> ``Obama``), and every other NER span of the text that is
+  contained in the entity (``May 2009`` -> ``2009``). A span that contains the entity is masked inside
+  (``Barack [MASK]``).
+- **Leak check** (:func:`memtrain.data.leaks.find_leaks`): after masking, no form may survive. It is
+  written independently of the masker (folded word tokens, not these regexes), so it sees what they miss;
+  the proxy builder re-checks every whole document (headers included) and tries another entity if a form
+  survives, so the datasets' leak rate is 0 by construction and measured on every row.
+- **Broken spans** (:func:`repair_span`, :func:`span_problem`): NER spans cut in the wrong place are repaired
+  at their edges (a trailing "for his" / "or", unpaired quotes, a trailing unclosed bracket) or rejected
+  (malformed numbers, fragments of one or two characters), counted by reason.
 
 Candidate filters (MEMTRAIN.md section 2, reference scripts): fewer than ``max_occurrences`` (5) matches in
 the passage, fewer than ``max_words`` (8) words, at least one letter or digit, not all lower-case letters, no
@@ -36,6 +43,8 @@ import json
 import re
 import sqlite3
 import time
+import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from memtrain.assets import resolve
+from memtrain.data.leaks import find_leaks  # noqa: F401  (re-exported: the masker's users check with it)
 from memtrain.errors import UserError
 from memtrain.log import logger
 
@@ -65,40 +75,78 @@ def _has_upper(text: str) -> bool:
     return any(ch.isupper() for ch in text)
 
 
+def _plural(word: str) -> str:
+    """The optional plural suffix a form's last word may carry ("Kennedys", "1990s")."""
+    if word.isdigit():
+        return "s?"
+    return "(?:e?s)?" if word.isalpha() and len(word) >= 3 else ""
+
+
 @lru_cache(maxsize=65536)
 def entity_pattern(entity: str) -> re.Pattern[str]:
-    """The exact-form regex of the masking rule (see the module docstring) for ``entity``, before the case
-    rule (:func:`entity_matches` applies it)."""
-    words = entity.split()
+    """The exact-form regex of the masking rule (see the module docstring) for ``entity``, matched against
+    accent-folded text (:func:`fold_accents`), before the case rule (:func:`entity_matches` applies it)."""
+    words = fold_accents(entity).split()
     if not words:
         raise ValueError("entity_pattern: empty entity")
     body = _APOSTROPHE.sub("['’]", r"\s+".join(re.escape(w) for w in words))
-    return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
+    return re.compile(rf"(?<!\w){body}{_plural(words[-1])}(?!\w)", re.IGNORECASE)
 
 
 @lru_cache(maxsize=65536)
 def loose_pattern(entity: str) -> re.Pattern[str] | None:
     """The punctuation-blind regex of ``entity``: its words (``\\w+`` runs) in order with at most a few
     non-word characters between them (``U.S.`` matches ``U.S``, ``US`` and ``U. S.``; ``1,000`` matches
-    ``1000``). None for an entity without a word character."""
-    words = _WORD.findall(entity)
+    ``1000``), accent-folded, plural allowed. None for an entity without a word character."""
+    words = _WORD.findall(fold_accents(entity))
     if not words:
         return None
-    return re.compile(rf"(?<!\w){_LOOSE_GAP.join(re.escape(w) for w in words)}(?!\w)", re.IGNORECASE)
+    body = _LOOSE_GAP.join(re.escape(w) for w in words)
+    return re.compile(rf"(?<!\w){body}{_plural(words[-1])}(?!\w)", re.IGNORECASE)
+
+
+def _accent_table() -> dict[int, str]:
+    """Latin letters with diacritics -> their base letter, one character for one (offsets are kept)."""
+    table = {}
+    for code in range(0xC0, 0x250):
+        base = unicodedata.normalize("NFKD", chr(code))
+        if len(base) > 1 and base[0].isascii() and all(unicodedata.combining(c) for c in base[1:]):
+            table[code] = base[0]
+    return table
+
+
+_ACCENTS = _accent_table()
+
+
+def fold_accents(text: str) -> str:
+    """``text`` with accented Latin letters replaced by their base letter ("São" -> "Sao"); same length, so
+    a match in the folded text has the same offsets in ``text``."""
+    return text.translate(_ACCENTS)
+
+
+def _is_acronym(text: str) -> bool:
+    """Letters all upper-case, at least two of them ("US", "U.S.", "NASA")."""
+    letters = [ch for ch in text if ch.isalpha()]
+    return len(letters) >= 2 and all(ch.isupper() for ch in letters)
 
 
 def _case_ok(entity: str, matched: str) -> bool:
-    """The case rule: a capitalised entity never matches an all-lower-case word ("May" vs "may")."""
-    return not _has_upper(entity) or _has_upper(matched)
+    """The case rule: an acronym matches only in upper case ("U.S." and "US", never "Us" or "us"); another
+    capitalised one-word entity never matches an all-lower-case word ("May" vs "may"); a multi-word name
+    matches in any case ("supreme being" for "Supreme Being")."""
+    if _is_acronym(entity):
+        return _is_acronym(matched)
+    return not _has_upper(entity) or len(entity.split()) > 1 or _has_upper(matched)
 
 
 def entity_matches(text: str, entity: str, loose: bool = False) -> list[tuple[int, int]]:
-    """(start, end) of every match of ``entity`` in ``text`` under the masking rule (exact form), or under
-    the punctuation-blind pattern with ``loose``."""
+    """(start, end) of every match of ``entity`` in ``text`` under the masking rule (exact form, accents
+    and a plural suffix allowed), or under the punctuation-blind pattern with ``loose``."""
     pattern = loose_pattern(entity) if loose else entity_pattern(entity)
     if pattern is None:
         return []
-    return [m.span() for m in pattern.finditer(text) if _case_ok(entity, m.group())]
+    folded = fold_accents(text)
+    return [m.span() for m in pattern.finditer(folded) if _case_ok(entity, text[m.start() : m.end()])]
 
 
 def count_matches(text: str, entity: str) -> int:
@@ -127,7 +175,7 @@ def mask_forms(text: str, entity: str, token: str, variants: Sequence[str] = (),
     ``Barack Obama`` is masked whole before ``Obama`` is looked for.
     """
     taken: list[tuple[int, int, bool]] = []  # (start, end, is a variant)
-    folded = text.casefold()
+    folded = fold_accents(text).casefold()
 
     def take(form: str, as_loose: bool, variant: bool) -> None:
         if not _may_occur(form, folded):
@@ -156,7 +204,7 @@ def mask_forms(text: str, entity: str, token: str, variants: Sequence[str] = (),
 def _may_occur(form: str, folded_text: str) -> bool:
     """Cheap necessary condition for a match of ``form``: its first word occurs in the casefolded text."""
     words = _WORD.findall(form)
-    return not words or words[0].casefold() in folded_text
+    return not words or fold_accents(words[0]).casefold() in folded_text
 
 
 def _spaced(text: str) -> str:
@@ -188,6 +236,9 @@ def variant_forms(entity: str, label: str, others: Iterable[str] = ()) -> list[s
     forms: set[str] = set()
     if label == "PERSON" and (last := surname(entity)) is not None:
         forms.add(last)
+    caps = [w for w in entity.split() if w[:1].isupper()]
+    if len(caps) >= 2:  # dotted initials ("U.S." for "United States"; loose matching also finds "US")
+        forms.add("".join(f"{w[0]}." for w in caps))
     key = _spaced(entity)
     for other in others:
         other = strip_determiner(other)
@@ -197,14 +248,6 @@ def variant_forms(entity: str, label: str, others: Iterable[str] = ()) -> list[s
         if is_usable(other, label, max_words=len(entity.split()) + 1) and entity_matches(entity, other):
             forms.add(other)
     return sorted(forms)
-
-
-def find_leaks(text: str, entity: str, variants: Sequence[str] = ()) -> list[str]:
-    """The forms of ``entity`` (itself and ``variants``) that still occur in ``text`` under the
-    punctuation-blind pattern and the case rule: empty when the masking hid them all."""
-    folded = text.casefold()
-    return [form for form in (entity, *variants) if _may_occur(form, folded)
-            and (entity_matches(text, form) or entity_matches(text, form, loose=True))]
 
 
 def shift_spans(
@@ -240,6 +283,107 @@ def clean_entity(text: str) -> str:
 def strip_determiner(entity: str) -> str:
     """``entity`` without one leading ``the``/``a``/``an`` ("the United States" -> "United States")."""
     return _DETERMINER.sub("", entity, count=1)
+
+
+# Broken NER spans (``span_problem``, ``repair_span``): what a span may not end with, and what makes it
+# unusable. NER cuts spans in the wrong place on ~5% of the embedded corpus's candidates ("Nobel Prize in
+# Literature for his", "3500kg and", "\"Southeast Asian", "Heliocentric (Sun", "1,01.325 millibars", "N").
+_FUNCTION_WORDS = frozenset({
+    "a", "an", "the", "and", "or", "nor", "but", "for", "of", "in", "on", "at", "to", "by", "with", "from",
+    "as", "into", "than", "that", "which", "who", "whom", "whose", "his", "her", "its", "their", "our", "my",
+    "your", "was", "were", "is", "are", "be", "been",
+})
+_EDGE_PUNCT = "\"'“”‘’«»,;:!?-–—/&*+=<>|"
+_PAIRS = (("(", ")"), ("{", "}"), ("“", "”"))
+_BAD_NUMBER = re.compile(r"\d,(?=\d)(?!\d{3}(?!\d))")  # a thousands comma not followed by exactly 3 digits
+_ABBREVIATION_END = re.compile(r"(?:^|[\s.])\w{1,3}\.$")  # "U.S.", "Jr.", "St.": a period that belongs
+_TRAILING_FUNCTION = re.compile(r"(?:\s+(?:" + "|".join(sorted(_FUNCTION_WORDS)) + r"))+$", re.IGNORECASE)
+_ACRONYM = re.compile(r"[A-Z0-9]{2}")
+
+
+def repair_span(entity: str) -> str:
+    """``entity`` with what NER wrongly kept at its edges removed: trailing function words ("for his",
+    "or"; a leading one, as in "at least the 17th century", is rejected instead), leading/trailing
+    punctuation and unpaired quotes, and a trailing unclosed bracket with what follows it ("Heliocentric
+    (Sun" -> "Heliocentric"). A trailing period stays only after an initial or abbreviation ("U.S.").
+    Only the edges are cut, so the result is a substring of ``entity`` (its offset:
+    ``entity.index(result)``); the caller checks it with ``span_problem``."""
+    prev = None
+    text = entity.strip()
+    while text != prev:
+        prev = text
+        for open_, close in _PAIRS:
+            if text.count(open_) > text.count(close):
+                text = text[: text.rindex(open_)]
+            if text.count(close) > text.count(open_) and text.startswith(close):
+                text = text[1:]
+        if text.count('"') % 2:
+            text = text[1:] if text.startswith('"') else text[: text.rindex('"')]
+        text = text.strip(_EDGE_PUNCT + " \t\n")
+        if text.endswith(".") and not _ABBREVIATION_END.search(text):
+            text = text[:-1]
+        text = _TRAILING_FUNCTION.sub("", text)
+    return text
+
+
+def span_problem(entity: str) -> str | None:
+    """Why ``entity`` is a broken span that no model could be rewarded for reconstructing, or None.
+
+    Rules (the test suite's broken-span rule set): it ends in a function word or punctuation other than an
+    abbreviation's period (``trailing_fragment``); starts with punctuation (``leading_punctuation``) or with
+    a function word other than an article (``leading_fragment``);
+    brackets or double quotes do not pair up (``unbalanced``); a thousands comma is not followed by exactly
+    three digits (``malformed_number``); it is one character, or two that are not an upper-case acronym or a
+    number (``fragment``).
+    """
+    words = entity.split()
+    if not words:
+        return "fragment"
+    if words[-1].lower() in _FUNCTION_WORDS and len(words) > 1:
+        return "trailing_fragment"
+    if entity[-1] in _EDGE_PUNCT or (entity.endswith(".") and not _ABBREVIATION_END.search(entity)):
+        return "trailing_fragment"
+    if entity[0] in _EDGE_PUNCT or entity[0] in ")}”":
+        return "leading_punctuation"
+    if words[0].lower() in _FUNCTION_WORDS - {"a", "an", "the"} and len(words) > 1:
+        return "leading_fragment"
+    if any(entity.count(a) != entity.count(b) for a, b in _PAIRS) or entity.count('"') % 2:
+        return "unbalanced"
+    if _BAD_NUMBER.search(entity):
+        return "malformed_number"
+    core = "".join(ch for ch in entity if ch.isalnum())
+    if len(core) < 2 or (len(core) == 2 and not _ACRONYM.fullmatch(core)):
+        return "fragment"
+    return None
+
+
+def repaired_span(text: str, start: int, end: int) -> tuple[int, int] | str:
+    """The span ``text[start:end]`` after :func:`repair_span`, as offsets into ``text``; or the
+    :func:`span_problem` that no repair fixes."""
+    raw = text[start:end]
+    fixed = repair_span(raw)
+    if not fixed:
+        return "fragment"
+    problem = span_problem(fixed)
+    if problem is not None:
+        return problem
+    s = start + raw.index(fixed)
+    return s, s + len(fixed)
+
+
+_HEADER = re.compile(r"(?m)^Document (\d+):$")
+
+
+def header_count(document: str) -> int:
+    """The highest ``Document N:`` header number of a document (0: none): numbers no target may be."""
+    return max((int(n) for n in _HEADER.findall(document)), default=0)
+
+
+def names_a_header(entity: str, headers: int) -> bool:
+    """Whether ``entity`` is a number 1..``headers``: masking it would also mask a ``Document N:`` header
+    (``Document [TARGET]:`` between ``Document 1:`` and ``Document 3:`` gives it away)."""
+    words = _WORD.findall(entity)
+    return len(words) == 1 and words[0].isdigit() and 1 <= int(words[0]) <= headers
 
 
 def is_usable(entity: str, label: str, max_words: int = 8, labels: Iterable[str] | None = None) -> bool:
@@ -290,14 +434,25 @@ def candidates(
     max_occurrences: int = 5,
     max_words: int = 8,
     labels: Iterable[str] | None = None,
+    rejected: Counter[str] | None = None,
 ) -> list[Candidate]:
-    """Usable entities of one passage, determiners stripped, de-duplicated case-insensitively (first surface
-    form kept)."""
+    """Usable entities of one passage, determiners stripped, broken NER spans repaired or rejected
+    (:func:`repaired_span`; counted by reason into ``rejected``), de-duplicated case-insensitively (first
+    surface form kept)."""
     allowed = set(labels) if labels is not None else None
     seen: set[str] = set()
     out: list[Candidate] = []
     for span in spans:
         s, e, label = entity_span(text, span)
+        determiner = text[span[0]:s].strip()
+        fixed = repaired_span(text, s, e)
+        if isinstance(fixed, str):
+            if rejected is not None:
+                rejected[f"broken_span_{fixed}"] += 1
+            continue
+        if rejected is not None and fixed != (s, e):
+            rejected["broken_span_repaired"] += 1
+        s, e = fixed
         ent = text[s:e]
         key = " ".join(ent.casefold().split())
         if key in seen:
@@ -307,7 +462,7 @@ def candidates(
             continue
         if count_matches(text, ent) >= max_occurrences:
             continue
-        out.append(Candidate(ent, label, s, e, text[span[0]:s].strip()))
+        out.append(Candidate(ent, label, s, e, determiner))
     return out
 
 

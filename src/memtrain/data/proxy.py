@@ -47,6 +47,8 @@ from memtrain.data.entities import (
     find_leaks,
     is_usable,
     mask_forms,
+    names_a_header,
+    repaired_span,
     shift_spans,
     variant_forms,
 )
@@ -326,6 +328,7 @@ class ProxyBuilder:
         self.counter = counter
         self.counts: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()  # pivot NER spans repaired or rejected as broken, by reason
         self.labels: Counter[str] = Counter()
         self.tokens: list[int] = []
         self.masks: list[int] = []  # [MASK] replacements per finished document
@@ -376,6 +379,7 @@ class ProxyBuilder:
                     self.cfg.max_entity_occurrences,
                     self.cfg.max_entity_words,
                     self.cfg.entity_labels,
+                    rejected=self.rejected,
                 )
                 if not cands:
                     self.skipped["pivot_without_usable_entity"] += 1
@@ -471,8 +475,14 @@ class ProxyBuilder:
             pos += len(header)
             for span in shift_spans(ents[row], m.replaced, len(MASK_TOKEN)):
                 s, e, label = entity_span(m.text, span)
+                fixed = repaired_span(m.text, s, e)
+                if isinstance(fixed, str):
+                    continue  # a broken NER span: never an IMR target
+                s, e = fixed
                 ent = m.text[s:e]
                 if not is_usable(ent, label, self.cfg.max_entity_words, self.cfg.entity_labels):
+                    continue
+                if names_a_header(ent, len(rows)):
                     continue
                 folded = ent.casefold()
                 if any(w in folded for w in first_words) and find_leaks(ent, answer, variants):
@@ -595,6 +605,7 @@ class ProxyBuilder:
         return {
             "counts": dict(sorted(self.counts.items())),
             "skipped": dict(sorted(self.skipped.items())),
+            "broken_spans": dict(sorted(self.rejected.items())),
             "pivot_epochs": self.epochs,
             "entity_label_counts": dict(self.labels.most_common()),
             "token_stats": {

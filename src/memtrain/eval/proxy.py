@@ -59,7 +59,7 @@ from memtrain.io import append_jsonl, atomic_write_json, atomic_write_text, read
 from memtrain.log import logger
 from memtrain.progress import Progress, estimate_turns
 from memtrain.prompts import render, template
-from memtrain.scoring import METRICS, REWARD_METRIC, contains_answer, extract_answer, score
+from memtrain.scoring import METRICS, REWARD_METRIC, answer_words, contains_answer, extract_answer, score
 
 TASK = "proxy"
 PARTS = ("e2e", "imr")
@@ -178,6 +178,9 @@ def summarize_proxy(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
     with_imr = [r["imr"] for r in records if r.get("imr") is not None]
     e2e = {m: _intervals([float(r["e2e"]["metrics"][m]) for r in records]) for m in METRICS} if n else None
     imr = {m: _intervals([float(q["metrics"][m]) for q in with_imr]) for m in METRICS} if with_imr else None
+    asked = [q for q in with_imr if q.get("prediction") is not None]
+    words = {"e2e": _intervals([answer_words(r["e2e"]["prediction"]) for r in records]) if n else None,
+             "imr": _intervals([answer_words(q["prediction"]) for q in asked]) if asked else None}
     kept = [q.get("in_memory") for q in with_imr]  # absent in records of older versions
     in_memory = _intervals([float(k) for k in kept]) if kept and None not in kept else None
     memory_turns = sum(r["num_chunks"] for r in records)
@@ -185,10 +188,10 @@ def summarize_proxy(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
                      {m: ci[m]["mean"] for m in METRICS}}
               for part, count, ci in (("e2e", n, e2e), ("imr", len(with_imr), imr))}
     return {"task": TASK, **dict(meta), "n": n, "ids": [r["id"] for r in records],
-            "e2e": {"n": n, "metrics": e2e},
+            "e2e": {"n": n, "metrics": e2e, "answer_words": words["e2e"]},
             "imr": {"n": len(with_imr), "no_question": n - len(with_imr),
                     "memory_empty": sum(bool(q["memory_empty"]) for q in with_imr), "metrics": imr,
-                    "in_memory": in_memory},
+                    "in_memory": in_memory, "answer_words": words["imr"]},
             "num_chunks": memory_turns / n if n else 0.0,
             "truncated": sum(bool(r["truncated"]) for r in records) / n if n else 0.0,
             "memory_cap_rate": sum(r["memory_cap_hits"] for r in records) / max(memory_turns, 1),
@@ -201,6 +204,15 @@ def summarize_proxy(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
 
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
+
+
+def _words(ci: Mapping[str, Any] | None, signed: bool = False) -> str:
+    """Answer length in words with its interval: next to every metric, so a gain bought with length (or
+    with a collapse to nothing) shows."""
+    if ci is None:
+        return "-"
+    mean = f"{ci['mean']:+.1f}" if signed else f"{ci['mean']:.1f}"
+    return f"{mean} [{ci['lo']:.1f}, {ci['hi']:.1f}]"
 
 
 def _ci(ci: Mapping[str, Any] | None, signed: bool = False) -> str:
@@ -219,10 +231,11 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     conf = round(100 * summary["bootstrap"]["confidence"])
     lines += [f"Metrics in % with bootstrap {conf}% intervals over documents; "
               f"`{summary['reward_metric']}` is the training reward.", "",
-              "| task | n | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]
+              "| task | n | " + " | ".join(METRICS) + " | answer words |", "|" + "---|" * (len(METRICS) + 3)]
     for part in PARTS:
         block = summary[part]
         cells = [_ci(block["metrics"][m] if block["metrics"] else None) for m in METRICS]
+        cells.append(_words(block.get("answer_words")))
         lines.append(f"| {part.upper()} | {block['n']} | " + " | ".join(cells) + " |")
     imr = summary["imr"]
     lines += ["", f"IMR: one question per document drawn from the data alone; {imr['no_question']} of "
@@ -381,6 +394,10 @@ def compare_proxy(runs: Sequence[str | Path], labels: Sequence[str], metric: str
         for m in metrics:
             cis = [s[part]["metrics"][m] if s[part]["metrics"] else None for s in summaries]
             lines.append(_row(f"{part.upper()} {m}", cis, [_part_scores(d, part, m) for d in docs]))
+        words = [_answer_words(d, part) for d in docs]
+        cells = [_words(s[part].get("answer_words")) for s in summaries]
+        cells += [_words(_paired_ci(words[0], other), signed=True) for other in words[1:]]
+        lines.append(f"| {part.upper()} answer words | " + " | ".join(cells) + " |")
     lines.append(_row("IMR label in memory", [s["imr"].get("in_memory") for s in summaries],
                       [_in_memory_scores(d) for d in docs]))
     for lab, other, s in zip(labels[1:], docs[1:], summaries[1:], strict=True):
@@ -397,18 +414,40 @@ def _row(label: str, cis: Sequence[Mapping[str, Any] | None], scores: Sequence[M
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
+def document_scores(run: str | Path, part: str, metric: str) -> dict[str, float]:
+    """Per document id: one number of a proxy eval run - ``metric`` of ``part`` (e2e / imr), or
+    ``answer_words`` of that part, or the IMR ``in_memory`` rate - what paired and pooled differences pair."""
+    docs = _per_doc(Path(run), load_summary(run))
+    if metric == "in_memory":
+        return _in_memory_scores(docs)
+    if metric == "answer_words":
+        return _answer_words(docs, part)
+    return _part_scores(docs, part, metric)
+
+
 def _in_memory_scores(docs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """Per document: was the IMR label in the memory asked from (records of older versions lack it)."""
     return {i: float(r["imr"]["in_memory"]) for i, r in docs.items()
             if r.get("imr") is not None and "in_memory" in r["imr"]}
 
 
+def _paired_ci(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, Any] | None:
+    """b - a paired over their common ids with its interval (None when they have none in common)."""
+    try:
+        return paired_difference_ci(a, b, CONFIDENCE, RESAMPLES, BOOTSTRAP_SEED).to_dict()
+    except ValueError:
+        return None
+
+
 def _paired(a: Mapping[str, float], b: Mapping[str, float]) -> str:
     """b - a paired over their common ids, with its interval ("-" when they have none in common)."""
-    try:
-        return _ci(paired_difference_ci(a, b, CONFIDENCE, RESAMPLES, BOOTSTRAP_SEED).to_dict(), signed=True)
-    except ValueError:
-        return "-"
+    return _ci(_paired_ci(a, b), signed=True)
+
+
+def _answer_words(docs: Mapping[str, Mapping[str, Any]], part: str) -> dict[str, float]:
+    """Per document: words of the part's answer (IMR: where a question was asked)."""
+    return {i: float(answer_words(r[part]["prediction"])) for i, r in docs.items()
+            if r.get(part) is not None and r[part].get("prediction") is not None}
 
 
 def _part_scores(docs: Mapping[str, Mapping[str, Any]], part: str, metric: str) -> dict[str, float]:

@@ -73,3 +73,38 @@ def paired_difference_ci(a: Mapping[str, float], b: Mapping[str, float], confide
         raise ValueError(f"paired_difference_ci: the runs share no document id ({len(a)} vs {len(b)} "
                          "documents)")
     return bootstrap_ci([float(b[k]) - float(a[k]) for k in common], confidence, resamples, seed)
+
+
+def pooled_paired_ci(pairs: Sequence[tuple[Mapping[str, float], Mapping[str, float]]],
+                     confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
+                     seed: int = SEED) -> Interval:
+    """The paired difference b - a pooled over several replicates (seeds), each a pair of runs (a, b) on its
+    own documents, with a two-level bootstrap: seeds resampled with replacement, then documents within each
+    drawn seed. The interval so carries the spread between seeds (a training run's luck), not only the
+    documents': with one seed it is the paired interval. ``Interval.n`` counts the matched documents; the
+    mean is over all of them (seeds of different sizes weigh by their documents).
+    """
+    import numpy as np
+
+    _check(resamples, confidence)
+    diffs = []
+    for i, (a, b) in enumerate(pairs):
+        common = sorted(set(a) & set(b))
+        if not common:
+            raise ValueError(f"pooled_paired_ci: replicate {i} has no document in both runs")
+        diffs.append(np.asarray([float(b[k]) - float(a[k]) for k in common], dtype=np.float64))
+    if not diffs:
+        raise ValueError("pooled_paired_ci: no replicates")
+    everything = np.concatenate(diffs)
+    mean = float(everything.mean())
+    if np.all(everything == everything[0]):
+        return Interval(mean, mean, mean, int(everything.size))
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for r in range(resamples):
+        drawn = [diffs[i] for i in rng.integers(0, len(diffs), size=len(diffs))]
+        total = sum(float(d[rng.integers(0, d.size, size=d.size)].sum()) for d in drawn)
+        means[r] = total / sum(d.size for d in drawn)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return Interval(mean, float(lo), float(hi), int(everything.size))

@@ -64,6 +64,7 @@ RESUMABLE_KEYS: frozenset[str] = frozenset(
         "train.steps",
         "train.checkpoint_every",
         "train.keep_last",
+        "train.collapse_patience",
         "train.sample_every",
         "train.sample_count",
         "train.log_every",

@@ -44,6 +44,24 @@ def e2e_rewards(match: Tensor | Sequence[float], imr_matches: Tensor | Sequence[
     return m + (lam / imr.shape[-1]) * imr.sum(-1)
 
 
+def writer_credit(match_adv: float, imr_parts: Sequence[tuple[float, int]], num_turns: int) -> list[float]:
+    """Per-turn advantages of one E2E trajectory under ``rl.imr_credit=writer``.
+
+    The trajectory's advantage splits into the part of its match reward and one part per IMR prompt it was
+    asked (the bonus of that prompt), each ``R - mean(R)`` over the group: their sum is the broadcast
+    advantage. Every turn gets the match part; an IMR part goes only to its ``writers`` first turns - the
+    memory turns 1..k that wrote the memory m_k that prompt asked from. The final answer turn and later
+    memory turns did not shape m_k. ``imr_parts``: (advantage, writers) per IMR prompt.
+    """
+    out = [match_adv] * num_turns
+    for adv, writers in imr_parts:
+        if not 0 <= writers <= num_turns:
+            raise ValueError(f"writers={writers}: expected 0..num_turns ({num_turns})")
+        for turn in range(writers):
+            out[turn] += adv
+    return out
+
+
 def group_index(group_ids: Sequence[Hashable]) -> tuple[Tensor, list[Hashable]]:
     """Map arbitrary hashable group ids to 0..K-1 in first-seen order; returns (index [N], keys [K])."""
     keys: dict[Hashable, int] = {}

@@ -53,7 +53,7 @@ T = TypeVar("T")
 # or sequences; anything else (grad_norm, lr, skipped_*) is computed after the gradient reduction and equal
 # on every rank.
 SUM_STATS = frozenset({"loss", "pg_loss", "kl", "num_seqs", "num_tokens", "num_sessions", "num_micro_batches",
-                       *(f"num_seqs_{kind}" for kind in TURN_KINDS)})
+                       "num_seqs_zero_adv_skipped", *(f"num_seqs_{kind}" for kind in TURN_KINDS)})
 TOKEN_MEAN_STATS = frozenset({"entropy", "clip_frac", "approx_kl", "ratio_mean", "old_logprob_mean_diff",
                               "mismatch_kl", "tis_frac", "tis_weight_mean", "tis_trunc_frac"})
 SEQ_MEAN_STATS = frozenset({"adv_mean", "adv_abs_mean", "old_logprob_sampler_frac"})

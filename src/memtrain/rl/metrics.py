@@ -66,7 +66,8 @@ PLOTS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
             ("kl", "KL to reference (k3)"),
             ("loss", "loss"),
             ("clip_frac", "clip fraction"),
-            ("entropy", "entropy (nats/token)"),
+            ("entropy", "entropy of the trained tokens (nats/token)"),
+            ("sample_entropy", "entropy estimate of all sampled tokens (nats/token)"),
             ("grad_norm", "grad norm"),
         ),
     ),
@@ -78,6 +79,8 @@ PLOTS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
             ("len_final", "answer tokens"),
             ("len_imr", "IMR answer tokens"),
             ("memory_cap_rate", "memory cap hit rate"),
+            ("answer_cap_rate", "answer cap hit rate"),
+            ("kept_groups", "groups kept (learned from)"),
             ("filtered_groups", "filtered groups"),
         ),
     ),
@@ -87,6 +90,30 @@ PLOTS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
         (("time_rollout_s", "rollout"), ("time_update_s", "update"), ("step_time_s", "whole step")),
     ),
 )
+
+
+COLLAPSE_FLAGS = {
+    "warn_no_signal": "steps in a row kept no group (every group's rewards were equal): nothing was learned",
+    "warn_memory_cap": "every memory hit the memory cap (agent.memory_tokens)",
+    "warn_answer_cap": "every answer hit the answer cap (agent.answer_tokens)",
+}
+
+
+def collapse_flags(history: Sequence[Mapping[str, Any]], patience: int) -> dict[str, float]:
+    """The warnings a step's row carries (1.0 = raised; see ``COLLAPSE_FLAGS``), from the rows up to and
+    including it: ``patience`` steps in a row without a kept group, or a cap hit by every memory / answer
+    turn of the step. A run that collapses (memories padded to the cap, answers that ramble to it, no group
+    with a reward difference) shows it in the row, the log and ``memtrain plot --table``."""
+    if not history:
+        return {}
+    row = history[-1]
+    recent = history[-patience:]
+    flags = {
+        "warn_no_signal": len(recent) == patience and all(r.get("kept_groups") == 0 for r in recent),
+        "warn_memory_cap": row.get("memory_cap_rate") == 1.0,
+        "warn_answer_cap": row.get("answer_cap_rate") == 1.0,
+    }
+    return {k: 1.0 for k, raised in flags.items() if raised}
 
 
 def clean_value(value: Any) -> Any:
@@ -204,9 +231,16 @@ def summary_table(
         "imr_match",
         "kl",
         "loss",
-        "filtered_groups",
-        "tokens_generated",
+        "kept_groups",
+        "groups",
+        "rollout_rounds",
+        "memory_cap_rate",
+        "answer_cap_rate",
+        "len_final",
+        "len_imr",
+        "sample_entropy",
         "step_time_s",
+        *COLLAPSE_FLAGS,
     ),
 ) -> str:
     """A fixed-width text table of some columns per step (columns no row has are left out)."""
@@ -287,16 +321,17 @@ def _plot_validation(plt: Any, run_dir: Path, rows: Sequence[Mapping[str, Any]],
         return None
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], keys, strict=True):
+        scale = 1 if key.endswith(WORDS) else 100
         steps = [step for step, p in points.items() if key in p]
-        means = [100 * points[step][key]["mean"] for step in steps]
+        means = [scale * points[step][key]["mean"] for step in steps]
         has_ci = all(points[step][key]["lo"] is not None for step in steps)
         err = None
         if has_ci:
-            err = [[m - 100 * points[st][key]["lo"] for st, m in zip(steps, means, strict=True)],
-                   [100 * points[st][key]["hi"] - m for st, m in zip(steps, means, strict=True)]]
+            err = [[m - scale * points[st][key]["lo"] for st, m in zip(steps, means, strict=True)],
+                   [scale * points[st][key]["hi"] - m for st, m in zip(steps, means, strict=True)]]
         ax.errorbar(steps, means, yerr=err, marker="o", ms=4, lw=1, capsize=3,
                     label="mean, 95% bootstrap interval" if has_ci else "mean")
-        ax.set_ylabel(f"{key} (%)", fontsize=8)
+        ax.set_ylabel(key if scale == 1 else f"{key} (%)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper left")
     axes[-1, 0].set_xlabel("step (0: before training)")
@@ -362,23 +397,35 @@ def validation_points(summary: Mapping[str, Any], metric: str) -> dict[str, dict
         kept = detail.get("in_memory")
         if isinstance(kept, Mapping):
             out[f"{part} label in memory"] = {"mean": kept["mean"], "lo": kept["lo"], "hi": kept["hi"]}
+        words = detail.get("answer_words")
+        if isinstance(words, Mapping):
+            out[f"{part} {WORDS}"] = {"mean": words["mean"], "lo": words["lo"], "hi": words["hi"]}
     return out
+
+
+WORDS = "answer words"  # the validation point that is a length, not a rate: shown as it is, not in %
 
 
 def validation_line(summary: Mapping[str, Any], metric: str) -> str:
     """``imr f1 % 2.05 [0.69, 3.68], ...``: :func:`validation_points` for a log line."""
     points = validation_points(summary, metric)
-    return ", ".join(f"{k} % {_cell(v)}" for k, v in points.items()) or "no metrics"
+    return ", ".join(f"{k}{'' if k.endswith(WORDS) else ' %'} {_cell(v, k)}" for k, v in points.items()) \
+        or "no metrics"
 
 
-def _cell(point: Mapping[str, float | None]) -> str:
-    """``mean [lo, hi]`` in %, or ``mean`` without an interval."""
-    ci = f" [{_pct(point['lo'])}, {_pct(point['hi'])}]" if point["lo"] is not None else ""
-    return _pct(point["mean"]) + ci
+def _cell(point: Mapping[str, float | None], key: str = "") -> str:
+    """``mean [lo, hi]`` in % (answer words as they are), or ``mean`` without an interval."""
+    fmt = _num if key.endswith(WORDS) else _pct
+    ci = f" [{fmt(point['lo'])}, {fmt(point['hi'])}]" if point["lo"] is not None else ""
+    return fmt(point["mean"]) + ci
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _trained_metric(rows: Sequence[Mapping[str, Any]], summaries: Sequence[Mapping[str, Any]]) -> str:
@@ -403,9 +450,9 @@ def validation_table(run_dir: Path, rows: Sequence[Mapping[str, Any]] = ()) -> s
     if not points:
         return ""
     cols = list(dict.fromkeys(k for p in points.values() for k in p))
-    lines = ["| step | " + " | ".join(f"{c} (%, 95% CI)" for c in cols) + " |",
-             "|---:|" + "---:|" * len(cols)]
+    heads = [f"{c} ({'' if c.endswith(WORDS) else '%, '}95% CI)" for c in cols]
+    lines = ["| step | " + " | ".join(heads) + " |", "|---:|" + "---:|" * len(cols)]
     for step, p in points.items():
-        cells = [_cell(p[c]) if c in p else "-" for c in cols]
+        cells = [_cell(p[c], c) if c in p else "-" for c in cols]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

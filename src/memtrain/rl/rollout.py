@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Protocol
 from memtrain.agent.types import TURN_KINDS, Turn
 from memtrain.config import Config
 from memtrain.engines.base import Engine, SamplingParams
-from memtrain.rl.core import group_advantages, uniform_groups_mask
+from memtrain.rl.core import group_advantages, uniform_groups_mask, writer_credit
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,10 @@ class Rollout:
     kind: GroupKind
     metrics: dict[str, float] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    # ``rl.imr_credit=writer``: the reward as (match, [(bonus of an IMR prompt, how many leading turns wrote
+    # the memory it asked), ...]); each bonus credits only its writers (memtrain.rl.core.writer_credit). None:
+    # the rollout's advantage is broadcast to every turn (the paper).
+    credit: tuple[float, list[tuple[float, int]]] | None = None
 
     @property
     def primary(self) -> bool:
@@ -163,6 +167,7 @@ class Scored:
     rollouts: list[Rollout] = field(default_factory=list)
     advantages: list[float] = field(default_factory=list)
     kept: list[bool] = field(default_factory=list)
+    turn_advantages: list[list[float] | None] = field(default_factory=list)  # per turn, where not broadcast
 
     @property
     def groups(self) -> dict[str, bool]:
@@ -186,30 +191,61 @@ def score_groups(rollouts: list[Rollout], std_norm: bool, dynamic_filter: bool) 
         kept = [not u for u in uniform_groups_mask(rewards, groups).tolist()]
     else:
         kept = [True] * len(rollouts)
-    return Scored(list(rollouts), adv, kept)
+    return Scored(list(rollouts), adv, kept, _turn_advantages(rollouts, std_norm))
+
+
+def _turn_advantages(rollouts: list[Rollout], std_norm: bool) -> list[list[float] | None]:
+    """Per-turn advantages of the rollouts that carry a ``credit`` split (None for the others): the match
+    and IMR-bonus parts each get their own group advantage, then :func:`writer_credit` places them."""
+    out: list[list[float] | None] = [None] * len(rollouts)
+    credits = {i: r.credit for i, r in enumerate(rollouts) if r.credit is not None}
+    if not credits:
+        return out
+    split = list(credits)
+    groups = [rollouts[i].group for i in split]
+    parts = max(len(c[1]) for c in credits.values())  # IMR prompts; a missing one is a bonus of 0, no writers
+    padded = {i: [*c[1], *[(0.0, 0)] * (parts - len(c[1]))] for i, c in credits.items()}
+    match = group_advantages([credits[i][0] for i in split], groups, std_norm=std_norm).tolist()
+    bonus = [group_advantages([padded[i][q][0] for i in split], groups, std_norm=std_norm).tolist()
+             for q in range(parts)]
+    for n, i in enumerate(split):
+        imr_parts = [(bonus[q][n], padded[i][q][1]) for q in range(parts)]
+        out[i] = writer_credit(match[n], imr_parts, len(rollouts[i].turns))
+    return out
 
 
 def training_sequences(scored: Scored) -> list[TrainSequence]:
-    """One sequence per turn of every kept rollout, each with its rollout's advantage (broadcast) and the
-    rollout as its session (``rl.loss_agg=session_mean`` weighs every rollout the same)."""
+    """One sequence per turn of every kept rollout, each with its rollout's advantage (broadcast; per turn
+    under ``rl.imr_credit=writer``) and the rollout as its session (``rl.loss_agg=session_mean`` weighs every
+    rollout the same)."""
     seqs = []
-    for index, (r, adv, kept) in enumerate(zip(scored.rollouts, scored.advantages, scored.kept, strict=True)):
+    per_turn = scored.turn_advantages or [None] * len(scored.rollouts)
+    for index, (r, adv, kept, turn_adv) in enumerate(zip(scored.rollouts, scored.advantages, scored.kept,
+                                                         per_turn, strict=True)):
         if not kept:
             continue
         session = f"{r.group}#{index}"  # unique within the step (and rank): rollouts are never merged
+        advs = turn_adv if turn_adv is not None else [adv] * len(r.turns)
         seqs += [TrainSequence(prompt_ids=list(t.prompt_ids), completion_ids=list(t.completion_ids),
-                               advantage=float(adv), old_logprobs=list(t.logprobs), kind=t.kind,
+                               advantage=float(a), old_logprobs=list(t.logprobs), kind=t.kind,
                                group=r.group, session=session)
-                 for t in r.turns if t.completion_ids]
+                 for t, a in zip(r.turns, advs, strict=True) if t.completion_ids]
     return seqs
 
 
+ANSWER_KINDS = ("final", "imr")  # turns that answer (capped by agent.answer_tokens)
+
+
 def step_metrics(scored: Scored, counters: dict[str, float]) -> dict[str, float]:
-    """The rollout half of a metrics row: rewards/metrics per kind, filter counts, lengths, cap hits."""
+    """The rollout half of a metrics row: rewards/metrics per kind, filter counts, lengths, cap-hit rates of
+    memories and answers, and the sampled tokens' entropy estimate (what collapse shows in first)."""
     rewards: dict[str, list[float]] = defaultdict(list)
     values: dict[str, list[float]] = defaultdict(list)
     lengths: dict[str, list[int]] = defaultdict(list)
-    memory_caps = [t.hit_cap for r in scored.rollouts for t in r.turns if t.kind == "memory"]
+    turns = [t for r in scored.rollouts for t in r.turns]
+    memory_caps = [t.hit_cap for t in turns if t.kind == "memory"]
+    answer_caps = [t.hit_cap for t in turns if t.kind in ANSWER_KINDS]
+    sampled = [lp for t in turns for lp in t.logprobs]
     for r in scored.rollouts:
         rewards[f"{r.kind.name}_reward"].append(r.reward)
         for key, value in r.metrics.items():
@@ -224,8 +260,13 @@ def step_metrics(scored: Scored, counters: dict[str, float]) -> dict[str, float]
         groups=float(len(groups)),
         filtered_groups=float(sum(not k for k in groups.values())),
         kept_rollouts=float(sum(scored.kept)),
+        kept_groups=float(sum(groups.values())),
         memory_cap_hits=float(sum(memory_caps)),
         memory_cap_rate=sum(memory_caps) / len(memory_caps) if memory_caps else 0.0,
+        answer_cap_rate=sum(answer_caps) / len(answer_caps) if answer_caps else 0.0,
+        # mean -log p of the sampled tokens: an unbiased estimate of the sampling distribution's entropy
+        # (nats/token) over every turn rolled out, kept or filtered; collapse drives it toward 0
+        sample_entropy=-sum(sampled) / len(sampled) if sampled else 0.0,
         tokens_generated=float(sum(len(t.completion_ids) for r in scored.rollouts for t in r.turns)),
     )
     return out

@@ -30,11 +30,12 @@ stop the run with :class:`NonFiniteError`, leaving the last checkpoint as it was
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,14 @@ from memtrain.rl.distributed import (
     reduce_update_stats,
     shard_model,
 )
-from memtrain.rl.metrics import EVAL_DIR, RunLogger, drop_validations_after, validation_line
+from memtrain.rl.metrics import (
+    COLLAPSE_FLAGS,
+    EVAL_DIR,
+    RunLogger,
+    collapse_flags,
+    drop_validations_after,
+    validation_line,
+)
 from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler
 from memtrain.rl.rollout import (
     Rollout,
@@ -314,10 +322,26 @@ class RolloutBatch:
     rounds: int
 
 
+def refill_rows(kept: int, target: int, rows_so_far: int, batch_size: int, rows_count_groups: bool) -> int:
+    """Rows the next dynamic-sampling round rolls out: none once ``target`` groups are kept; else, when what
+    is counted is rows (DAPO: primary groups, one per row), exactly the missing ones; when it is groups of
+    any kind, the missing groups over the groups kept per row so far (``batch_size`` when none was kept),
+    rounded up and at most ``batch_size`` - only as many extra rows as the filter is likely to need."""
+    missing = target - kept
+    if missing <= 0:
+        return 0
+    if rows_count_groups:
+        return min(missing, batch_size)
+    if kept == 0:
+        return batch_size
+    return max(1, min(batch_size, math.ceil(missing * rows_so_far / kept)))
+
+
 def collect_rollouts(task: Task, rows: list[dict], engine: Engine, config: Config, step: int,
                      position: int, ctx: DistContext | None = None) -> RolloutBatch:
-    """Roll out ``train.batch_size`` rows from ``position``; with ``rl.fill_filtered_batches``, roll out more
-    rows (up to ``train.fill_max_rounds`` rounds) until ``batch_size`` primary groups survive the DAPO
+    """Roll out ``train.batch_size`` rows from ``position``; with ``rl.fill_filtered_batches`` (DAPO's
+    dynamic sampling), roll out more rows (up to ``train.fill_max_rounds`` rounds, :func:`refill_rows`)
+    until ``batch_size`` primary groups - or ``rl.fill_min_groups`` groups of any kind - survive the DAPO
     filter. Data-parallel (``ctx``): this rank rolls out its share of the rows; the refill count is global."""
     ctx = ctx or DistContext()
     rollouts: list[Rollout] = []
@@ -325,6 +349,8 @@ def collect_rollouts(task: Task, rows: list[dict], engine: Engine, config: Confi
     seen: dict[str, int] = {}
     rounds = samples = 0
     need = config.train.batch_size
+    any_kind = config.rl.fill_min_groups is not None
+    target = config.rl.fill_min_groups if any_kind else config.train.batch_size
     while True:
         indices = batch_indices(len(rows), config.train.seed, config.data.shuffle, position, need)
         picked = [rows[i] for i in indices]
@@ -337,7 +363,9 @@ def collect_rollouts(task: Task, rows: list[dict], engine: Engine, config: Confi
         for key, value in round_counters.items():
             counters[key] += value
         scored = score_groups(rollouts, config.rl.adv_std_norm, config.rl.dynamic_filter)
-        need = config.train.batch_size - int(ctx.sum_values({"kept": scored.primary_groups_kept})["kept"])
+        local = sum(scored.groups.values()) if any_kind else scored.primary_groups_kept
+        kept = int(ctx.sum_values({"kept": local})["kept"])
+        need = refill_rows(kept, target, samples, config.train.batch_size, rows_count_groups=not any_kind)
         refill = config.rl.fill_filtered_batches and config.rl.dynamic_filter
         if not (refill and need > 0 and rounds < config.train.fill_max_rounds):
             return RolloutBatch(scored, dict(counters), position, samples, rounds)
@@ -351,7 +379,8 @@ def progress_line(row: dict[str, Any], steps: int) -> str:
     skipped = " - SKIPPED (non-finite loss/gradients)" if row.get("skipped_nonfinite") == 1.0 else ""
     return (f"step {row['step']}/{steps}: e2e_reward {f('e2e_reward')}, e2e_match {f('e2e_match')}, "
             f"imr_match {f('imr_match')}, kl {f('kl')}, loss {f('loss')}, "
-            f"filtered {f('filtered_groups')}/{f('groups')} groups, "
+            f"kept {f('kept_groups')}/{f('groups')} groups, caps mem {f('memory_cap_rate')} ans "
+            f"{f('answer_cap_rate')}, "
             f"{f('tokens_generated')} tokens, {f('step_time_s')}s (rollout {f('time_rollout_s')}s, update "
             f"{f('time_update_s')}s){skipped}")
 
@@ -388,6 +417,7 @@ class Run:
     start_step: int  # the last step taken before this process (0: a fresh run)
     position: int = 0  # data stream position: rows drawn so far
     streak: int = 0  # consecutive steps skipped for a non-finite loss or gradient
+    recent: list[dict[str, Any]] = field(default_factory=list)  # the last rows, for collapse_flags
 
 
 def setup_run(config: Config, out_dir: Path, resume: bool = False) -> Run | None:
@@ -512,14 +542,20 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     stepped = not skipped and stats.get("skipped_empty", 0.0) != 1.0  # the weights changed
     synced = sync_engine(run.engine, run.model) if stepped else {"time_sync_s": 0.0}
     scored = gather_scored(batch.scored, run.ctx)  # data-parallel: every rank's rollouts (else unchanged)
-    row = run.log.log_step({
+    metrics = {
         "step": step, **step_metrics(scored, run.ctx.sum_values(batch.counters)), **stats, **synced,
         "reward_metric": run.task.reward_metric, "samples": batch.samples, "rollout_rounds": batch.rounds,
         "data_position": run.position, "time_rollout_s": time_rollout, "time_update_s": time_update,
         "step_time_s": time.perf_counter() - t_step,
-    })
+    }
+    run.recent = [*run.recent, metrics][-cfg.collapse_patience:]
+    flags = collapse_flags(run.recent, cfg.collapse_patience)
+    row = run.log.log_step({**metrics, **flags})
     if step % cfg.log_every == 0 or step == cfg.steps or skipped:
         logger.info(progress_line(row, cfg.steps))
+    for flag in flags:
+        logger.warning("step %d: %s (%s)", step, COLLAPSE_FLAGS[flag],
+                       f"{cfg.collapse_patience} steps" if flag == "warn_no_signal" else flag)
     if step % cfg.sample_every == 0 or step == 1:
         run.log.log_samples(step, sample_records(scored, cfg.sample_count))
     return row

@@ -365,16 +365,18 @@ class UpdateStats:
     tis_trunc_sum: float = 0.0
     tis_ratio_max: float = -math.inf
 
-    def add_sampler_diff(self, sampler_logp: Tensor, current: Tensor, mask: Tensor) -> float:
-        """Record how far the sampler's log-probs are from the recomputed ones; returns the largest gap."""
+    def add_sampler_diff(self, sampler_logp: Tensor, current: Tensor, mask: Tensor) -> Tensor:
+        """Record how far the sampler's log-probs are from the recomputed ones; returns each row's (each
+        sequence's) largest gap, [B]."""
         mask_f = mask.float()
         diff = (sampler_logp - current).abs() * mask_f
-        largest = float(diff.max())
+        per_row = diff.amax(dim=-1)
+        largest = float(per_row.max())
         self.diff_max = max(self.diff_max, largest)
         self.diff_sum += float(diff.sum())
         self.mismatch_sum += float(((sampler_logp - current) * mask_f).sum())
         self.diff_tokens += int(mask.sum())
-        return largest
+        return per_row
 
     def add_tis(self, tis_stats: dict[str, Tensor], mask: Tensor) -> None:
         n = float(mask.sum())
@@ -507,23 +509,27 @@ def _old_logprobs(batch: _Batch, items: Sequence[TrainSequence], current: Tensor
                   stats: UpdateStats) -> tuple[Tensor, Tensor | None]:
     """The PPO old log-probs of a micro-batch (``rl.old_logprobs``) and its truncated IS weights, if any.
 
-    The sampler's where every sequence carries them and 'sampler' says so or 'auto' finds them within
-    ``rl.old_logprob_tol`` of ``current`` (the recomputed ones), else ``current``; then, with ``rl.tis_cap``,
-    the ratio no longer sees the sampler, so each token is reweighted by min(trainer / sampler, cap).
+    Decided per sequence, so the gradient does not depend on which sequences share a micro-batch: the
+    sampler's where the sequence carries them and 'sampler' says so or 'auto' finds them within
+    ``rl.old_logprob_tol`` of ``current`` (its recomputed ones), else ``current``; then, with ``rl.tis_cap``,
+    a recomputed sequence's ratio no longer sees the sampler, so each of its tokens is reweighted by
+    min(trainer / sampler, cap) (1 on the sequences that use the sampler's).
     """
     sampler = [s.old_logprobs for s in items]
     if any(lp is None for lp in sampler):
         return current, None
     sampler_logp = batch.scatter(sampler, batch.mask.device)  # type: ignore[arg-type]
-    largest = stats.add_sampler_diff(sampler_logp, current, batch.mask)
-    if cfg.old_logprobs == "sampler" or (cfg.old_logprobs == "auto" and largest <= cfg.old_logprob_tol):
-        stats.sampler_seqs += len(items)
-        return sampler_logp, None
-    if cfg.tis_cap is None:
-        return current, None
-    weights, tis_stats = truncated_is_weights(current, sampler_logp, batch.mask, cfg.tis_cap)
-    stats.add_tis(tis_stats, batch.mask)
-    return current, weights
+    gap = stats.add_sampler_diff(sampler_logp, current, batch.mask)  # [B]: each sequence's largest gap
+    use_sampler = gap <= cfg.old_logprob_tol if cfg.old_logprobs == "auto" else torch.full_like(
+        gap, cfg.old_logprobs == "sampler", dtype=torch.bool)
+    stats.sampler_seqs += int(use_sampler.sum())
+    old = torch.where(use_sampler[:, None], sampler_logp, current)
+    if cfg.tis_cap is None or bool(use_sampler.all()):
+        return old, None
+    recomputed = batch.mask & ~use_sampler[:, None]
+    weights, tis_stats = truncated_is_weights(current, sampler_logp, recomputed, cfg.tis_cap)
+    stats.add_tis(tis_stats, recomputed)
+    return old, torch.where(use_sampler[:, None], batch.mask.to(weights.dtype), weights)
 
 
 def _micro_batch_loss(model: torch.nn.Module, reference: _Reference, cfg: RLConfig, work: _Pass,
@@ -555,7 +561,8 @@ def _warn_sampler_gap(stats: UpdateStats, cfg: RLConfig, num_seqs: int) -> None:
 def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequence], cfg: RLConfig,
                                 ref: torch.nn.Module | None = None,
                                 totals: tuple[int, int, int] | None = None,
-                                passes: int | None = None) -> dict[str, float | str]:
+                                passes: int | None = None,
+                                skip_zero_adv: bool = True) -> dict[str, float | str]:
     """Forward/backward every micro-batch, accumulating into ``.grad`` the gradient of the full-batch loss.
 
     Does not zero existing gradients and does not step. The loss is ``core.grpo_loss`` (clipped pg term +
@@ -568,13 +575,17 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
     where every forward/backward is a collective that all ranks must join): run exactly this many
     forward/backward passes, those beyond this rank's micro-batches on a one-token dummy sequence with a
     zero-weight loss, and do not stop at a non-finite loss (loss=nan all the same; the caller skips the step).
+    ``skip_zero_adv``: leave out the passes of sequences that cannot change the gradient
+    (:func:`contributing`); the gradient is the same, the token statistics are over the sequences trained on.
     """
     check_trainable_sampling(cfg)
     _check_sampler_logprobs(seqs, cfg)
     reference = _reference_context(model, ref, cfg.kl_coef)
     share = cfg.share_prompts and passes is None and _can_share_prompts(model)  # FSDP2: one forward per pass
-    plan = plan_update([s.prompt_ids for s in seqs], [len(s.completion_ids) for s in seqs],
+    active = contributing(seqs, cfg.kl_coef) if skip_zero_adv and passes is None else list(range(len(seqs)))
+    plan = plan_update([seqs[i].prompt_ids for i in active], [len(seqs[i].completion_ids) for i in active],
                        cfg.micro_batch_tokens, share)
+    plan = [replace(m, rows=[active[r] for r in m.rows]) for m in plan]
     stats = UpdateStats()
     for work in _plan_passes(seqs, plan, totals if totals is not None else _batch_counts(seqs), passes):
         loss, loss_stats = _micro_batch_loss(model, reference, cfg, work, stats)
@@ -589,8 +600,21 @@ def accumulate_policy_gradients(model: torch.nn.Module, seqs: Sequence[TrainSequ
         loss.backward()
         if stats.finite and not work.padding:
             stats.add_loss(loss, loss_stats)
-    _warn_sampler_gap(stats, cfg, len(seqs))
-    return stats.finalise(seqs, len(plan))
+    trained = [seqs[i] for i in active]
+    _warn_sampler_gap(stats, cfg, len(trained))
+    skipped = float(len(seqs) - len(trained))
+    return {**stats.finalise(trained, len(plan)), "num_seqs_zero_adv_skipped": skipped}
+
+
+def contributing(seqs: Sequence[TrainSequence], kl_coef: float) -> list[int]:
+    """Indices of the sequences whose forward/backward can change the gradient. Without a KL term a sequence
+    with advantage exactly 0 adds nothing (its clipped policy term is 0 * ratio): it only counts in the
+    loss's normalisation, which the caller's totals keep. Such sequences are common - a trajectory whose
+    reward equals its group's mean, the turns ``rl.imr_credit=writer`` gives no IMR credit while every match
+    was equal - and skipping them gives the same gradient for less compute."""
+    if kl_coef > 0:
+        return list(range(len(seqs)))
+    return [i for i, s in enumerate(seqs) if s.advantage != 0.0]
 
 
 def _can_share_prompts(model: torch.nn.Module) -> bool:

@@ -94,6 +94,15 @@ def check_verl_run(config: Config, num_rows: int) -> SessionShape:
         raise UserError(f"rl.loss_agg={cfg_rl.loss_agg}: the verl backend offers "
                         f"{', '.join(LOSS_AGG)} (verl's loss_agg_mode has no per-session weighting); use "
                         "one of them or the native trainer")
+    if cfg_rl.fill_min_groups is not None:
+        raise UserError(f"rl.fill_min_groups={cfg_rl.fill_min_groups}: verl refills whole rows by their "
+                        "E2E rewards; leave rl.fill_min_groups unset with the verl backend")
+    if cfg_rl.imr_questions != 1:
+        raise UserError(f"rl.imr_questions={cfg_rl.imr_questions}: the verl backend asks one IMR question "
+                        "per trajectory (the paper); use rl.imr_questions=1 or the native trainer")
+    if cfg_rl.imr_credit != "broadcast":
+        raise UserError(f"rl.imr_credit={cfg_rl.imr_credit}: per-turn IMR credit is the native trainer's "
+                        "(verl's estimator gives one advantage per session); use rl.imr_credit=broadcast")
     if cfg_t.eval_data:
         raise UserError(f"train.eval_data={cfg_t.eval_data!r}: validation during training is the native "
                         "trainer's; with the verl backend evaluate the checkpoints with `memtrain eval`")

@@ -4,7 +4,9 @@ Per row, G1 memory-agent trajectories reconstruct the masked entity (E2E); per t
 intermediate-memory-recall prompt (a memory and an earlier chunk with a ``[TARGET]`` entity) is answered G2
 times. R_E(i) = match(i) + lambda / G2 * sum_j R_I(i, j); a trajectory with no valid IMR prompt gets no bonus
 (counted as ``imr_none``). The E2E group of a row and the IMR group of each trajectory are advantage groups
-of their own.
+of their own. Beyond the paper: ``rl.imr_questions`` = M draws M IMR prompts per trajectory (M groups of G2,
+the bonus their mean), and ``rl.imr_credit=writer`` credits each prompt's bonus only to the memory turns
+that wrote the memory it asked from.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class ImrGroup:
     turns: list[Turn]
     scores: list[dict[str, float]]  # every answer metric of each answer against the prompt's label
     metric: str  # the reward metric
+    question: int = 0  # which of the trajectory's rl.imr_questions prompts
 
     @property
     def matches(self) -> list[float]:
@@ -65,57 +68,75 @@ class ProxyTask(MemoryAgentTask):
         return rollouts, agent_counters(agent)
 
     def imr_groups(self, agent: MemoryAgent, engine: Engine, trajs: list[Trajectory], samples: list[dict],
-                   params: SamplingParams, rng: random.Random) -> list[ImrGroup | None]:
-        """Per trajectory, its IMR prompt answered G2 times and scored (None: no valid prompt, or IMR off)."""
-        groups: list[ImrGroup | None] = [None] * len(trajs)
-        if not self.config.rl.imr:
-            return groups
-        prompts = agent.imr_prompts(trajs, samples, rng)
-        valid = [(i, p) for i, p in enumerate(prompts) if p is not None]
-        answers = run_imr(engine, [p for _, p in valid], params, self.config.rl.imr_group_size,
+                   params: SamplingParams, rng: random.Random) -> list[list[ImrGroup | None]]:
+        """Per trajectory, its ``rl.imr_questions`` IMR prompts (the paper: 1), each answered G2 times and
+        scored (None: no valid prompt; an empty list with IMR off). All answers come from one engine call."""
+        rl = self.config.rl
+        if not rl.imr:
+            return [[] for _ in trajs]
+        drawn = [agent.imr_prompts(trajs, samples, rng) for _ in range(rl.imr_questions)]  # [question][traj]
+        valid = [(q, i, p) for q, prompts in enumerate(drawn) for i, p in enumerate(prompts) if p is not None]
+        answers = run_imr(engine, [p for _, _, p in valid], params, rl.imr_group_size,
                           self.config.agent.answer_tokens)
-        for (i, prompt), turns in zip(valid, answers, strict=True):
-            groups[i] = ImrGroup(i, prompt, turns, [score(t.text, prompt.label) for t in turns],
-                                 self.reward_metric)
+        groups: list[list[ImrGroup | None]] = [[None] * rl.imr_questions for _ in trajs]
+        for (q, i, prompt), turns in zip(valid, answers, strict=True):
+            groups[i][q] = ImrGroup(i, prompt, turns, [score(t.text, prompt.label) for t in turns],
+                                    self.reward_metric, question=q)
         return groups
 
-    def e2e_rewards(self, trajs: list[Trajectory], imr: list[ImrGroup | None]) -> list[float]:
-        """R_E(i) = match(i) + lambda / G2 * sum_j R_I(i, j) (IMR off: the match alone)."""
+    def e2e_rewards(self, trajs: list[Trajectory], imr: list[list[ImrGroup | None]]) -> list[float]:
+        """R_E(i) = match(i) + lambda / (M G2) * sum over its M IMR prompts and their G2 answers j of R_I
+        (the paper: M = 1; IMR off: the match alone). A prompt that could not be drawn counts as 0."""
         rl = self.config.rl
         match = [float(t.scores.get(self.reward_metric, 0.0)) for t in trajs]
-        recall = [g.matches if g is not None else [0.0] * rl.imr_group_size for g in imr] if rl.imr else None
+        recall = [[m for g in groups for m in (g.matches if g is not None else [0.0] * rl.imr_group_size)]
+                  for groups in imr] if rl.imr else None
         return e2e_rewards(match, recall, rl.imr_lambda).tolist()
 
     def trajectory_rollouts(self, trajs: list[Trajectory], samples: list[dict], rewards: list[float],
-                            imr: list[ImrGroup | None]) -> list[Rollout]:
-        """The E2E rollouts, with the IMR bonus and the IMR group in their metrics and records."""
+                            imr: list[list[ImrGroup | None]]) -> list[Rollout]:
+        """The E2E rollouts, with the IMR bonus and the IMR groups in their metrics and records."""
         out = []
-        for traj, reward, group in zip(trajs, rewards, imr, strict=True):
+        rl = self.config.rl
+        writer = rl.imr and rl.imr_credit == "writer"
+        for traj, reward, groups in zip(trajs, rewards, imr, strict=True):
             metrics = trajectory_metrics(traj, self.reward_metric)
-            if self.config.rl.imr:
+            found = [g for g in groups if g is not None]
+            if rl.imr:
                 metrics.update(imr_bonus=reward - metrics["e2e_match"],
-                               imr_prompt_found=float(group is not None))
-            imr_record = group.record() if group is not None else None
-            out.append(self.trajectory_rollout(traj, samples, reward, metrics, imr=imr_record))
+                               imr_prompt_found=len(found) / rl.imr_questions)
+            records = {"imr": found[0].record() if found else None}
+            if rl.imr_questions > 1:
+                records["imr_more"] = [g.record() for g in found[1:]]
+            rollout = self.trajectory_rollout(traj, samples, reward, metrics, **records)
+            if writer:  # each prompt's bonus credits the memory turns 1..k that wrote the memory m_k it asked
+                scale = rl.imr_lambda / (rl.imr_questions * rl.imr_group_size)
+                rollout.credit = (metrics["e2e_match"], [(scale * sum(g.matches), g.prompt.step_k)
+                                                        for g in found])
+            out.append(rollout)
         return out
 
-    def imr_rollouts(self, trajs: list[Trajectory], imr: list[ImrGroup | None],
+    def imr_rollouts(self, trajs: list[Trajectory], imr: list[list[ImrGroup | None]],
                      group_size: int) -> list[Rollout]:
-        """Every IMR answer is a one-turn rollout in its trajectory's group (member i % G1 of its row)."""
+        """Every IMR answer is a one-turn rollout in its prompt's group (a secondary group of member i % G1 of
+        its row; the q-th prompt of a trajectory has the id suffix ``#q`` for q > 0)."""
         out = []
-        for group in imr:
-            if group is None:
-                continue
-            traj = trajs[group.trajectory]
-            group_id = IMR.group_id(traj.sample_id, group.trajectory % group_size)
-            for turn, scores in zip(group.turns, group.scores, strict=True):
-                match = float(scores[self.reward_metric])
-                out.append(Rollout(group_id, match, [turn], IMR,
-                                   metrics={"imr_match": match, "imr_sub_em": float(scores["sub_em"])},
-                                   record={"sample_id": traj.sample_id, "label": group.prompt.label,
-                                           "answer": turn.text}))
+        for groups in imr:
+            for group in groups:
+                if group is None:
+                    continue
+                traj = trajs[group.trajectory]
+                group_id = IMR.group_id(traj.sample_id, group.trajectory % group_size)
+                if group.question:
+                    group_id += f"#{group.question}"
+                for turn, scores in zip(group.turns, group.scores, strict=True):
+                    match = float(scores[self.reward_metric])
+                    out.append(Rollout(group_id, match, [turn], IMR,
+                                       metrics={"imr_match": match, "imr_sub_em": float(scores["sub_em"])},
+                                       record={"sample_id": traj.sample_id, "label": group.prompt.label,
+                                               "answer": turn.text}))
         return out
 
     @classmethod
     def imr_answers(cls, config: Config) -> int:
-        return config.rl.imr_group_size if config.rl.imr else 0
+        return config.rl.imr_questions * config.rl.imr_group_size if config.rl.imr else 0

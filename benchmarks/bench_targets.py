@@ -1,0 +1,142 @@
+"""How clean are a proxy data set's targets? Broken NER spans, leaks and header-number targets, for the E2E
+answers and for the pool IMR draws its targets from (#22).
+
+    python benchmarks/bench_targets.py --data runs/targets-after
+    python benchmarks/bench_targets.py --data runs/targets-before \
+        --masker-from OLD/src/memtrain/data/entities.py
+
+Every figure uses the *current* rule set: ``span_problem`` (the broken-span rules the tests define),
+``names_a_header`` and the leak check of ``memtrain.data.leaks`` (independent of the masker). What is
+measured:
+
+- E2E: the answer of each row - broken? a header number? does a form of it survive in the document?
+- IMR: per passage of each document, every entity the masker (``--masker-from``: an older
+  ``memtrain/data/entities.py`` to measure, default the current one) accepts as an IMR target under the rules
+  of ``memtrain.agent.imr`` (candidate filters, at most 10 masks, no leak by the masker's own check): broken?
+  a header number? does a form survive the masking? (Passages stand in for chunks: a chunk of the demo is a
+  passage or part of one.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+
+from _machine import machine
+from memtrain.data.dataset import load_rows
+from memtrain.data.entities import header_count, names_a_header, span_problem, variant_forms
+from memtrain.data.leaks import find_leaks
+
+_HEADER = re.compile(r"(?:^|\n\n)Document \d+:\n")
+MAX_MASKS = 10
+
+
+def load_masker(path: str | None) -> ModuleType:
+    if path is None:
+        import memtrain.data.entities as current
+
+        return current
+    spec = importlib.util.spec_from_file_location("masker_under_test", path)
+    if spec is None or spec.loader is None:
+        sys.exit(f"--masker-from {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def passages(context: str) -> list[tuple[int, str]]:
+    """(offset, text) of each passage between the ``Document N:`` headers."""
+    heads = list(_HEADER.finditer(context))
+    return [(h.end(), context[h.end() : heads[i + 1].start() if i + 1 < len(heads) else len(context)])
+            for i, h in enumerate(heads)]
+
+
+def imr_targets(masker: ModuleType, row: dict) -> list[tuple[str, str, str]]:
+    """(entity, label, masked passage) for every IMR target the masker accepts in the row's passages."""
+    headers = header_count(row["context"])
+    out = []
+    for offset, text in passages(row["context"]):
+        spans = [(s["start"] - offset, s["end"] - offset, s["label"]) for s in row["entity_spans"]
+                 if offset <= s["start"] and s["end"] <= offset + len(text)]
+        others = [text[s:e] for s, e, _ in spans]
+        for c in masker.candidates(text, spans, 5, 8):
+            if hasattr(masker, "names_a_header") and masker.names_a_header(c.text, headers):
+                continue  # the current IMR rule (agent.imr._maskable)
+            variants = masker.variant_forms(c.text, c.label, others)
+            masked = masker.mask_forms(text, c.text, "[TARGET]", variants)
+            if 0 < masked.count <= MAX_MASKS and not masker.find_leaks(masked.text, c.text, variants):
+                out.append((c.text, c.label, masked.text))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="a proxy data set (memtrain data proxy)")
+    ap.add_argument("--masker-from", help="an entities.py to measure the IMR targets of (default: current)")
+    ap.add_argument("--show", type=int, default=8, help="examples of each kind of problem to print")
+    args = ap.parse_args()
+    print(machine())
+    masker = load_masker(args.masker_from)
+    rows = load_rows(args.data)
+    e2e: Counter[str] = Counter()
+    imr: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+
+    def note(kind: str, text: str) -> None:
+        examples.setdefault(kind, [])
+        if len(examples[kind]) < args.show:
+            examples[kind].append(text)
+
+    for row in rows:
+        answer, label, ctx = row["answers"][0], row["entity_label"], row["context"]
+        headers = header_count(ctx)
+        others = [ctx[s["start"] : s["end"]] for s in row["entity_spans"]]
+        e2e["answers"] += 1
+        if (problem := span_problem(answer)) is not None:
+            e2e["broken"] += 1
+            note(f"e2e broken ({problem})", answer)
+        if names_a_header(answer, headers):
+            e2e["header"] += 1
+        if leaks := find_leaks(ctx, answer, variant_forms(answer, label, others)):
+            e2e["leaked"] += 1
+            note("e2e leak", f"{answer!r}: {leaks}")
+        for entity, elabel, masked in imr_targets(masker, row):
+            imr["targets"] += 1
+            if (problem := span_problem(entity)) is not None:
+                imr["broken"] += 1
+                note(f"imr broken ({problem})", entity)
+            if names_a_header(entity, headers):
+                imr["header"] += 1
+                note("imr header number", entity)
+            if leaks := find_leaks(masked, entity, variant_forms(entity, elabel)):
+                imr["leaked"] += 1
+                note("imr leak", f"{entity!r}: {leaks}")
+
+    def rate(c: Counter[str], key: str, total: str) -> str:
+        return f"{c[key]} ({100 * c[key] / max(c[total], 1):.2f}%)"
+
+    print(f"data {args.data}: {len(rows)} documents; masker {args.masker_from or 'current'}")
+    print("| targets | n | broken spans | header numbers | leaked |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| E2E answers | {e2e['answers']} | {rate(e2e, 'broken', 'answers')} | "
+          f"{rate(e2e, 'header', 'answers')} | {rate(e2e, 'leaked', 'answers')} |")
+    print(f"| IMR targets | {imr['targets']} | {rate(imr, 'broken', 'targets')} | "
+          f"{rate(imr, 'header', 'targets')} | {rate(imr, 'leaked', 'targets')} |")
+    for kind, texts in sorted(examples.items()):
+        print(f"{kind}: " + "; ".join(texts))
+    manifest = Path(args.data) / "manifest.json"
+    if manifest.is_file():
+        import json
+
+        info = json.loads(manifest.read_text())
+        print("manifest broken_spans:", info.get("broken_spans", "(not recorded)"))
+
+
+if __name__ == "__main__":
+    main()
