@@ -93,30 +93,27 @@ def main() -> None:
         if len(examples[kind]) < args.show:
             examples[kind].append(text)
 
+    def tally(counts: Counter[str], kind: str, entity: str, text: str, variants: list[str],
+              headers: int) -> None:
+        """One target: broken? a header number? a form of it left in ``text`` (the masked document/chunk)?"""
+        counts["targets"] += 1
+        if (problem := span_problem(entity)) is not None:
+            counts["broken"] += 1
+            note(f"{kind} broken ({problem})", entity)
+        if names_a_header(entity, headers):
+            counts["header"] += 1
+            note(f"{kind} header number", entity)
+        if leaks := find_leaks(text, entity, variants):
+            counts["leaked"] += 1
+            note(f"{kind} leak", f"{entity!r}: {leaks}")
+
     for row in rows:
-        answer, label, ctx = row["answers"][0], row["entity_label"], row["context"]
+        answer, ctx = row["answers"][0], row["context"]
         headers = header_count(ctx)
         others = [ctx[s["start"] : s["end"]] for s in row["entity_spans"]]
-        e2e["answers"] += 1
-        if (problem := span_problem(answer)) is not None:
-            e2e["broken"] += 1
-            note(f"e2e broken ({problem})", answer)
-        if names_a_header(answer, headers):
-            e2e["header"] += 1
-        if leaks := find_leaks(ctx, answer, variant_forms(answer, label, others)):
-            e2e["leaked"] += 1
-            note("e2e leak", f"{answer!r}: {leaks}")
-        for entity, elabel, masked in imr_targets(masker, row):
-            imr["targets"] += 1
-            if (problem := span_problem(entity)) is not None:
-                imr["broken"] += 1
-                note(f"imr broken ({problem})", entity)
-            if names_a_header(entity, headers):
-                imr["header"] += 1
-                note("imr header number", entity)
-            if leaks := find_leaks(masked, entity, variant_forms(entity, elabel)):
-                imr["leaked"] += 1
-                note("imr leak", f"{entity!r}: {leaks}")
+        tally(e2e, "e2e", answer, ctx, variant_forms(answer, row["entity_label"], others), headers)
+        for entity, label, masked in imr_targets(masker, row):
+            tally(imr, "imr", entity, masked, variant_forms(entity, label), headers)
 
     def rate(c: Counter[str], key: str, total: str) -> str:
         return f"{c[key]} ({100 * c[key] / max(c[total], 1):.2f}%)"
@@ -124,8 +121,8 @@ def main() -> None:
     print(f"data {args.data}: {len(rows)} documents; masker {args.masker_from or 'current'}")
     print("| targets | n | broken spans | header numbers | leaked |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| E2E answers | {e2e['answers']} | {rate(e2e, 'broken', 'answers')} | "
-          f"{rate(e2e, 'header', 'answers')} | {rate(e2e, 'leaked', 'answers')} |")
+    print(f"| E2E answers | {e2e['targets']} | {rate(e2e, 'broken', 'targets')} | "
+          f"{rate(e2e, 'header', 'targets')} | {rate(e2e, 'leaked', 'targets')} |")
     print(f"| IMR targets | {imr['targets']} | {rate(imr, 'broken', 'targets')} | "
           f"{rate(imr, 'header', 'targets')} | {rate(imr, 'leaked', 'targets')} |")
     for kind, texts in sorted(examples.items()):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from memtrain.agent.imr import ImrPrompt, build_imr_prompt, run_imr
+from memtrain.agent.imr import ImrPrompt, build_imr_prompt, draw_imr_choice, run_imr
 from memtrain.agent.loop import MemoryAgent
 from memtrain.agent.types import Trajectory
 from memtrain.config import AgentConfig
@@ -218,6 +218,26 @@ def test_target_masking_follows_the_rules_of_the_proxy_data(tok) -> None:
     assert "In [TARGET] the Curie lab may grow" in prompts["May"]
     assert "United States" not in prompts["United States"] and "told us" in prompts["United States"]
     assert "Curie" not in prompts["Marie Curie"] and prompts["Marie Curie"].count(TARGET_TOKEN) == 3
+
+
+def test_a_header_number_is_never_an_imr_target(tok) -> None:
+    """An entity equal to a ``Document N:`` header number (N within the document's headers) would turn the
+    header into ``Document [TARGET]:`` between ``Document 11:`` and ``Document 13:``: never drawn. A larger
+    number, or a name, still is."""
+    passages = [f"Document {i}:\nThe {i} ships of Rome sailed." for i in range(1, 14)]
+    passages[5] = "Document 6:\nIn 12 days Caesar took 120 ships to Rome."
+    context = "\n\n".join(passages)
+    start = context.index("In 12 days")
+    found = [(context.index(text, start), text, lab) for text, lab in
+             (("12", "CARDINAL"), ("120", "CARDINAL"), ("Caesar", "PERSON"))]  # header 12 exists, 120 not
+    spans = [{"start": at, "end": at + len(text), "label": lab} for at, text, lab in found]
+    sample = {"id": "h", "context": context, "question": "Q?", "answers": ["x"], "entity_spans": spans}
+    cfg = AgentConfig(chunk_tokens=100_000, memory_tokens=8, answer_tokens=8, max_chunks=2)
+    _, traj = _run(tok, cfg, sample)
+    labels = {build_imr_prompt(traj, sample, tok, cfg, random.Random(seed)).label for seed in range(40)}
+    assert labels == {"120", "Caesar"}
+    choices = {draw_imr_choice(traj, sample, random.Random(seed)).entity for seed in range(40)}
+    assert choices == {"120", "Caesar"}
 
 
 def test_the_trajectories_of_a_sample_share_the_chunk_entity_work(tok, cfg, monkeypatch) -> None:

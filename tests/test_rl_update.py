@@ -368,6 +368,8 @@ def test_old_logprobs_sampler_verified_recomputed_or_mixed(tiny_model_dir: Path)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = _load(tiny_model_dir)
     seqs = _engine_seqs(model, tokenizer)
+    for s in seqs:  # no advantage of 0: every sequence is trained on (none skipped)
+        s.advantage += 0.05
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the model stays as sampled
     # one micro-batch for all (the engine's samples share prompts, which would otherwise run apart)
     cfg = RLConfig(kl_coef=0.0, micro_batch_tokens=100_000, share_prompts=False)

@@ -22,6 +22,7 @@ from memtrain.engines.base import SamplingParams
 from memtrain.engines.scripted import ScriptedEngine
 from memtrain.prompts import parse, render
 from memtrain.retrieval.service import Hit, Retriever
+from memtrain.scoring import METRICS
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -117,7 +118,7 @@ def test_episodes_search_answer_malformed_and_run_out(tok: Any, retriever: Retri
     assert "Doc 1 (Title: Berlin)" in two.results[1] and "hallucinated" not in two.results[1]
     assert [t.kind for t in two.turns] == ["search", "search"] and [t.step for t in two.turns] == [0, 1]
     assert river.outcome == "malformed" and river.reward == 0.0 and len(river.turns) == 1
-    assert river.scores == {"strict_em": 0.0, "em": 0.0, "sub_em": 0.0, "f1": 0.0}
+    assert river.scores == dict.fromkeys(METRICS, 0.0)
     assert loop.outcome == "no_answer" and len(loop.turns) == 3 and loop.reward == 0.0
     # the last turn uses the no-more-searching prompt
     assert "This is your last turn" in tok.decode(loop.turns[2].prompt_ids)

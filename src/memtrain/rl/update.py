@@ -612,9 +612,12 @@ def contributing(seqs: Sequence[TrainSequence], kl_coef: float) -> list[int]:
     loss's normalisation, which the caller's totals keep. Such sequences are common - a trajectory whose
     reward equals its group's mean, the turns ``rl.imr_credit=writer`` gives no IMR credit while every match
     was equal - and skipping them gives the same gradient for less compute."""
+    everything = list(range(len(seqs)))
     if kl_coef > 0:
-        return list(range(len(seqs)))
-    return [i for i, s in enumerate(seqs) if s.advantage != 0.0]
+        return everything
+    # a batch of zero advantages only still runs, so that its (zero) gradients exist: AdamW steps on a zero
+    # gradient (its moments carry on), and skips a parameter without one
+    return [i for i, s in enumerate(seqs) if s.advantage != 0.0] or everything
 
 
 def _can_share_prompts(model: torch.nn.Module) -> bool:
