@@ -5,7 +5,8 @@ articles, other masked entities), so one lucky draw cannot carry the result. Per
 (step 0) vs trained (last step) table of the headline metric (the run's reward metric, IMR part: the E2E
 part of a 135M model stays near 0), with answer length and the label-in-memory rate next to it. Then the
 pooled paired difference over seeds x documents with a two-level bootstrap (seeds, then documents within
-them: ``memtrain.eval.stats.pooled_paired_ci``).
+them: ``memtrain.eval.stats.pooled_paired_ci``). The stored predictions are graded with today's scorer
+(``document_scores(..., rescore=True)``), so runs made before a scorer fix are reported under it.
 
     python benchmarks/bench_seeds.py --seeds 1,2,3          # runs scripts/demo.sh per seed (resumable)
     python benchmarks/bench_seeds.py --seeds 1,2,3 --report-only
@@ -83,7 +84,7 @@ def main() -> None:
             print(f"| {seed} | (no finished run in {run}) |")
             continue
         last = max(vals)
-        base, trained = (document_scores(vals[s], args.part, metric) for s in (0, last))
+        base, trained = (document_scores(vals[s], args.part, metric, rescore=True) for s in (0, last))
         words = [document_scores(vals[s], args.part, "answer_words") for s in (0, last)]
         memory = [document_scores(vals[s], "imr", "in_memory") for s in (0, last)]
         rows = read_metrics(run)

@@ -16,7 +16,7 @@ from memtrain.cli.main import main
 from memtrain.config import Config
 from memtrain.engines.base import Engine
 from memtrain.engines.scripted import ScriptedEngine, kind_responder
-from memtrain.eval.proxy import run_proxy_eval
+from memtrain.eval.proxy import document_scores, run_proxy_eval
 from memtrain.eval.report import EXAMPLES, PLOT, SUMMARY, TABLE
 from memtrain.eval.stats import bootstrap_ci, paired_difference_ci, pooled_paired_ci
 from memtrain.io import read_jsonl
@@ -255,6 +255,13 @@ def test_report_shows_the_paired_difference(proxy_set: Path, tmp_path: Path, tok
     assert main(["report", str(base), str(trained), "--metric", "em"]) == 0
     text = capsys.readouterr().out
     assert "| E2E em |" in text and "E2E f1" not in text
+    assert "| E2E answer words |" in text and "| IMR answer words |" in text
+    # the per-document scores the pooled report pairs: as recorded, and re-graded from the predictions
+    for part in ("e2e", "imr"):
+        for metric in ("strict_em", "span_f1"):
+            recorded = document_scores(trained, part, metric)
+            assert recorded and document_scores(trained, part, metric, rescore=True) == recorded
+    assert set(document_scores(base, "imr", "answer_words")) <= set(document_scores(base, "e2e", "f1"))
 
 
 def test_cli_with_the_tiny_model(proxy_set: Path, tmp_path: Path, tiny_model_dir: Path,

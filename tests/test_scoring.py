@@ -286,9 +286,27 @@ def test_span_metrics_do_not_pay_an_entity_list_that_contains_the_gold(listing: 
 
 def test_span_metrics_pay_a_short_answer_and_give_partial_credit() -> None:
     assert score("Paris, the capital.", "Paris")["span_em"] == 1.0
-    # precision 2/2, recall 2/4: F1 = 2 * 1 * 0.5 / 1.5
-    assert score("Nobel Prize", "Nobel Prize in Literature")["span_f1"] == pytest.approx(2 / 3)
+    # content words: precision 2/2, recall 2/3 ("in" is not counted): F1 = 2 * 1 * (2/3) / (5/3) = 0.8
+    assert score("Nobel Prize", "Nobel Prize in Literature")["span_f1"] == pytest.approx(0.8)
     assert score("Nobel Prize", "Nobel Prize in Literature")["span_em"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold"),
+    [("This problem is a classic example of a logical fallacy", "Archduke of Austria"),  # shares only "of"
+     ("The section is about the ancient religion", "About 1,500"),  # only "about"
+     ("It is between the two", "between 66 to 70")],
+)
+def test_span_f1_gives_no_credit_for_shared_function_words(prediction: str, gold: str) -> None:
+    """What a trained 135M model found under a word-level span F1: sentences sharing an "of" or "about" with
+    the gold. Function words do not count."""
+    assert score(prediction, gold)["span_f1"] == 0.0
+
+
+def test_span_f1_keeps_credit_for_the_named_entity_and_golds_of_function_words() -> None:
+    named = score("The section is about the Crab Nebula, a remnant", "Crab Nebula")
+    assert named["span_f1"] == pytest.approx(0.8)  # content words "section crab nebula" vs "crab nebula"
+    assert score(r"\boxed{The Who}", "The Who")["span_f1"] == 1.0  # a gold of function words only: all count
 
 
 def test_answer_words_counts_the_whole_output() -> None:

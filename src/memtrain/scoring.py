@@ -16,7 +16,9 @@ mean the same thing by "correct". Four metrics are reported for every prediction
 * ``span_em`` / ``span_f1`` - em / f1 of the *answer span* (``extract_span``): the box if there is one, else
   the first item of the answer line (cut at the first sentence end or list separator), at most
   ``SPAN_MAX_WORDS`` words. Only the first thing the model names counts, so listing entities does not pay;
-  ``span_f1`` keeps partial credit for a partly right name. The CPU demo trains and reports ``span_f1``.
+  ``span_f1`` keeps partial credit for a partly right name, over content words only (function words such
+  as "of", "about", "to" are not counted, or a sentence sharing an "of" with the gold would earn credit).
+  The CPU demo trains and reports ``span_f1``.
 
 Pure standard library, so scoring never depends on which engine or tokenizer produced the text.
 """
@@ -41,6 +43,14 @@ _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
 _LEADING_ARTICLE = re.compile(r"^\s*(?:a|an|the)\s+", re.IGNORECASE)
 _ASCII_PUNCTUATION = frozenset(string.punctuation)
 _YES_NO = frozenset({"yes", "no", "noanswer"})
+# Function words that ``span_f1`` does not count: "This problem is a classic example of ..." must not earn
+# credit against "Archduke of Austria" for the "of" they share (a trained 135M model found that).
+_FUNCTION_WORDS = frozenset({
+    "a", "an", "the", "of", "in", "on", "at", "to", "for", "by", "with", "from", "as", "into", "about",
+    "over", "under", "between", "and", "or", "but", "nor", "is", "are", "was", "were", "be", "been",
+    "being", "this", "that", "these", "those", "it", "its", "his", "her", "their", "he", "she", "they",
+    "we", "you", "i", "which", "who", "whom", "whose", "than", "then", "there", "here", "so", "such", "not",
+})
 # where the first item of an answer line ends: a sentence end, a list separator, a line break. A comma only
 # separates when followed by a space and not by a digit ("July 4, 1776" and "1,000" stay whole).
 _SPAN_END = re.compile(r"[.!?](?:\s|$)|;|:\s|,\s+(?!\d)|\s(?:and|or)\s|\n|\s[-–—]\s|\(")
@@ -187,6 +197,11 @@ def _f1(pred_norm: str, gold_norm: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _content(norm: str) -> str:
+    """A normalised answer without its function words (``_FUNCTION_WORDS``): what ``span_f1`` compares."""
+    return " ".join(w for w in norm.split() if w not in _FUNCTION_WORDS)
+
+
 def _contains_tokens(pred_norm: str, gold_norm: str) -> bool:
     """Whether the gold's tokens occur contiguously, in order, among the prediction's (both normalised)."""
     pred, gold = pred_norm.split(), gold_norm.split()
@@ -217,7 +232,8 @@ def _score_answer(answer: str, span: str, golds: list[str], has_box: bool) -> di
             "sub_em": float(_contains_tokens(pred_norm, gold_norm)),
             "f1": _f1(pred_norm, gold_norm),
             "span_em": float(bool(span_norm) and span_norm == gold_norm),
-            "span_f1": _f1(span_norm, gold_norm),
+            "span_f1": _f1(_content(span_norm), _content(gold_norm)) if _content(gold_norm) else _f1(
+                span_norm, gold_norm),
         }
         for name, value in metrics.items():
             result[name] = max(result[name], value)

@@ -414,15 +414,26 @@ def _row(label: str, cis: Sequence[Mapping[str, Any] | None], scores: Sequence[M
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
-def document_scores(run: str | Path, part: str, metric: str) -> dict[str, float]:
+def document_scores(run: str | Path, part: str, metric: str, rescore: bool = False) -> dict[str, float]:
     """Per document id: one number of a proxy eval run - ``metric`` of ``part`` (e2e / imr), or
-    ``answer_words`` of that part, or the IMR ``in_memory`` rate - what paired and pooled differences pair."""
+    ``answer_words`` of that part, or the IMR ``in_memory`` rate - what paired and pooled differences pair.
+    ``rescore``: grade the stored predictions with today's ``memtrain.scoring`` instead of reading the
+    scores the run recorded (a scorer fix then applies to runs made before it)."""
     docs = _per_doc(Path(run), load_summary(run))
     if metric == "in_memory":
         return _in_memory_scores(docs)
     if metric == "answer_words":
         return _answer_words(docs, part)
-    return _part_scores(docs, part, metric)
+    if not rescore:
+        return _part_scores(docs, part, metric)
+    out = {}
+    for i, r in docs.items():
+        block = r.get(part)
+        if block is None:
+            continue
+        gold = block["label"] if part == "imr" else r["gold"]
+        out[i] = 0.0 if block["prediction"] is None else float(score(block["prediction"], gold)[metric])
+    return out
 
 
 def _in_memory_scores(docs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
