@@ -28,12 +28,12 @@ from pathlib import Path
 from types import ModuleType
 
 from _machine import machine
+from memtrain.agent.imr import MAX_ENTITY_OCCURRENCES, MAX_ENTITY_WORDS
 from memtrain.data.dataset import load_rows
 from memtrain.data.entities import header_count, names_a_header, span_problem, variant_forms
 from memtrain.data.leaks import find_leaks
 
 _HEADER = re.compile(r"(?:^|\n\n)Document \d+:\n")
-MAX_MASKS = 10
 
 
 def load_masker(path: str | None) -> ModuleType:
@@ -60,17 +60,18 @@ def passages(context: str) -> list[tuple[int, str]]:
 def imr_targets(masker: ModuleType, row: dict) -> list[tuple[str, str, str]]:
     """(entity, label, masked passage) for every IMR target the masker accepts in the row's passages."""
     headers = header_count(row["context"])
+    own_check = getattr(masker, "find_leaks", find_leaks)  # an older masker's own check; today's is leaks.py
     out = []
     for offset, text in passages(row["context"]):
         spans = [(s["start"] - offset, s["end"] - offset, s["label"]) for s in row["entity_spans"]
                  if offset <= s["start"] and s["end"] <= offset + len(text)]
         others = [text[s:e] for s, e, _ in spans]
-        for c in masker.candidates(text, spans, 5, 8):
+        for c in masker.candidates(text, spans, MAX_ENTITY_OCCURRENCES, MAX_ENTITY_WORDS):
             if hasattr(masker, "names_a_header") and masker.names_a_header(c.text, headers):
                 continue  # the current IMR rule (agent.imr._maskable)
             variants = masker.variant_forms(c.text, c.label, others)
             masked = masker.mask_forms(text, c.text, "[TARGET]", variants)
-            if 0 < masked.count <= MAX_MASKS and not masker.find_leaks(masked.text, c.text, variants):
+            if 0 < masked.count <= masker.DEFAULT_MAX_MASKS and not own_check(masked.text, c.text, variants):
                 out.append((c.text, c.label, masked.text))
     return out
 

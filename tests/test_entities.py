@@ -15,7 +15,6 @@ from memtrain.data.entities import (
     EntityTagger,
     candidates,
     count_matches,
-    find_leaks,
     is_usable,
     load_ner,
     mask_entity,
@@ -28,6 +27,7 @@ from memtrain.data.entities import (
     surname,
     variant_forms,
 )
+from memtrain.data.leaks import find_leaks
 
 
 @pytest.fixture(scope="module")

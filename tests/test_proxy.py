@@ -15,7 +15,6 @@ from memtrain.data.corpus import PassageStore, open_store
 from memtrain.data.dataset import load_rows, read_manifest
 from memtrain.data.entities import (
     Candidate,
-    find_leaks,
     load_ner,
     mask_forms,
     names_a_header,
@@ -23,6 +22,7 @@ from memtrain.data.entities import (
     strip_determiner,
     variant_forms,
 )
+from memtrain.data.leaks import find_leaks
 from memtrain.data.proxy import (
     PROXY_SCHEMA,
     ProxyBuilder,

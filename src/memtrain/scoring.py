@@ -224,16 +224,18 @@ def _score_answer(answer: str, span: str, golds: list[str], has_box: bool) -> di
     pred_norm = normalize_answer(answer)
     span_norm = normalize_answer(span)
     result = dict.fromkeys(METRICS, 0.0)
+    span_content = _content(span_norm)
     for gold in golds:
         gold_norm = normalize_answer(gold)
+        gold_content = _content(gold_norm)
         metrics = {
             "strict_em": float(has_box and pred_math == normalize_math(gold)),
             "em": float(pred_norm == gold_norm),
             "sub_em": float(_contains_tokens(pred_norm, gold_norm)),
             "f1": _f1(pred_norm, gold_norm),
             "span_em": float(bool(span_norm) and span_norm == gold_norm),
-            "span_f1": _f1(_content(span_norm), _content(gold_norm)) if _content(gold_norm) else _f1(
-                span_norm, gold_norm),
+            # content words only; a gold of function words alone ("The Who") keeps them
+            "span_f1": _f1(span_content, gold_content) if gold_content else _f1(span_norm, gold_norm),
         }
         for name, value in metrics.items():
             result[name] = max(result[name], value)

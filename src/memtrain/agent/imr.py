@@ -44,13 +44,13 @@ from memtrain.data.entities import (
     DEFAULT_MAX_MASKS,
     Span,
     candidates,
-    find_leaks,
     header_count,
     mask_forms,
     names_a_header,
     normalize_spans,
     variant_forms,
 )
+from memtrain.data.leaks import find_leaks
 from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
 from memtrain.errors import UserError
 from memtrain.prompts import TARGET_TOKEN, render, template

@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 from memtrain.assets import resolve
-from memtrain.data.leaks import find_leaks  # noqa: F401  (re-exported: the masker's users check with it)
 from memtrain.errors import UserError
 from memtrain.log import logger
 

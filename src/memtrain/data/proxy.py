@@ -44,7 +44,6 @@ from memtrain.data.entities import (
     Span,
     candidates,
     entity_span,
-    find_leaks,
     is_usable,
     mask_forms,
     names_a_header,
@@ -52,6 +51,7 @@ from memtrain.data.entities import (
     shift_spans,
     variant_forms,
 )
+from memtrain.data.leaks import find_leaks
 from memtrain.errors import UserError
 from memtrain.io import check_writable
 from memtrain.log import logger, progress_bar
