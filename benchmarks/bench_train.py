@@ -7,7 +7,9 @@ over the same sequences) so it can be split off the update time. The DAPO filter
 (``rl.dynamic_filter=false``) so every step updates on all its sequences: with it on, an untrained SmolLM2
 leaves most groups uniform and the update time would measure mostly nothing. The engine is the config's
 (``engine.kind=vllm``: the in-process vLLM engine, which reloads the weights after every update, column
-``sync_s``).
+``sync_s``). ``roll%`` and ``upd%``: each phase's share of the hardware bound, its FLOPs (``_machine.
+forward_flops``: every distinct prompt's prefill plus one forward token per generated token; forward +
+backward over the sequences trained on) at the compute dtype's measured matmul ceiling, over its time.
 
     python benchmarks/bench_train.py [--config configs/memtrain_demo_cpu.yaml]
                                      [--data runs/memtrain-demo-data] [--steps 2] [KEY=VALUE ...]
@@ -28,7 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import torch
 
-from _machine import ceilings, machine
+from _machine import ceilings, forward_flops, load_average, machine
 
 torch.set_num_threads(2)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -74,7 +76,18 @@ def main() -> None:
     engine.sync_weights(model)
 
     print(f"machine: {machine()}")
-    ceilings()
+    ceiling = ceilings()
+    compute = autocast_dtype(model) or next(model.parameters()).dtype
+    gflops = ceiling.get(compute, ceiling[torch.float32])
+    calls: list[tuple[list[int], int]] = []  # per engine call: distinct prompt lengths, generated tokens
+    generate = engine.generate
+
+    def counted(requests: list) -> list:
+        out = generate(requests)
+        calls.append(([len(r.prompt_ids) for r in requests], sum(len(c.token_ids) for cs in out for c in cs)))
+        return out
+
+    engine.generate = counted
     print(f"compute dtype: {autocast_dtype(model) or next(model.parameters()).dtype} "
           f"(model.compute_dtype={config.model.compute_dtype})")
     print(
@@ -85,12 +98,13 @@ def main() -> None:
     )
     header = (
         f"{'step':>4} {'rollout_s':>9} {'gen_tok':>7} {'gen_tok/s':>9} {'seqs':>5} {'seq_tok':>7} "
-        f"{'ref_s':>6} {'update_s':>8} {'upd_tok/s':>9} {'sync_s':>6} {'step_s':>7}"
+        f"{'ref_s':>6} {'update_s':>8} {'upd_tok/s':>9} {'sync_s':>6} {'step_s':>7} {'roll%':>5} {'upd%':>5}"
     )
     print(header)
     position = 0
     totals = {"rollout": 0.0, "ref": 0.0, "update": 0.0, "sync": 0.0, "gen": 0, "tok": 0}
     for step in range(1, args.steps + 1):
+        calls.clear()
         t0 = time.perf_counter()
         batch = collect_rollouts(task, rows, engine, config, step, position)
         position = batch.position
@@ -111,10 +125,23 @@ def main() -> None:
         synced = engine.sync_weights(model)  # the vLLM engine reloads and checks the weights; hf: nothing
         t_sync = time.perf_counter() - t3
         step_s = t_roll + t_ref + t_upd + t_sync
+        # hardware bounds at the compute dtype's matmul ceiling: rollout = each distinct prompt's prefill
+        # (the n samples of a request share it) + one forward token per generated token; update = forward +
+        # backward (3x forward) over every sequence trained on (a bound: shared prompts run once)
+        prompts = [n for lengths, _ in calls for n in lengths]
+        generated = sum(g for _, g in calls)
+        roll_flops = (forward_flops(model, prompts, len(prompts))
+                      + forward_flops(model, [1] * generated, generated))
+        trained = [s for s in seqs if s.advantage != 0.0] or seqs
+        upd_flops = 3 * forward_flops(model, [s.length for s in trained],
+                                      sum(len(s.completion_ids) for s in trained))
+        roll_pct = 100 * roll_flops / 1e9 / gflops / t_roll
+        upd_pct = 100 * upd_flops / 1e9 / gflops / t_upd
         check = {k: round(v, 4) for k, v in synced.items() if k.startswith("sync_logprob")}
         print(
             f"{step:>4} {t_roll:>9.1f} {gen:>7} {gen / t_roll:>9.1f} {len(seqs):>5} {tokens:>7} "
-            f"{t_ref:>6.1f} {t_upd:>8.1f} {tokens / t_upd:>9.0f} {t_sync:>6.1f} {step_s:>7.1f} {check or ''}"
+            f"{t_ref:>6.1f} {t_upd:>8.1f} {tokens / t_upd:>9.0f} {t_sync:>6.1f} {step_s:>7.1f} "
+            f"{roll_pct:>5.0f} {upd_pct:>5.0f} {check or ''}"
         )
         for k, v in (("rollout", t_roll), ("ref", t_ref), ("update", t_upd), ("sync", t_sync), ("gen", gen),
                      ("tok", tokens)):
@@ -127,7 +154,10 @@ def main() -> None:
         f"({totals['tok'] / totals['update']:.0f} tok/s forward+backward), sync {totals['sync'] / n:.1f}s, "
         f"step {(totals['rollout'] + totals['ref'] + totals['update'] + totals['sync']) / n:.1f}s"
     )
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20):.2f} GiB")
+    print(f"roll% / upd%: the phase's FLOPs at the {compute} matmul ceiling ({gflops:.0f} GFLOP/s) over its "
+          "time")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20):.2f} GiB; load average "
+          f"{load_average()}")
 
 
 if __name__ == "__main__":

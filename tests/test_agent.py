@@ -232,3 +232,24 @@ def test_a_problem_over_the_instruction_budget_is_an_error_naming_the_sample(tok
                                          r"over agent.instruction_tokens=\d+"):
         agent.run([_samples()[1], long_question], SamplingParams(temperature=1.0), n=1)
     assert len(agent.engine.calls) == calls  # nothing was generated for the failing batch
+
+
+def test_token_ids_the_tokenizer_does_not_know_never_reach_the_next_prompt(tiny_model_dir: Path, tok) -> None:
+    """Qwen's embedding has more rows than its tokenizer has tokens, so a sampler can emit an id that decodes
+    to nothing (MemAgent issue #25 crashes on one). The memory goes through text: the next prompt is
+    re-tokenized and holds only known ids, while the turn keeps the sampled ids for training."""
+    torch.manual_seed(0)
+    model = load_policy(str(tiny_model_dir), dtype="float32", device="cpu")
+    known = len(tok)
+    model.resize_token_embeddings(known + 256, mean_resizing=False)
+    out = model.get_output_embeddings().weight
+    with torch.no_grad():  # the extra rows of the output layer win many samples
+        out[known:] = torch.randn_like(out[known:]) * 4.0 * out[:known].std()
+    agent = MemoryAgent(HFEngine(model, tok), tok, _cfg(memory_tokens=12))
+    trajs = agent.run(_samples(), SamplingParams(temperature=1.0, seed=3), n=2)
+    turns = [t for traj in trajs for t in traj.turns]
+    assert any(i >= known for t in turns for i in t.completion_ids)  # unknown ids were sampled
+    for traj in trajs:
+        for turn in traj.turns[1:]:
+            assert max(turn.prompt_ids) < known  # never in a prompt
+        assert all(max(t.completion_ids, default=0) < known + 256 for t in traj.turns)

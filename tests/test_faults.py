@@ -9,7 +9,9 @@ and the final weights equal those of an uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,10 @@ import torch
 from safetensors.torch import load_file
 
 from memtrain.cli.main import main
+from memtrain.data.dataset import dataset_fingerprint
+from memtrain.errors import UserError
 from memtrain.io import read_jsonl
+from memtrain.rl import checkpoint as ck
 from memtrain.rl.checkpoint import latest_checkpoint
 from memtrain.rl.tasks.registry import TASKS
 from memtrain.rl.trainer import train
@@ -284,3 +289,110 @@ def test_data_build_killed_leaves_nothing_that_looks_complete(
     assert main(build) == 0  # the same command, rerun, succeeds
     assert len(load_rows(out)) == 12
     assert not list(tmp_path.glob(".tmp-*"))  # the dead writer's temp dir was removed
+
+
+# --- silent wrong results (#24): a resume checks what it resumes, the last update is always saved --------
+
+
+def _nan_into(weights: Path) -> None:
+    """Write NaN over the first 4 bytes of the first tensor's data: the file keeps its exact size."""
+    raw = bytearray(weights.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    raw[8 + header:8 + header + 4] = bytes([0x00, 0x00, 0xC0, 0x7F])  # a float32 NaN
+    weights.write_bytes(bytes(raw))
+
+
+def test_damaged_checkpoint_of_the_right_size_is_not_resumed(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = write_proxy_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, data, ["train.steps=2", "train.keep_last=2"]), run)
+    ckpts = run / "checkpoints"
+    newest = ckpts / "step_000002" / "model.safetensors"
+    size = newest.stat().st_size
+    _nan_into(newest)
+    assert newest.stat().st_size == size and ck.incomplete_reason(newest.parent) is None  # sizes still agree
+    assert "does not match the sha256" in str(ck.damage_reason(newest.parent))
+    # the resume falls back to the newest checkpoint that verifies, says so, and redoes step 2
+    caplog.set_level("WARNING", logger="memtrain")
+    assert ck.resume_checkpoint(run) == ckpts / "step_000001"
+    assert "step_000002 is damaged" in caplog.text
+    train(tiny_config(tiny_model_dir, data, ["train.steps=2", "train.keep_last=2"]), run, resume=True)
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    weights = load_file(str(newest))
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+    # a checkpoint written before hashes were recorded is still checked for non-finite weights
+    meta = json.loads((newest.parent / ck.META_FILE).read_text())
+    del meta["sha256"]
+    (newest.parent / ck.META_FILE).write_text(json.dumps(meta))
+    _nan_into(newest)
+    assert "holds NaN or infinity" in str(ck.damage_reason(newest.parent))
+    # none verifies: refused, naming each
+    _nan_into(ckpts / "step_000001" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint verifies \(step_000002: .*; step_000001: "):
+        ck.resume_checkpoint(run)
+
+
+def test_resume_on_a_rebuilt_dataset_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_proxy_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, data, ["train.steps=1"]), run)
+    before = dataset_fingerprint(data)
+    shutil.rmtree(data)
+    write_proxy_dataset(data, n=3)  # rebuilt with other rows
+    with pytest.raises(UserError, match=rf"fingerprint {before}, but data\.path=.* now holds "
+                                        rf"{dataset_fingerprint(data)}"):
+        train(tiny_config(tiny_model_dir, data, ["train.steps=2"]), run, resume=True)
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
+
+
+def test_the_last_step_is_saved_even_when_it_is_skipped(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """checkpoint_every 2, 4 steps, step 4 non-finite: step 3's update must be in a checkpoint."""
+    from memtrain.rl import trainer as trainer_mod
+    from memtrain.rl import update as update_mod
+
+    data = write_proxy_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_loss, real_update = update_mod.grpo_loss, trainer_mod.policy_update
+
+    def poisoned_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 4 else loss), stats
+
+    def counting_update(*args, **kwargs):
+        calls["n"] += 1
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(update_mod, "grpo_loss", poisoned_loss)
+    monkeypatch.setattr(trainer_mod, "policy_update", counting_update)
+    overrides = ["rl.dynamic_filter=false", "train.steps=4", "train.checkpoint_every=2", "train.keep_last=3"]
+    train(tiny_config(tiny_model_dir, data, overrides), run)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["skipped_nonfinite"] for r in rows] == [0.0, 0.0, 0.0, 1.0]
+    assert os.readlink(run / "checkpoints" / "latest") == "step_000004"
+    after_2 = load_file(str(run / "checkpoints" / "step_000002" / "model.safetensors"))
+    after_4 = load_file(str(run / "checkpoints" / "step_000004" / "model.safetensors"))
+    assert any(not torch.equal(after_2[k], after_4[k]) for k in after_2)  # step 3's update is saved
+
+
+def test_a_damaged_metrics_row_is_kept_not_dropped(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = write_proxy_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, data, ["train.steps=2", "train.keep_last=2"]), run)
+    metrics = run / "metrics.jsonl"
+    text = metrics.read_text()
+    damaged = text.rstrip("\n").rsplit("\n", 1)[1][:-7]  # the last row, cut short
+    metrics.write_text(text.rstrip("\n").rsplit("\n", 1)[0] + "\n" + damaged)
+    caplog.set_level("WARNING", logger="memtrain")
+    train(tiny_config(tiny_model_dir, data, ["train.steps=3", "train.keep_last=2"]), run, resume=True)
+    assert "not a complete JSON row" in caplog.text
+    kept = read_jsonl(run / "metrics.dropped.jsonl")
+    assert [r["damaged_text"] for r in kept if "damaged_text" in r] == [damaged]
+    # step 2 was checkpointed, so it is not redone: its row is missing from metrics.jsonl, but not lost
+    assert [r["step"] for r in read_jsonl(metrics)] == [1, 3]

@@ -21,16 +21,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from memtrain import io as mio
+from memtrain.cli.main import main
 from memtrain.config import ConfigError, load_config
 from memtrain.data.dataset import DatasetError, load_rows, require_columns, write_dataset
+from memtrain.errors import UserError
 from memtrain.io import read_jsonl
 from memtrain.models import ModelLoadError, load_policy, load_tokenizer
 from memtrain.rl import checkpoint as ck
 from memtrain.rl.metrics import truncate_after
 from memtrain.rl.trainer import train
-from train_helpers import tiny_config, write_proxy_dataset
+from train_helpers import config_yaml, tiny_config, write_proxy_dataset
 
 SCHEMA = pa.schema([("id", pa.string()), ("question", pa.string()), ("answers", pa.list_(pa.string()))])
 
@@ -41,7 +44,7 @@ def _fake_checkpoint(root: Path, step: int) -> Path:
     """A complete-looking step dir (meta.json lists the sizes of its files), written like save_checkpoint."""
     d = root / ck.step_dir_name(step)
     d.mkdir(parents=True)
-    (d / "model.safetensors").write_bytes(b"w" * 100)
+    save_file({"w": torch.ones(4)}, str(d / "model.safetensors"))
     torch.save({"version": ck.STATE_VERSION, "step": step}, d / ck.STATE_FILE)
     files = {p.name: p.stat().st_size for p in d.iterdir()}
     (d / ck.META_FILE).write_text(json.dumps({"step": step, "files": files}))
@@ -62,8 +65,9 @@ def test_latest_found_from_step_dirs_when_the_link_is_lost_or_copied(tmp_path: P
     assert (root / "latest").is_symlink()
     # a half-copied newer checkpoint (weights truncated) is skipped, not resumed from
     third = _fake_checkpoint(root, 3)
+    size = (third / "model.safetensors").stat().st_size
     (third / "model.safetensors").write_bytes(b"w" * 10)
-    assert ck.incomplete_reason(third) == "model.safetensors has 10 bytes, 100 expected"
+    assert ck.incomplete_reason(third) == f"model.safetensors has 10 bytes, {size} expected"
     assert ck.resume_checkpoint(run) == root / "step_000002"
     # checkpoints were written but none is complete: refuse rather than restart over the history
     for d in (root / "step_000001", root / "step_000002"):
@@ -483,3 +487,63 @@ def test_damaged_caches_name_the_file_and_say_delete(
         Retriever.open(tmp_path / "idx")
     with pytest.raises(ValueError, match=r"retriever\.json: damaged retriever index cache .*delete"):
         Retriever.for_corpus(corpus, tmp_path / "idx")
+
+
+# --- 11. validation is held out; user errors are one line (#24) ------------------------------------------
+
+
+def test_validation_on_the_training_set_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = write_proxy_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    copy = tmp_path / "copy"  # the same rows under another directory
+    shutil.copytree(data, copy)
+    for held_out in (data, copy):
+        config = tiny_config(tiny_model_dir, data, ["train.steps=1", f"train.eval_data={held_out}"])
+        with pytest.raises(UserError, match=r"is not held out from data\.path=.*: 4 row id\(s\) and 4 row "
+                                            r"text\(s\) in common.*--exclude-from"):
+            train(config, run)
+        assert not (run / "config.yaml").exists()
+    ok = tiny_config(tiny_model_dir, data, ["train.steps=1", f"train.eval_data={copy}",
+                                            "train.allow_eval_overlap=true", "train.tensorboard=false"])
+    train(ok, run)
+    assert (run / "eval" / "step_000001").is_dir()
+
+
+def test_user_errors_are_one_line(tiny_model_dir: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(bytes(range(256)))
+    assert main(["train", "--config", str(binary), "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"memtrain train: error: config file {binary} is not UTF-8 text (a binary file?): expected YAML")
+    with pytest.raises(ConfigError, match=r"steps=true: expected an integer, not a boolean"):
+        load_config(None, ["train.steps=true"])
+    with pytest.raises(ConfigError, match=r"lr=false: expected a number, not a boolean"):
+        load_config(None, ["optim.lr=false"])
+    assert main(["answer", "--model", str(tiny_model_dir), "--document", str(tmp_path),
+                 "--question", "Who?"]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"--document {tmp_path}: a directory; expected a UTF-8 "
+                                                    "text file")
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"),
+                                     RuntimeError("basic_ios::clear: iostream error")])
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    failure: Exception
+) -> None:
+    """What safetensors and torch.save raise on a full disk (the first save, then the retry) becomes one line
+    naming the checkpoint and the free space."""
+    data = write_proxy_dataset(tmp_path / "data")
+    config = config_yaml(tiny_model_dir, data, tmp_path / "c.yaml")
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(ck.torch, "save", full)
+    monkeypatch.setattr(mio, "_LOW_SPACE_BYTES", 0)  # the message alone must be recognised
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "train.steps=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"memtrain train: error: .*step_000001: no space left on device writing checkpoint "
+                        r"step_000001, \d+ MiB free; free space and rerun \(a run resumes from its last "
+                        r"checkpoint\) \(ENOSPC\)", err), err

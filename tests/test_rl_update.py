@@ -537,7 +537,8 @@ def test_every_update_statistic_has_a_rule_for_combining_over_ranks(tiny_model_d
     cfg = RLConfig(kl_coef=0.0, tis_cap=2.0, old_logprobs="recompute")
     stats = policy_update(model, build_optimizer(model, OptimConfig(lr=1e-4)), _random_seqs(3, 0), cfg)
     ruled = d.SUM_STATS | d.TOKEN_MEAN_STATS | d.SEQ_MEAN_STATS | d.MIN_STATS | d.MAX_STATS
-    same_on_every_rank = {"grad_norm", "lr", "skipped_nonfinite", "nonfinite_params", "skipped_empty",
+    same_on_every_rank = {"grad_norm", "lr", "update_ratio", "skipped_nonfinite", "nonfinite_params",
+                          "skipped_exploded", "skipped_empty",
                           "old_logprob_source"}
     assert set(stats) - ruled - same_on_every_rank == set()
 
@@ -579,7 +580,9 @@ def test_first_step_undone_leaves_no_optimizer_state_and_no_copy_raises(tiny_mod
     from memtrain.rl.update import NonFiniteParamsError
 
     model = _load(tiny_model_dir)
-    opt = build_optimizer(model, OptimConfig(lr=1e39))
+    opt = build_optimizer(model, OptimConfig(lr=1.0))
+    for group in opt.param_groups:  # past what the config accepts: the undo must hold for any overflow
+        group["lr"] = 1e39
     stats = policy_update(model, opt, _random_seqs(3, seed=22), RLConfig(kl_coef=0.0))
     assert stats["nonfinite_params"] == 1.0 and len(opt.state) == 0
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

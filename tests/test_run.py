@@ -84,9 +84,10 @@ def test_engine_synced_before_the_first_step_and_after_every_update(tiny_model_d
     (row,) = read_jsonl(tmp_path / "empty" / "metrics.jsonl")
     assert row["skipped_empty"] == 1.0 and len(syncs) == 1
     assert row["time_sync_s"] == 0.0 and "sync_probe" not in row
-    # ... or a step undone for non-finite weights
+    # ... or a step undone (here: an update above optim.max_update_ratio)
     syncs.clear()
-    huge = [*QUIET, "optim.lr=1e39", "train.steps=1"]
+    huge = [*QUIET, "optim.lr=0.5", "optim.warmup_steps=0", "optim.weight_decay=0.1",
+            "optim.max_update_ratio=0.01", "train.steps=1"]
     train(tiny_config(tiny_model_dir, data, huge), tmp_path / "huge")
     (row,) = read_jsonl(tmp_path / "huge" / "metrics.jsonl")
     assert row["skipped_nonfinite"] == 1.0 and len(syncs) == 1 and "sync_probe" not in row

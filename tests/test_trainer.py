@@ -239,17 +239,29 @@ def test_refill_rows(kept: int, target: int, rows_so_far: int, rows_count_groups
     assert refill_rows(kept, target, rows_so_far, 2, rows_count_groups) == expected
 
 
-def test_huge_lr_never_writes_nonfinite_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """lr=1e39 passes config validation (finite) but overflows float32 weights: each step is undone and
-    counted, the run stops after train.max_nonfinite of them, and no checkpoint (no NaN weights) exists."""
+def test_exploding_updates_are_undone_and_never_saved(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A learning rate no optimizer could use is refused in one line; an update that stays finite but moves
+    the weights by more than optim.max_update_ratio of their norm is undone and counted like a non-finite
+    step, the run stops after train.max_nonfinite of them, and no checkpoint holds exploded weights."""
     data = write_proxy_dataset(tmp_path / "data")
     run = tmp_path / "run"
-    config = tiny_config(tiny_model_dir, data, ["rl.dynamic_filter=false", "optim.lr=1e39", "train.steps=5"])
+    with pytest.raises(ConfigError, match=r"optim\.lr: Input should be less than or equal to 1"):
+        tiny_config(tiny_model_dir, data, ["optim.lr=1e30"])
+    config = tiny_config(tiny_model_dir, data, ["rl.dynamic_filter=false", "optim.lr=0.5", "train.steps=5",
+                                                "optim.warmup_steps=0", "optim.max_update_ratio=0.01",
+                                                "optim.weight_decay=0.1"])  # a step moves >= lr * wd
     with pytest.raises(NonFiniteError, match=r"3 consecutive steps \(up to step 3\).*none yet"):
         train(config, run)
     rows = read_jsonl(run / "metrics.jsonl")
-    assert [(r["skipped_nonfinite"], r["nonfinite_params"]) for r in rows] == [(1.0, 1.0)] * 3
+    assert [(r["skipped_nonfinite"], r["skipped_exploded"], r["nonfinite_params"]) for r in rows] == [
+        (1.0, 1.0, 0.0)] * 3
+    assert all(r["update_ratio"] > 0.01 for r in rows)
     assert not list((run / "checkpoints").glob("step_*"))
+    # the default threshold lets the same lr pass: the steps were refused for their size, not their lr
+    fine = tiny_config(tiny_model_dir, data, ["rl.dynamic_filter=false", "optim.lr=1e-3", "train.steps=1"])
+    train(fine, tmp_path / "run2")
+    row = read_jsonl(tmp_path / "run2" / "metrics.jsonl")[0]
+    assert row["skipped_exploded"] == 0.0 and 0 < row["update_ratio"] < fine.optim.max_update_ratio
 
 
 def test_failed_start_writes_nothing_and_the_same_command_then_runs(

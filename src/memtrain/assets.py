@@ -12,7 +12,6 @@ NER model or embedder is expected; anything else is passed through as a local pa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 from platformdirs import user_cache_dir
 
 from memtrain.errors import UserError
-from memtrain.io import atomic_dir, atomic_write_json
+from memtrain.io import atomic_dir, atomic_write_json, sha256_file
 from memtrain.log import logger, progress_enabled
 
 
@@ -124,14 +123,6 @@ def _get(name: str) -> Asset:
 def is_present(name: str) -> bool:
     d = asset_dir(name)
     return (d / MARKER).is_file() and (d / _get(name).entry).exists()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _dir_size(path: Path) -> int:

@@ -43,6 +43,18 @@ class Section(BaseModel):
     # allow_inf_nan=False: every float field (nested in lists/tuples/dicts too) must be finite
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_as_numbers(cls, data: Any) -> Any:
+        """``train.steps=true`` is not 1 step: pydantic's lax mode reads a boolean as a number."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(name)
+                if isinstance(value, bool) and field.annotation in (int, float, int | None, float | None):
+                    kind = "an integer" if field.annotation in (int, int | None) else "a number"
+                    raise ValueError(f"{name}={str(value).lower()}: expected {kind}, not a boolean")
+        return data
+
     @model_validator(mode="after")
     def _finite_floats(self) -> Section:
         """Also catches floats in fields pydantic does not type as float (Any, unions with str)."""
@@ -285,12 +297,20 @@ class RLConfig(Section):
 class OptimConfig(Section):
     """AdamW with linear warm-up then a constant learning rate, and grad-norm clipping (paper section 4)."""
 
-    lr: float = Field(1e-6, gt=0.0)
+    lr: float = Field(1e-6, gt=0.0, le=1.0, description="peak learning rate; above 1.0 no optimizer "
+                      "of a language model takes a useful step (an lr=1e30 run saved weights of 1e30)")
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
+    max_update_ratio: float | None = Field(
+        1.0, gt=0.0, description="a step whose update norm exceeds this fraction of the weights' norm "
+        "(||delta theta|| / ||theta||, logged as update_ratio) exploded: it is undone and counted like a "
+        "non-finite step (skipped_exploded; train.max_nonfinite in a row stop the run). AdamW moves each "
+        "weight by about lr, so the ratio is about lr / rms(weights): ~1e-3 for the demo, 1e30 for an "
+        "lr=1e30 typo; null: no check. The native trainer's (the verl backend does not check it)",
+    )
 
 
 class DataConfig(Section):
@@ -343,6 +363,10 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="validate every N steps (0: before the first and after the "
                             "last step only)")
     eval_limit: int | None = Field(None, gt=0, description="validate on the first N rows of train.eval_data")
+    allow_eval_overlap: bool = Field(
+        False, description="validate on a set that shares rows or source passages with data.path (refused by "
+        "default: a held-out score measured on training documents is not held out)",
+    )
     eval_batch_size: int = Field(32, gt=0, description="rows per validation batch")
     parallel: Literal["ddp", "fsdp2"] = Field(
         "ddp",
@@ -490,6 +514,9 @@ def load_config(
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?): expected YAML"
+                              ) from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:

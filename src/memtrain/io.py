@@ -11,6 +11,8 @@ delete those a dead process left behind.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -169,6 +171,38 @@ def atomic_dir(final: Path, durable: bool = False) -> Iterator[Path]:
         raise
 
 
+# what a full disk looks like from libraries that do not raise OSError(ENOSPC): safetensors' Rust writer, and
+# torch.save's C++ stream on the next attempt
+_DISK_FULL_TEXT = ("no space left on device", "iostream error", "disk quota exceeded")
+_LOW_SPACE_BYTES = 64 * 2**20
+
+
+def disk_full_error(exc: BaseException, path: Path, what: str) -> OSError | None:
+    """An ``OSError(ENOSPC)`` that names ``path`` and its free space when ``exc``, raised while writing
+    ``what`` there, is a full disk (by errno, by a library's message, or by the free space left); else None.
+    So a full disk is one line that says so, not a library's traceback."""
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = full or any(t in str(exc).lower() for t in _DISK_FULL_TEXT)
+    try:
+        free = shutil.disk_usage(next(p for p in (Path(path), *Path(path).parents) if p.exists())).free
+    except (OSError, StopIteration):
+        free = None
+    if not full and not (free is not None and free < _LOW_SPACE_BYTES):
+        return None
+    left = f", {free / 2**20:.0f} MiB free" if free is not None else ""
+    return OSError(errno.ENOSPC, f"no space left on device writing {what}{left}; free space and rerun "
+                   "(a run resumes from its last checkpoint)", str(path))
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     """Append rows, one JSON object per line, flushed so a crash loses at most the line being written."""
     path = Path(path)
@@ -181,6 +215,12 @@ def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Read JSONL, ignoring a truncated last line (what a killed writer leaves) but nothing else."""
+    return read_jsonl_tail(path)[0]
+
+
+def read_jsonl_tail(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The rows of a JSONL file and the text of a damaged last line (None when it parses): a killed writer
+    leaves one, and a caller that rewrites the file keeps that text somewhere instead of losing it."""
     path = Path(path)
     rows: list[dict[str, Any]] = []
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -191,9 +231,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
             if i == len(lines) - 1:
-                break
+                return rows, line
             raise UserError(f"{path}:{i + 1}: not valid JSON ({exc.msg})") from exc
-    return rows
+    return rows, None
 
 
 class NotWritableError(UserError):

@@ -72,6 +72,8 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def read_document(path: str) -> str:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--document {path}: a directory; expected a UTF-8 text file")
     if not p.is_file():
         raise FileNotFoundError(f"--document {path}: no such file")
     try:

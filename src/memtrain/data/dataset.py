@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from memtrain import __version__
 from memtrain.errors import UserError
-from memtrain.io import atomic_dir, atomic_write_json
+from memtrain.io import atomic_dir, atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "memtrain-dataset"
@@ -57,14 +57,6 @@ REQUIRED_COLUMNS: dict[str, tuple[str, Callable[[pa.DataType], bool]]] = {
     "question": ("string", _is_string),
     "answers": ("list of strings", _is_string_list),
 }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def footer_sha256(path: Path) -> str:
@@ -103,7 +95,7 @@ def verify_shard(path: Path, shard: Mapping[str, Any], verify: Verify = "fast") 
         raise DatasetError(f"{path}: {size} bytes, but the manifest says {shard['size']}{rebuild}")
     if "footer_sha256" in shard and footer_sha256(path) != shard["footer_sha256"]:
         raise DatasetError(f"{path}: parquet footer does not match the manifest's footer_sha256{rebuild}")
-    if verify == "full" and "sha256" in shard and _sha256(path) != shard["sha256"]:
+    if verify == "full" and "sha256" in shard and sha256_file(path) != shard["sha256"]:
         raise DatasetError(f"{path}: sha256 does not match the manifest{rebuild}")
 
 
@@ -153,7 +145,7 @@ def write_dataset(
             name = f"shard-{len(shards):05d}.parquet"
             pq.write_table(pa.Table.from_pylist(list(buf), schema=schema), tmp / name, compression="zstd",
                            write_page_checksum=True)
-            shards.append({"file": name, "num_rows": len(buf), "sha256": _sha256(tmp / name),
+            shards.append({"file": name, "num_rows": len(buf), "sha256": sha256_file(tmp / name),
                            "size": (tmp / name).stat().st_size, "footer_sha256": footer_sha256(tmp / name)})
             buf.clear()
 
@@ -235,6 +227,36 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
         if not (d / s["file"]).is_file():
             raise DatasetError(f"{path}: shard {s['file']} is listed but missing from {d}")
     return manifest
+
+
+def dataset_fingerprint(data_dir: str | Path) -> str:
+    """A short hash of a dataset's content, from its manifest's shard hashes (size and footer for shards
+    whose manifest lacks them): a run records it, and a resume on a rebuilt or replaced set is refused."""
+    shards = read_manifest(data_dir)["shards"]
+    keys = [[s["file"], s.get("num_rows"), s.get("sha256") or s.get("footer_sha256") or s.get("size")]
+            for s in shards]
+    return hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
+
+
+def overlap_reason(train_rows: Iterable[Mapping[str, Any]],
+                   eval_rows: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why an evaluation set is not held out from a training set (None when it is): rows with the same id,
+    the same text (context and question), or source passages in common (proxy rows' ``passage_ids``)."""
+    def text(r: Mapping[str, Any]) -> str:
+        return hashlib.sha256(f"{r.get('context', '')}\x00{r.get('question', '')}".encode()).hexdigest()
+
+    train = list(train_rows)
+    ids = {r["id"] for r in train}
+    texts = {text(r) for r in train}
+    passages = {p for r in train for p in (r.get("passage_ids") or ())}
+    same_id = same_text = shared = 0
+    for r in eval_rows:
+        same_id += r["id"] in ids
+        same_text += text(r) in texts
+        shared += bool(passages.intersection(r.get("passage_ids") or ()))
+    found = [f"{n} {what}" for n, what in ((same_id, "row id(s)"), (same_text, "row text(s)"),
+                                           (shared, "row(s) with source passages")) if n]
+    return " and ".join(found) + " in common" if found else None
 
 
 def _check_schema(path: Path, schema: pa.Schema) -> None:

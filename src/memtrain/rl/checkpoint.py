@@ -8,8 +8,10 @@ Layout::
     RUN/checkpoints/latest         symlink to the newest complete checkpoint directory (relative, so the run
                                    dir can move), usable wherever a model path is expected
 
-``meta.json`` (written last) records the size of every other file of the checkpoint, so a directory that
-arrived half-copied (an interrupted ``rsync``, an object-store sync) is not mistaken for a complete one.
+``meta.json`` (written last) records the size and sha256 of every other file of the checkpoint, so a
+directory that arrived half-copied (an interrupted ``rsync``, an object-store sync) is not mistaken for a
+complete one, and a resume verifies the content (:func:`damage_reason`: hashes, and finite weights) and falls
+back to the newest checkpoint that verifies, saying so.
 Resume takes the newest *complete* ``step_*`` directory, found from the directories themselves: ``latest``
 is only a convenience and may be missing, a plain file or a real directory after ``cp -rL``/``rsync -r``.
 
@@ -44,7 +46,7 @@ import torch
 
 from memtrain.config import Config
 from memtrain.errors import UserError
-from memtrain.io import atomic_dir, atomic_write_json, fsync_dir
+from memtrain.io import atomic_dir, atomic_write_json, disk_full_error, fsync_dir, sha256_file
 from memtrain.log import logger
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -180,6 +182,39 @@ def incomplete_reason(path: Path) -> str | None:
     return None
 
 
+def _nonfinite_tensor(path: Path) -> str | None:
+    """The name of a floating-point tensor of a safetensors file holding NaN or infinity, if any."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        for name in fh.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+            t = fh.get_tensor(name)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return name
+    return None
+
+
+def damage_reason(path: Path) -> str | None:
+    """Why a complete checkpoint's content cannot be trusted (None when it verifies): a file whose sha256
+    differs from the one meta.json recorded (checkpoints written before hashes were recorded skip this), or
+    a weight file holding a non-finite value. Reads every file: called on resume, not on listing."""
+    path = Path(path)
+    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    hashes = meta.get("sha256") if isinstance(meta, dict) else None
+    for name, digest in (hashes or {}).items():
+        if sha256_file(path / name) != digest:
+            return f"{name} does not match the sha256 in {META_FILE} (damaged after it was written)"
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            bad = _nonfinite_tensor(weights)
+        except Exception as exc:  # safetensors' own error types: a damaged header or payload
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return f"{weights.name} is unreadable ({first})"
+        if bad is not None:
+            return f"{weights.name}: tensor {bad} holds NaN or infinity"
+    return None
+
+
 def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     root = checkpoints_root(run_dir)
     if not root.is_dir():
@@ -299,7 +334,27 @@ def resume_checkpoint(run_dir: Path, checkpoint_every: int | None = None) -> Pat
         return None
     for p, why in newer:
         logger.warning("resume: skipping incomplete checkpoint %s (%s); resuming from %s", p, why, found.name)
-    return found
+    return _verified(run_dir, found)
+
+
+def _verified(run_dir: Path, found: Path) -> Path:
+    """``found`` if its content verifies, else the newest older complete checkpoint that does (with a
+    warning naming what was wrong); refuses when none does."""
+    damaged = []
+    for step, candidate in reversed(list_checkpoints(run_dir)):
+        if step > _step_of(found):
+            continue
+        why = damage_reason(candidate)
+        if why is None:
+            if damaged:
+                logger.warning("resume: %s; resuming from %s instead (the steps after it are redone)",
+                               "; ".join(f"{p.name} is damaged ({w})" for p, w in damaged), candidate.name)
+            return candidate
+        damaged.append((candidate, why))
+    raise FileNotFoundError(
+        f"cannot resume {run_dir}: no checkpoint verifies ("
+        + "; ".join(f"{p.name}: {w}" for p, w in damaged)
+        + "); restore the checkpoints from a copy, or start a new run with another --out")
 
 
 def remove_partial_checkpoints(run_dir: Path) -> list[Path]:
@@ -340,35 +395,45 @@ def save_checkpoint(
     root = checkpoints_root(run_dir)
     final = root / step_dir_name(step)
     lora = is_peft(model)
-    with atomic_dir(final, durable=True) as tmp:
-        model.save_pretrained(tmp, state_dict=model_state)
-        tokenizer.save_pretrained(tmp)
-        torch.save(
-            {
-                "version": STATE_VERSION,
-                "step": step,
-                "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "rng": _safe_rng_state(rng_state()),
-                **state,
-            },
-            tmp / STATE_FILE,
-        )
-        meta = {
-            "step": step,
-            "model_name": model_name,
-            "weights": "lora_adapter" if lora else "full",
-            **{k: v for k, v in state.items() if isinstance(v, (int, float, str))},
-            # sizes of everything else, so a half-copied checkpoint is recognised (incomplete_reason)
-            "files": {
-                str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()
-            },
-        }
-        if lora:
-            meta["merge_command"] = (
-                f"memtrain merge-lora {final} --out {Path(run_dir) / 'merged' / final.name}"
+    try:
+        with atomic_dir(final, durable=True) as tmp:
+            model.save_pretrained(tmp, state_dict=model_state)
+            tokenizer.save_pretrained(tmp)
+            torch.save(
+                {
+                    "version": STATE_VERSION,
+                    "step": step,
+                    "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _safe_rng_state(rng_state()),
+                    **state,
+                },
+                tmp / STATE_FILE,
             )
-        atomic_write_json(tmp / META_FILE, meta)
+            meta = {
+                "step": step,
+                "model_name": model_name,
+                "weights": "lora_adapter" if lora else "full",
+                **{k: v for k, v in state.items() if isinstance(v, (int, float, str))},
+                # sizes of everything else, so a half-copied checkpoint is recognised (incomplete_reason), and
+                # hashes, so a damaged one of the right size is too (damage_reason)
+                "files": {
+                    str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()
+                },
+                "sha256": {
+                    str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()
+                },
+            }
+            if lora:
+                meta["merge_command"] = (
+                    f"memtrain merge-lora {final} --out {Path(run_dir) / 'merged' / final.name}"
+                )
+            atomic_write_json(tmp / META_FILE, meta)
+    except Exception as exc:  # a full disk is one line, whichever library hit it
+        full = disk_full_error(exc, final, f"checkpoint {final.name}")
+        if full is not None:
+            raise full from exc
+        raise
     point_latest(root, final.name)
     # prune only older checkpoints than this one: never one of a step this (resumed) run has not redone yet
     for _, old in [c for c in list_checkpoints(run_dir) if c[0] <= step][:-keep_last]:

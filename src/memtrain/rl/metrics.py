@@ -19,7 +19,7 @@ from typing import Any
 
 from memtrain.errors import UserError
 from memtrain.eval.report import SUMMARY, load_summary
-from memtrain.io import append_jsonl, atomic_write_text, read_jsonl
+from memtrain.io import append_jsonl, atomic_write_text, read_jsonl, read_jsonl_tail
 from memtrain.log import logger
 
 METRICS_FILE = "metrics.jsonl"
@@ -137,21 +137,27 @@ def truncate_after(path: Path, step: int) -> int:
     """Keep only rows with ``row['step'] <= step`` (atomic rewrite); returns how many rows were dropped.
 
     The dropped rows are appended to :func:`dropped_path` before the rewrite, so history is moved, never
-    erased (a resume from an older checkpoint than expected stays recoverable). Also drops a half-written
-    last line (a killed writer), so the next append starts on a fresh line.
+    erased (a resume from an older checkpoint than expected stays recoverable). A half-written last line (a
+    killed writer, a damaged file) is moved there too, as ``damaged_text``, so the next append starts on a
+    fresh line.
     """
     path = Path(path)
     if not path.is_file():
         return 0
     text = path.read_text(encoding="utf-8")
-    rows = read_jsonl(path)
+    rows, damaged = read_jsonl_tail(path)
     kept = [r for r in rows if int(r.get("step", 0)) <= step]
     dropped = [r for r in rows if int(r.get("step", 0)) > step]
+    if damaged is not None:  # a half-written last row: its text is kept, never silently lost
+        dropped.append({"damaged_text": damaged})
+        logger.warning("%s: its last line is not a complete JSON row (a killed writer or a damaged file); "
+                       "its text is moved to %s (a step after %d is redone and logged again; the row of an "
+                       "earlier one stays missing here)", path, dropped_path(path).name, step)
     if dropped:
         append_jsonl(dropped_path(path), [{**r, "dropped_on_resume_from_step": step} for r in dropped])
         logger.warning("%s: moved %d row(s) after step %d (redone now) to %s", path, len(dropped), step,
                        dropped_path(path).name)
-    if len(kept) != len(rows) or (text and not text.endswith("\n")):
+    if len(kept) != len(rows) or damaged is not None or (text and not text.endswith("\n")):
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     return len(dropped)
 

@@ -45,6 +45,7 @@ import torch
 
 from memtrain.agent.loop import derive_seed
 from memtrain.config import Config, TrainConfig, load_config, save_config
+from memtrain.data.dataset import dataset_fingerprint, load_rows, overlap_reason
 from memtrain.engines.base import Engine, SamplingParams, can_follow_policy
 from memtrain.errors import UserError
 from memtrain.eval.registry import Validator, get_eval
@@ -233,8 +234,10 @@ def check_run_dir(out_dir: Path, config: Config, resume: bool) -> Path | None:
     return ckpt_io.resume_checkpoint(out_dir, load_config(config_path).train.checkpoint_every)
 
 
-def resume_state(resume_from: Path | None, config: Config, out_dir: Path) -> dict[str, Any] | None:
-    """The trainer state saved with ``resume_from`` (None for a fresh run), checked against ``config``."""
+def resume_state(resume_from: Path | None, config: Config, out_dir: Path,
+                 data_fingerprint: str | None = None) -> dict[str, Any] | None:
+    """The trainer state saved with ``resume_from`` (None for a fresh run), checked against ``config`` and
+    the content of its training set (``data_fingerprint``: checkpoints written before it was saved pass)."""
     if resume_from is None:
         return None
     state = ckpt_io.load_trainer_state(resume_from)
@@ -243,6 +246,13 @@ def resume_state(resume_from: Path | None, config: Config, out_dir: Path) -> dic
         raise UserError(
             f"cannot resume from {resume_from}: its config fingerprint {state.get('fingerprint')} "
             f"differs from this config's {fingerprint} (was {out_dir / CONFIG_FILE} edited?)"
+        )
+    saved = state.get("data_fingerprint")
+    if data_fingerprint is not None and saved is not None and saved != data_fingerprint:
+        raise UserError(
+            f"cannot resume from {resume_from}: it trained on a dataset with fingerprint {saved}, but "
+            f"data.path={config.data.path} now holds {data_fingerprint} (rebuilt or replaced); restore that "
+            "dataset, or start a new run with another --out"
         )
     return state
 
@@ -376,7 +386,11 @@ def progress_line(row: dict[str, Any], steps: int) -> str:
         v = row.get(key)
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    skipped = " - SKIPPED (non-finite loss/gradients)" if row.get("skipped_nonfinite") == 1.0 else ""
+    skipped = ""
+    if row.get("skipped_nonfinite") == 1.0:
+        exploded = row.get("skipped_exploded") == 1.0
+        skipped = (" - SKIPPED (the update exploded: optim.max_update_ratio)" if exploded
+                   else " - SKIPPED (non-finite loss/gradients)")
     return (f"step {row['step']}/{steps}: e2e_reward {f('e2e_reward')}, e2e_match {f('e2e_match')}, "
             f"imr_match {f('imr_match')}, kl {f('kl')}, loss {f('loss')}, "
             f"kept {f('kept_groups')}/{f('groups')} groups, caps mem {f('memory_cap_rate')} ans "
@@ -414,6 +428,7 @@ class Run:
     validator: Validator | None  # evaluates the policy on train.eval_data (None: no validation)
     log: RunLogger | NullRunLogger
     fingerprint: str  # of the config, saved with every checkpoint and checked on resume
+    data_fingerprint: str  # of data.path's content (its manifest's shard hashes), likewise
     start_step: int  # the last step taken before this process (0: a fresh run)
     position: int = 0  # data stream position: rows drawn so far
     streak: int = 0  # consecutive steps skipped for a non-finite loss or gradient
@@ -427,7 +442,6 @@ def setup_run(config: Config, out_dir: Path, resume: bool = False) -> Run | None
     written before the data, the tokenizer, the model and the engine have loaded (the lock file aside), so a
     failed start can be rerun as it was; the lock is held until :func:`close_run`.
     """
-    from memtrain.data.dataset import load_rows
     from memtrain.models import load_tokenizer
 
     out_dir = Path(out_dir)
@@ -444,7 +458,12 @@ def setup_run(config: Config, out_dir: Path, resume: bool = False) -> Run | None
         if ctx.enabled:
             raise UserError("train.eval_data: validation during training runs in a single process; under "
                             "torchrun evaluate the checkpoints with `memtrain eval` instead")
-        load_rows(config.train.eval_data)  # a missing or unreadable set fails before anything is written
+        held_out = load_rows(config.train.eval_data)  # a missing or unreadable set fails before any write
+        overlap = overlap_reason(rows, held_out)
+        if overlap and not config.train.allow_eval_overlap:
+            raise UserError(f"train.eval_data={config.train.eval_data} is not held out from data.path="
+                            f"{config.data.path}: {overlap}; build it with `memtrain data ... --exclude-from "
+                            f"{config.data.path}` (or set train.allow_eval_overlap=true)")
     # one writer per run directory: rank 0 holds its lock until the run ends (released by the kernel if the
     # process dies), so a second trainer on the same --out is refused before it writes anything
     ctx.on_main(lambda: acquire_dir_lock(out_dir))
@@ -468,7 +487,8 @@ def _open_run(config: Config, out_dir: Path, resume: bool, ctx: DistContext, tok
     """``setup_run`` once the inputs are checked and the run directory is locked."""
     # run directory: fresh, or resumed from its latest checkpoint (rank 0 checks, the others follow)
     resume_from = ctx.on_main(lambda: check_run_dir(out_dir, config, resume))
-    state = resume_state(resume_from, config, out_dir)
+    data_fingerprint = dataset_fingerprint(config.data.path)
+    state = resume_state(resume_from, config, out_dir, data_fingerprint)
     start_step = int(state["step"]) if state else 0
     if start_step >= config.train.steps:
         ctx.on_main(lambda: write_run_config(out_dir, config))
@@ -495,7 +515,8 @@ def _open_run(config: Config, out_dir: Path, resume: bool, ctx: DistContext, tok
     synced = sync_engine(engine, model)  # the first rollout samples from exactly these weights
     logger.debug("engine synced to the policy: %s", synced)
     return Run(config, out_dir, ctx, tokenizer, task, rows, model, ref, optimizer, scheduler, engine,
-               validator, log, ckpt_io.config_fingerprint(config), start_step, position, streak)
+               validator, log, ckpt_io.config_fingerprint(config), data_fingerprint, start_step, position,
+               streak)
 
 
 def _seed_everything(seed: int) -> None:
@@ -566,7 +587,8 @@ def update_policy(run: Run, step: int, seqs: list[TrainSequence]) -> dict[str, A
     try:
         stats = policy_update(run.model, run.optimizer, seqs, run.config.rl, ref=run.ref,
                               scheduler=run.scheduler, grad_clip=run.config.optim.grad_clip,
-                              dp=run.ctx if run.ctx.enabled else None)
+                              dp=run.ctx if run.ctx.enabled else None,
+                              max_update_ratio=run.config.optim.max_update_ratio)
     except NonFiniteParamsError as exc:  # weights not restorable: stop before they are saved
         raise NonFiniteError(f"step {step}: {exc}. Last good checkpoint: {_last_good(run.out_dir)}") from exc
     return reduce_update_stats(stats, run.ctx)  # data-parallel: over ranks (else unchanged)
@@ -596,20 +618,24 @@ def check_nonfinite_streak(run: Run, step: int) -> None:
     """Stop the run after ``train.max_nonfinite`` skipped steps in a row (the weights were not changed)."""
     if run.streak >= run.config.train.max_nonfinite:
         raise NonFiniteError(
-            f"{run.streak} consecutive steps (up to step {step}) had a non-finite loss or gradient norm and "
-            f"were skipped; stopping. The model was not changed by them. Last good checkpoint: "
+            f"{run.streak} consecutive steps (up to step {step}) had a non-finite loss or gradient norm, or "
+            "an update above optim.max_update_ratio, and were skipped; stopping. The model was not changed "
+            "by them. Last good checkpoint: "
             f"{_last_good(run.out_dir)}. Lower optim.lr or check the data, then resume with --resume")
 
 
 def checkpoint_due(cfg: TrainConfig, step: int, row: dict[str, Any]) -> bool:
-    """Every ``train.checkpoint_every`` steps and at the last, but never right after a skipped step."""
-    return (step % cfg.checkpoint_every == 0 or step == cfg.steps) and row.get("skipped_nonfinite") != 1.0
+    """Every ``train.checkpoint_every`` steps (but not right after a skipped step: the previous checkpoint
+    holds the same weights) and always after the last step, skipped or not, so that the updates since the
+    last checkpoint are saved and the final weights are those the last validation saw."""
+    return step == cfg.steps or (step % cfg.checkpoint_every == 0 and row.get("skipped_nonfinite") != 1.0)
 
 
 def save_checkpoint(run: Run, step: int) -> None:
     """The model, optimizer, scheduler, RNG and data position after ``step`` (rank 0 writes)."""
     cfg = run.config
-    saved = {"data_position": run.position, "nonfinite_streak": run.streak, "fingerprint": run.fingerprint}
+    saved = {"data_position": run.position, "nonfinite_streak": run.streak, "fingerprint": run.fingerprint,
+             "data_fingerprint": run.data_fingerprint}
     weights, optim_state = None, None
     if run.ctx.fsdp:  # every rank joins gathering the full state dicts onto rank 0
         weights, optim_state = ckpt_io.gather_full_state(run.model, run.optimizer)

@@ -705,11 +705,33 @@ def _clip_gradients(params: list[torch.nn.Parameter], grad_clip: float | None) -
     return grad_norm
 
 
+def _norm(tensors: Sequence[Tensor]) -> float:
+    """The global 2-norm of this rank's (local shards of the) tensors, in float64."""
+    local = [_local(t).detach() for t in tensors if _local(t).numel()]
+    if not local:
+        return 0.0
+    return math.sqrt(sum(float(n.double()) ** 2 for n in torch._foreach_norm(local, 2.0)))
+
+
+def _update_ratio(stepped: list[torch.nn.Parameter], before: float, snapshot: _Snapshot | None) -> float:
+    """||theta_new - theta_old|| / ||theta_old|| of one step; without a copy of the old weights, the lower
+    bound | ||theta_new|| - ||theta_old|| | / ||theta_old|| (an explosion still shows in it)."""
+    if snapshot is not None:
+        delta = _norm([p.detach() - v for p, v in zip(stepped, snapshot.values, strict=True)])
+    else:
+        delta = abs(_norm(stepped) - before)
+    return delta / before if before > 0 else math.inf if delta > 0 else 0.0
+
+
 def _step_or_undo(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], dp: DistContext | None,
-                  snapshot_max_bytes: int | None) -> bool:
-    """Take the optimizer step, and undo it if it made a weight non-finite; returns whether it was kept."""
+                  snapshot_max_bytes: int | None, max_update_ratio: float | None = None
+                  ) -> tuple[bool, str, float]:
+    """Take the optimizer step, and undo it if it made a weight non-finite or moved the weights by more than
+    ``max_update_ratio`` of their norm; returns (kept, why not: 'nonfinite', 'exploded' or '', the ratio)."""
     stepped = [p for p in params if p.grad is not None]
     snapshot = _Snapshot.take(stepped, optimizer, snapshot_max_bytes)
+    before = _norm(stepped)
+    ratio = math.nan
     try:
         optimizer.step()
         finite = _all_finite(stepped)
@@ -719,21 +741,26 @@ def _step_or_undo(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parame
                 snapshot.restore(optimizer)
             raise
         finite = False
+    if finite:
+        ratio = _update_ratio(stepped, before, snapshot)
+    exploded = finite and max_update_ratio is not None and not ratio <= max_update_ratio
     if dp is not None:  # FSDP2: each rank checked its own shards; all ranks undo (or keep) the step
         finite = dp.max_int(0 if finite else 1) == 0
-    if finite:
-        return True
+        exploded = finite and dp.max_int(1 if exploded else 0) == 1
+    if finite and not exploded:
+        return True, "", ratio
     lr = float(optimizer.param_groups[0]["lr"])
     optimizer.zero_grad(set_to_none=True)
+    what = ("made some weights non-finite" if not finite else
+            f"moved the weights by {ratio:.3g} of their norm (optim.max_update_ratio {max_update_ratio:g})")
     if snapshot is None:
         size, limit = sum(_nbytes(p) for p in stepped) / 2**30, (snapshot_max_bytes or 0) / 2**30
         raise NonFiniteParamsError(
-            f"the optimizer step (lr {lr:g}) made some weights non-finite, and no copy was kept to "
-            f"undo it (trainable state above {limit:g} GiB, weights alone {size:.2f} GiB); lower optim.lr")
+            f"the optimizer step (lr {lr:g}) {what}, and no copy was kept to undo it (trainable state above "
+            f"{limit:g} GiB, weights alone {size:.2f} GiB); lower optim.lr")
     snapshot.restore(optimizer)
-    logger.warning("the optimizer step (lr %g) made some weights non-finite; undone, skipping this update",
-                   lr)
-    return False
+    logger.warning("the optimizer step (lr %g) %s; undone, skipping this update", lr, what)
+    return False, "nonfinite" if not finite else "exploded", ratio
 
 
 def _fsdp_passes(seqs: Sequence[TrainSequence], cfg: RLConfig, dp: DistContext | None) -> int | None:
@@ -747,7 +774,8 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs
                   cfg: RLConfig, ref: torch.nn.Module | None = None,
                   scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                   grad_clip: float | None = 1.0, dp: DistContext | None = None,
-                  snapshot_max_bytes: int | None = SNAPSHOT_MAX_BYTES) -> dict[str, float | str]:
+                  snapshot_max_bytes: int | None = SNAPSHOT_MAX_BYTES,
+                  max_update_ratio: float | None = None) -> dict[str, float | str]:
     """Exactly one optimizer step of the GRPO objective on ``seqs``; returns stats for logging.
 
     ``ref``: the frozen reference policy for the KL term; None with a peft model = the same model with its
@@ -759,10 +787,12 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs
     recomputed. ``cfg.tis_cap``: where the old log-probs are recomputed and the sampler's are known, each
     token's clipped term is weighted by min(exp(recomputed - sampler), tis_cap) (truncated IS, as verl).
     Returns the stats of ``UpdateStats.finalise`` (but nonfinite_loss), grad_norm (before clipping), lr (the
-    one used), skipped_nonfinite (1.0: no step was taken, or it was undone, and the gradients were zeroed),
-    nonfinite_params (1.0: the step made a weight non-finite and was undone from a copy, see
-    SNAPSHOT_MAX_BYTES; without a copy :class:`NonFiniteParamsError` is raised) and skipped_empty (1.0: an
-    empty ``seqs``, e.g. all groups filtered; no step).
+    one used), update_ratio (||delta theta|| / ||theta|| of the step), skipped_nonfinite (1.0: no step was
+    taken, or it was undone, and the gradients were zeroed), nonfinite_params (1.0: the step made a weight
+    non-finite and was undone from a copy, see SNAPSHOT_MAX_BYTES; without a copy
+    :class:`NonFiniteParamsError` is raised), skipped_exploded (1.0: the step moved the weights by more than
+    ``max_update_ratio`` of their norm (``optim.max_update_ratio``) and was undone likewise) and
+    skipped_empty (1.0: an empty ``seqs``, e.g. all groups filtered; no step).
 
     ``dp`` (data-parallel training, ``memtrain.rl.distributed``): ``seqs`` is this rank's share; the loss is
     normalised by the whole batch's totals and the gradients are summed over ranks before clipping, so all
@@ -774,7 +804,8 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs
     totals = dp.totals(seqs) if dp is not None else None
     if (not seqs and dp is None) or (totals is not None and totals[0] == 0):
         return {"loss": 0.0, "num_seqs": 0.0, "num_tokens": 0.0, "skipped_empty": 1.0,
-                "skipped_nonfinite": 0.0, "nonfinite_params": 0.0, "lr": lr, "old_logprob_source": "none"}
+                "skipped_nonfinite": 0.0, "nonfinite_params": 0.0, "skipped_exploded": 0.0, "lr": lr,
+                "old_logprob_source": "none"}
     passes = _fsdp_passes(seqs, cfg, dp)
     _warn_low_precision(params, lr)
     optimizer.zero_grad(set_to_none=True)
@@ -784,11 +815,14 @@ def policy_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seqs
     if dp is not None:  # --- data-parallel: sum the gradients; a non-finite loss on any rank skips everywhere
         finite = dp.reduce_gradients(params, finite=finite)
     grad_norm = _clip_gradients(params, grad_clip) if finite else math.nan
-    bad_params = math.isfinite(grad_norm) and not _step_or_undo(optimizer, params, dp, snapshot_max_bytes)
-    skipped = not math.isfinite(grad_norm) or bad_params
+    kept, why, ratio = True, "", math.nan
+    if math.isfinite(grad_norm):
+        kept, why, ratio = _step_or_undo(optimizer, params, dp, snapshot_max_bytes, max_update_ratio)
+    skipped = not math.isfinite(grad_norm) or not kept
     if not skipped and scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    stats.update(grad_norm=grad_norm, lr=lr, skipped_nonfinite=1.0 if skipped else 0.0,
-                 nonfinite_params=1.0 if bad_params else 0.0, skipped_empty=0.0)
+    stats.update(grad_norm=grad_norm, lr=lr, update_ratio=ratio, skipped_nonfinite=1.0 if skipped else 0.0,
+                 nonfinite_params=1.0 if why == "nonfinite" else 0.0,
+                 skipped_exploded=1.0 if why == "exploded" else 0.0, skipped_empty=0.0)
     return stats
