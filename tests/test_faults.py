@@ -31,7 +31,7 @@ from memtrain.rl.checkpoint import latest_checkpoint
 from memtrain.rl.tasks.registry import TASKS
 from memtrain.rl.trainer import train
 from test_trainer import ParityTask
-from train_helpers import config_yaml, tiny_config, write_proxy_dataset
+from train_helpers import config_yaml, poison_updates, tiny_config, write_proxy_dataset
 
 DRIVER = r'''
 """memtrain ARGS, with MEMTRAIN_FAULT="module:attr:N:enter|exit:kill|pause" (attr may be Class.method):
@@ -351,24 +351,9 @@ def test_the_last_step_is_saved_even_when_it_is_skipped(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """checkpoint_every 2, 4 steps, step 4 non-finite: step 3's update must be in a checkpoint."""
-    from memtrain.rl import trainer as trainer_mod
-    from memtrain.rl import update as update_mod
-
     data = write_proxy_dataset(tmp_path / "data")
     run = tmp_path / "run"
-    calls = {"n": 0}
-    real_loss, real_update = update_mod.grpo_loss, trainer_mod.policy_update
-
-    def poisoned_loss(*args, **kwargs):
-        loss, stats = real_loss(*args, **kwargs)
-        return (loss * float("nan") if calls["n"] == 4 else loss), stats
-
-    def counting_update(*args, **kwargs):
-        calls["n"] += 1
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(update_mod, "grpo_loss", poisoned_loss)
-    monkeypatch.setattr(trainer_mod, "policy_update", counting_update)
+    poison_updates(monkeypatch, lambda n: n == 4)
     overrides = ["rl.dynamic_filter=false", "train.steps=4", "train.checkpoint_every=2", "train.keep_last=3"]
     train(tiny_config(tiny_model_dir, data, overrides), run)
     rows = read_jsonl(run / "metrics.jsonl")

@@ -16,14 +16,12 @@ from memtrain.engines.base import SamplingParams
 from memtrain.engines.scripted import ScriptedEngine
 from memtrain.io import read_jsonl
 from memtrain.models import load_tokenizer
-from memtrain.rl import trainer as trainer_mod
-from memtrain.rl import update as update_mod
 from memtrain.rl.rollout import score_groups, step_metrics, training_sequences
 from memtrain.rl.tasks.longqa import LongQATask
 from memtrain.rl.tasks.proxy import ProxyTask
 from memtrain.rl.tasks.registry import TASKS
 from memtrain.rl.trainer import NonFiniteError, batch_indices, refill_rows, train, unique_ids
-from train_helpers import scripted_responder, scripted_rows, tiny_config, write_proxy_dataset
+from train_helpers import poison_updates, scripted_responder, scripted_rows, tiny_config, write_proxy_dataset
 
 TIMING = ("time_rollout_s", "time_update_s", "time_sync_s", "step_time_s")
 
@@ -154,19 +152,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(
 ) -> None:
     data = write_proxy_dataset(tmp_path / "data")
     run = tmp_path / "run"
-    calls = {"n": 0}
-    real_loss, real_update = update_mod.grpo_loss, trainer_mod.policy_update
-
-    def poisoned_loss(*args, **kwargs):
-        loss, stats = real_loss(*args, **kwargs)
-        return (loss * math.nan if calls["n"] >= 2 else loss), stats
-
-    def counting_update(*args, **kwargs):
-        calls["n"] += 1
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(update_mod, "grpo_loss", poisoned_loss)
-    monkeypatch.setattr(trainer_mod, "policy_update", counting_update)
+    poison_updates(monkeypatch, lambda n: n >= 2)
     config = tiny_config(tiny_model_dir, data, ["rl.dynamic_filter=false", "train.steps=6"])
     with pytest.raises(NonFiniteError, match=r"3 consecutive steps \(up to step 4\).*step_000001"):
         train(config, run)
@@ -177,7 +163,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000001"]
     # the skipped steps did not touch the weights: the checkpoint is the model after step 1, and resuming
     # (with the poison gone) continues from it and redoes steps 2..3
-    monkeypatch.setattr(update_mod, "grpo_loss", real_loss)
+    monkeypatch.undo()
     train(tiny_config(tiny_model_dir, data, ["rl.dynamic_filter=false", "train.steps=3"]), run, resume=True)
     rows = read_jsonl(run / "metrics.jsonl")
     assert [(r["step"], r["skipped_nonfinite"]) for r in rows] == [(1, 0.0), (2, 0.0), (3, 0.0)]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +188,24 @@ def scripted_rows() -> list[dict[str, Any]]:
             "entity_spans": [],
         },
     ]
+
+
+def poison_updates(monkeypatch: Any, poisoned: Callable[[int], bool]) -> None:
+    """Make the policy loss NaN in the optimizer updates whose 1-based count ``poisoned`` selects (the
+    trainer then skips them), through ``monkeypatch`` (pytest's)."""
+    from memtrain.rl import trainer as trainer_mod
+    from memtrain.rl import update as update_mod
+
+    calls = {"n": 0}
+    real_loss, real_update = update_mod.grpo_loss, trainer_mod.policy_update
+
+    def poisoned_loss(*args: Any, **kwargs: Any) -> Any:
+        loss, stats = real_loss(*args, **kwargs)
+        return (loss * math.nan if poisoned(calls["n"]) else loss), stats
+
+    def counting_update(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(update_mod, "grpo_loss", poisoned_loss)
+    monkeypatch.setattr(trainer_mod, "policy_update", counting_update)
