@@ -10,7 +10,8 @@
 #      its 95% interval), the reward and validation per step, and the paths of the curves.
 # Re-running it continues/reuses what is there (data, the run and its validations are resumed or reused).
 # MEMTRAIN_DEMO_SEED (default 1) seeds both the data (training and held-out sets) and the training run: seeds
-# 1, 2 and 3 are the replicates docs/benchmarks.md reports (benchmarks/bench_seeds.py runs and pools them).
+# 1, 2 and 3 are the replicates docs/benchmarks.md reports, 4 and 5 fresh checks (benchmarks/bench_seeds.py runs
+# and pools them).
 # MEMTRAIN_DEMO_DATA / MEMTRAIN_DEMO_RUN move the data / run directories; MEMTRAIN_DEMO_STEPS sets the steps;
 # MEMTRAIN_DEMO_CONFIG runs another recipe.
 set -euo pipefail
