@@ -716,8 +716,9 @@ def _norm(tensors: Sequence[Tensor]) -> float:
 def _update_ratio(stepped: list[torch.nn.Parameter], before: float, snapshot: _Snapshot | None) -> float:
     """||theta_new - theta_old|| / ||theta_old|| of one step; without a copy of the old weights, the lower
     bound | ||theta_new|| - ||theta_old|| | / ||theta_old|| (an explosion still shows in it)."""
-    if snapshot is not None:
-        delta = _norm([p.detach() - v for p, v in zip(stepped, snapshot.values, strict=True)])
+    if snapshot is not None:  # one parameter's difference at a time: never a second copy of all the weights
+        delta = math.sqrt(sum(_norm([_local(p).detach() - _local(v)]) ** 2
+                              for p, v in zip(stepped, snapshot.values, strict=True)))
     else:
         delta = abs(_norm(stepped) - before)
     return delta / before if before > 0 else math.inf if delta > 0 else 0.0
