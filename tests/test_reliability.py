@@ -547,3 +547,28 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(
     assert re.fullmatch(r"memtrain train: error: .*step_000001: no space left on device writing checkpoint "
                         r"step_000001, \d+ MiB free; free space and rerun \(a run resumes from its last "
                         r"checkpoint\) \(ENOSPC\)", err), err
+
+
+def test_the_sync_check_relative_to_the_first_sync_tells_a_stale_engine_from_noise() -> None:
+    """engine.sync_check_ratio (item 7 of #24): an engine whose gap to the trainer grows with training (it
+    follows a quarter of the way: layers not reloaded) fails at 3x the first sync's noise, one that serves the
+    first weights bit for bit fails once the trainer moved beyond that noise; an engine that follows with
+    noise of the first sync's size passes however far the trainer moved."""
+    from memtrain.engines.vllm import _Baseline, relative_failure
+
+    gen = torch.Generator().manual_seed(0)
+    trainer0 = -torch.rand(40, generator=gen) * 5
+    noise = lambda: torch.randn(40, generator=gen) * 0.04  # noqa: E731  (bf16-like: mean |.| ~0.03)
+    engine0 = trainer0 + noise()
+    base = _Baseline(engine0, trainer0, float((engine0 - trainer0).abs().mean()))
+    for step in (0.05, 0.3, 1.0):  # the trainer's log-probs move by step nats per token
+        trainer = trainer0 + step * torch.randn(40, generator=gen).sign()
+        for _ in range(20):
+            assert relative_failure(base, trainer + 1.5 * noise(), trainer, 3.0, 5e-3) is None  # follows
+        stale = relative_failure(base, engine0, trainer, 3.0, 5e-3)  # kept the first weights
+        assert stale is not None and ("bit-identical" in stale if step < 0.3 else "3x" in stale)
+        quarter = trainer0 + (trainer - trainer0) / 4 + noise()  # a quarter of the way
+        why = relative_failure(base, quarter, trainer, 3.0, 5e-3)
+        assert step < 0.3 or (why is not None and "follows only part" in why)
+    inside = trainer0 + 0.02 * torch.randn(40, generator=gen).sign()
+    assert relative_failure(base, engine0, inside, 3.0, 5e-3) is None  # within the noise: nothing to judge

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,66 @@ def test_a_tiny_update_that_the_engine_misses_is_caught(engine: VLLMEngine, tiny
     monkeypatch.setattr(engine.llm, "collective_rpc", lambda *a, **k: [list(k["kwargs"]["weights_iterator"])])
     with pytest.raises(SyncCheckError, match="the sync did not reach the engine"):
         engine.sync_weights(model)
+
+
+def test_a_refused_prefix_cache_reset_stops_the_run(engine: VLLMEngine, tiny: tuple[Any, Any],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: False)
+    with pytest.raises(SyncCheckError, match="refused to reset its prefix cache"):
+        engine.sync_weights(tiny[0])
+
+
+def _max_diffs(message: str) -> tuple[float, float]:
+    """(probe text, greedy continuation) max |engine - trainer| from a SyncCheckError's message."""
+    found = re.findall(r"by max ([0-9.e+-]+) / mean", message)
+    assert len(found) == 2, message
+    return float(found[0]), float(found[1])
+
+
+def test_a_prefix_cache_left_stale_is_caught_by_the_decode_probe(tiny: tuple[Any, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reset that reports success but keeps the old KV blocks: the probe's own prefill does not read the
+    prefix cache, the greedy continuation decoded through it does."""
+    base, tok = tiny
+    model = copy.deepcopy(base)
+    engine = make_engine(CFG.model_copy(update={"block_size": 32}), "tiny", model=model, tokenizer=tok)
+    engine.sync_weights(model)  # the probe's first 32 tokens are a cached block now
+    _update(model, tok)
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: True)
+    with pytest.raises(SyncCheckError) as caught:
+        engine.sync_weights(model)
+    probe, decode = _max_diffs(str(caught.value))
+    assert probe < FP32_TOL < decode
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_a_dropped_lora_delta_stops_a_bf16_run(vllm_tiny_dir: Path, tmp_path: Path, dropped: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync that sends the base weights without the LoRA delta: in bf16 the fixed tolerance lets it
+    through, the check relative to the first sync's noise stops the run within 10 steps; intact, 10 steps
+    run."""
+    import memtrain.engines.vllm as vllm_engine
+    from memtrain.rl.tasks.registry import TASKS
+    from memtrain.rl.trainer import train
+    from train_helpers import tiny_config, write_proxy_dataset
+
+    monkeypatch.setitem(TASKS, "longqa", _parity_task())
+    if dropped:
+        monkeypatch.setattr(vllm_engine, "_applied_adapters", lambda module: [])
+    data = write_proxy_dataset(tmp_path / "data")
+    over = ["train.task=longqa", "rl.group_size=3", "optim.lr=1e-3", "optim.warmup_steps=0",
+            "engine.kind=vllm", "engine.kv_cache_gib=0.25", "model.compute_dtype=bfloat16",
+            "model.lora.rank=8", "train.steps=10", "train.checkpoint_every=10"]
+    run = tmp_path / "run"
+    if not dropped:
+        train(tiny_config(vllm_tiny_dir, data, over), run)
+        rows = read_jsonl(run / "metrics.jsonl")
+        assert len(rows) == 10 and max(r["sync_logprob_max_diff"] for r in rows) < 0.5
+        return
+    with pytest.raises(SyncCheckError, match=r"follows only part of the updates|serves the first") as hit:
+        train(tiny_config(vllm_tiny_dir, data, over), run)
+    probe, decode = _max_diffs(str(hit.value))
+    assert max(probe, decode) <= 0.5  # what the fixed bf16 tolerance alone would have let through
 
 
 def test_lora_policy_is_served_merged(tiny: tuple[Any, Any]) -> None:

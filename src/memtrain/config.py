@@ -193,6 +193,14 @@ class EngineConfig(Section):
         "fixed probe text (the mean must stay under a fifth of it), else the run stops; default 1e-3 in "
         "float32, 0.5 in bf16 (measured bf16 noise: max 0.05-0.23, mean 0.02-0.045)",
     )
+    sync_check_ratio: float = Field(
+        3.0,
+        gt=1.0,
+        description="vllm: the check relative to the first sync: the run stops when the mean |engine - "
+        "trainer| log-prob on the probe text exceeds this many times the first sync's (in bf16 that gap is "
+        "numerical noise, 1.0-1.5x its first value over the demo's runs; an engine that misses part of the "
+        "updates drifts away with the training)",
+    )
 
     @field_validator("kind")
     @classmethod

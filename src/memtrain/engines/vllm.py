@@ -23,10 +23,16 @@ Weight sync (:meth:`VLLMEngine.sync_weights`, called by the trainer after every 
 state dict under Hugging Face names (LoRA merged, FSDP2 shards gathered, cast to the engine dtype) goes
 through ``reload_weights``, which re-runs vLLM's weight processing (on CPU the oneDNN repack: a per-tensor
 ``load_weights`` as TRL does fails there, and a partial reload corrupts the stacked qkv weights), then the
-prefix cache is reset (it would serve KV blocks of the old weights). A self-check follows: the engine's
-log-probs of a fixed probe text must match the trainer's own recomputation within ``engine.sync_check_tol``,
-and must have changed when the weights sent changed; otherwise the run stops with :class:`SyncCheckError`
-rather than train on samples from a policy it is not updating (TRL's sync once failed silently).
+prefix cache is reset (it would serve KV blocks of the old weights; a reset vLLM refuses stops the run). A
+self-check follows, on a fixed probe text scored in one prefill and on a short greedy decode that continues
+it through the paged KV cache: the engine's log-probs must match the trainer's own recomputation within
+``engine.sync_check_tol`` (gross failures), must have changed when the weights sent changed, and must keep
+following the trainer relative to the first sync (``engine.sync_check_ratio``: the mean gap may grow to 3x
+the first sync's, which in bf16 is the numerical noise between the two sides, and log-probs still
+bit-identical to the first sync's after the trainer's moved beyond that noise mean an engine serving the
+first weights, such as a dropped LoRA delta; ``benchmarks/bench_sync_check.py`` measures both). Otherwise
+the run stops with :class:`SyncCheckError` rather than train on samples from a policy it is not updating
+(TRL's sync once failed silently).
 
 vLLM keeps its parallel state process-wide, and shutting an engine down tears it (and the default process
 group) down: one engine lives per process, so building a second closes the first (:meth:`VLLMEngine.close`).
@@ -71,6 +77,7 @@ PROBE_TEXT = ("The committee met on Tuesday to review the budget. After a long d
               "office would be available.")
 # max |engine - trainer| log-prob on the probe after a sync (the mean must stay under a fifth of it)
 DEFAULT_TOL = {torch.float32: 1e-3, torch.bfloat16: 0.5}
+DECODE_PROBE_TOKENS = 8  # greedy tokens decoded after the probe text, through the paged KV cache
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _live: weakref.ref[VLLMEngine] | None = None  # the process's one open engine
 
@@ -184,6 +191,39 @@ def _generation_config(source: str) -> Any:
 
 
 @dataclass(frozen=True)
+class _Baseline:
+    """The probe at the engine's first sync: what later syncs are measured against."""
+
+    engine: torch.Tensor  # the engine's log-probs of the probe text
+    trainer: torch.Tensor  # the trainer's
+    noise: float  # mean |engine - trainer|: the numerical noise between the two sides
+
+
+def relative_failure(base: _Baseline, engine: torch.Tensor, trainer: torch.Tensor, ratio: float,
+                     floor: float) -> str | None:
+    """Why the engine no longer follows the trainer, judged against the first sync, or None.
+
+    A synced engine's gap to the trainer stays numerical noise (the engine holds the trainer's weights rounded
+    to its dtype, so the gap is bounded); an engine that missed part of the updates keeps part of its old
+    log-probs, so its gap grows with what the trainer learned. Fails when the mean gap exceeds ``ratio`` x
+    the first sync's (at least ``floor``), or when the engine's log-probs are still bit-identical to the first
+    sync's although the trainer's moved beyond that noise (it serves the first weights: a LoRA delta dropped
+    on the way, a sync that sends stale tensors)."""
+    gap = float((engine - trainer).abs().mean())
+    allowed = ratio * max(base.noise, floor)
+    if gap > allowed:
+        return (f"the mean gap is {gap / max(base.noise, floor):.1f}x the first sync's {base.noise:.3g} "
+                f"(allowed {ratio:g}x, engine.sync_check_ratio): the engine follows only part of the updates "
+                "(a partly stale sync, a dropped LoRA delta?)")
+    moved = float((trainer - base.trainer).abs().mean())
+    if moved > max(base.noise, floor) and torch.equal(engine, base.engine):
+        return (f"the engine's log-probs are bit-identical to the first sync's although the trainer's moved "
+                f"by mean {moved:.3g} since (beyond the first sync's noise, {base.noise:.3g}): the engine "
+                "still serves the first weights (a dropped LoRA delta, stale tensors sent?)")
+    return None
+
+
+@dataclass(frozen=True)
 class _ProbeSequence:
     """The probe text as one training sequence (``memtrain.rl.update.HasTokens``) for the trainer's side."""
 
@@ -248,6 +288,8 @@ class VLLMEngine:
         # stop ids as the hf engine's: the tokenizer's EOS and every id in the generation config
         self._eos = sorted(eos_token_ids(_generation_config(source) if model is None else model, tokenizer))
         self._tol = cfg.sync_check_tol
+        self._ratio = cfg.sync_check_ratio
+        self._baseline: _Baseline | None = None
         ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         self._probe = _ProbeSequence(ids[:1], ids[1:])
         self._last: tuple[int, torch.Tensor] | None = None  # (fingerprint sent, engine probe log-probs)
@@ -346,7 +388,9 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights",
                                 kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
         self._wake(["kv_cache"])
-        self.llm.reset_prefix_cache()
+        if self.llm.reset_prefix_cache() is False:
+            raise SyncCheckError("after the weight sync vLLM refused to reset its prefix cache (requests "
+                                 "still running?): it would serve KV blocks computed with the old weights")
         return sent
 
     def probe_logprobs(self) -> torch.Tensor:
@@ -356,26 +400,45 @@ class VLLMEngine:
         out = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
         return torch.tensor([out.prompt_logprobs[k][t].logprob for k, t in enumerate(ids) if k > 0])
 
+    def decode_probe(self) -> tuple[list[int], torch.Tensor]:
+        """Greedy tokens after the probe text and their log-probs (raw logits), decoded through the paged KV
+        cache: the path the rollouts take, which :meth:`probe_logprobs`' prefill alone does not exercise."""
+        ids = self._probe.prompt_ids + self._probe.completion_ids
+        params = self._vllm.SamplingParams(max_tokens=DECODE_PROBE_TOKENS, temperature=0.0, logprobs=0,
+                                           ignore_eos=True)
+        out = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0]
+        tokens = list(out.token_ids)
+        return tokens, torch.tensor([out.logprobs[k][t].logprob for k, t in enumerate(tokens)])
+
     def _check(self, model: Any, fingerprint: int) -> dict[str, float]:
         from memtrain.rl.update import sequence_logprobs
 
         engine = self.probe_logprobs()
-        trainer = sequence_logprobs(model, [self._probe], len(self._probe.completion_ids) + 1)[0]
-        diff = (engine - trainer).abs()
+        decoded, engine_decode = self.decode_probe()
+        prompt = self._probe.prompt_ids + self._probe.completion_ids
+        trainer, trainer_decode = sequence_logprobs(
+            model, [self._probe, _ProbeSequence(prompt, decoded)], len(prompt) + len(decoded) + 1)
+        diff, decode_diff = (engine - trainer).abs(), (engine_decode - trainer_decode).abs()
         max_diff, mean_diff = float(diff.max()), float(diff.mean())
+        decode_max, decode_mean = float(decode_diff.max()), float(decode_diff.mean())
         trainer_dtype = engine_dtype("auto", model)
         tol = self._tol or max(DEFAULT_TOL.get(self.dtype, 0.5), DEFAULT_TOL.get(trainer_dtype, 0.5))
         where = (f"after the weight sync the engine's log-probs of the probe text differ from the trainer's "
-                 f"by max {max_diff:.3g} / mean {mean_diff:.3g} nats (engine {self.dtype}, trainer "
-                 f"{trainer_dtype})")
-        if not (max_diff <= tol and mean_diff <= tol / 5):
+                 f"by max {max_diff:.3g} / mean {mean_diff:.3g} nats, of its greedy continuation by max "
+                 f"{decode_max:.3g} / mean {decode_mean:.3g} (engine {self.dtype}, trainer {trainer_dtype})")
+        if not (max(max_diff, decode_max) <= tol and max(mean_diff, decode_mean) <= tol / 5):
             raise SyncCheckError(f"{where}; allowed: max {tol:g}, mean {tol / 5:g} (engine.sync_check_tol). "
                                  "The engine would sample from other weights than the ones being trained")
         if self._last is not None and self._last[0] != fingerprint and torch.equal(self._last[1], engine):
             raise SyncCheckError(f"{where}, but the engine's are bit-identical to before the sync although "
                                  "the weights sent changed: the sync did not reach the engine")
+        if self._baseline is None:
+            self._baseline = _Baseline(engine, trainer, mean_diff)
+        elif why := relative_failure(self._baseline, engine, trainer, self._ratio, tol / 100):
+            raise SyncCheckError(f"{where}; {why}")
         self._last = (fingerprint, engine)
-        return {"sync_logprob_max_diff": max_diff, "sync_logprob_mean_diff": mean_diff}
+        return {"sync_logprob_max_diff": max_diff, "sync_logprob_mean_diff": mean_diff,
+                "sync_decode_max_diff": decode_max}
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
