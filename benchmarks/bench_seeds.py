@@ -12,8 +12,12 @@ them: ``memtrain.eval.stats.pooled_paired_ci``). The stored predictions are grad
     python benchmarks/bench_seeds.py --seeds 1,2,3 --report-only
     MEMTRAIN_DEMO_ENGINE=hf python benchmarks/bench_seeds.py --seeds 1,2,3   # the HF engine instead
 
-Extra KEY=VALUE arguments are not taken: the recipe is configs/memtrain_demo_cpu.yaml, as the demo runs it
-(another recipe is another config file: --config).
+The recipe is configs/memtrain_demo_cpu.yaml, as the demo runs it (another recipe is another config file:
+--config). A variant of it: ``--set KEY=VALUE`` (repeatable) runs the same seeds on the same data with the
+overrides, in its own run directories, and adds the paired difference variant - recipe (trained vs trained on
+the same held-out documents) where the recipe's runs are there:
+
+    python benchmarks/bench_seeds.py --seeds 1,2,3 --set rl.imr_credit=writer
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ from memtrain.rl.metrics import read_metrics, validation_dirs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_demo(seed: int, run: Path, data: Path, config: Path, engine: str | None) -> float:
+def run_demo(seed: int, run: Path, data: Path, config: Path, engine: str | None, sets: list[str]) -> float:
     env = {**os.environ, "MEMTRAIN_DEMO_SEED": str(seed), "MEMTRAIN_DEMO_RUN": str(run),
-           "MEMTRAIN_DEMO_DATA": str(data), "MEMTRAIN_DEMO_CONFIG": str(config)}
+           "MEMTRAIN_DEMO_DATA": str(data), "MEMTRAIN_DEMO_CONFIG": str(config),
+           "MEMTRAIN_DEMO_SET": " ".join(sets)}
     if engine:
         env["MEMTRAIN_DEMO_ENGINE"] = engine
     start = time.time()
@@ -56,8 +61,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "seeds", help="runs and data go here")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "memtrain_demo_cpu.yaml")
     ap.add_argument("--part", default="imr", choices=("imr", "e2e"), help="headline part (default imr)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="run a variant of the recipe with this override (repeatable)")
     ap.add_argument("--report-only", action="store_true", help="only report the runs already there")
     args = ap.parse_args()
+    for item in args.set:
+        if "=" not in item or " " in item:
+            ap.error(f"--set {item!r}: expected KEY=VALUE without spaces, e.g. rl.imr_credit=writer")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     config = yaml.safe_load(args.config.read_text())
     metric = (config.get("rl") or {}).get("reward_metric") or "strict_em"
@@ -65,15 +75,15 @@ def main() -> None:
     print(machine())
     walls = {}
     runs = {}
+    tag = args.config.stem + "".join(f"+{item}" for item in args.set)
     for seed in seeds:
-        tag = args.config.stem
         run = args.out / f"{tag}-s{seed}"
         runs[seed] = run
         if not args.report_only:
-            walls[seed] = run_demo(seed, run, args.out / f"data-s{seed}", args.config, engine)
+            walls[seed] = run_demo(seed, run, args.out / f"data-s{seed}", args.config, engine, args.set)
             print(f"seed {seed}: demo script {walls[seed]:.0f}s (load average {load_average()})", flush=True)
     print(f"\nheld-out {args.part} `{metric}` (%), base (step 0) vs trained (last step); config "
-          f"{args.config.name}; CPU {cpu_model()}\n")
+          f"{args.config.name}{''.join(' ' + item for item in args.set)}; CPU {cpu_model()}\n")
     print("| seed | steps | steps that updated | base | trained | trained - base (paired 95% CI) "
           "| answer words base -> trained | label in memory, trained - base |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -102,9 +112,33 @@ def main() -> None:
         mem = pooled_paired_ci(memory_pairs)
         print(f"| pooled ({len(pairs)} seeds, {pooled.n} documents; bootstrap over seeds x documents) "
               f"| | | | | {_fmt(pooled, signed=True)} | | {_fmt(mem, signed=True)} |")
+    if args.set:
+        compare_with_recipe(runs, args.out / args.config.stem, args.part, metric, " ".join(args.set))
     if walls:
         print("\n" + ", ".join(f"seed {s}: {w / 60:.1f} min" for s, w in walls.items()))
     sys.stdout.flush()
+
+
+def compare_with_recipe(runs: dict[int, Path], recipe: Path, part: str, metric: str, variant: str) -> None:
+    """variant - recipe, both trained (last step), paired over the held-out documents of each seed."""
+    print(f"\n`{variant}` - recipe, trained vs trained on the same held-out documents (paired 95% CI):\n")
+    print("| seed | recipe trained | variant trained | variant - recipe |")
+    print("|---:|---:|---:|---:|")
+    pairs = []
+    for seed, run in runs.items():
+        mine, theirs = validation_dirs(run), validation_dirs(Path(f"{recipe}-s{seed}"))
+        if len(mine) < 2 or len(theirs) < 2:
+            print(f"| {seed} | (a finished run of both is needed) | | |")
+            continue
+        ours = document_scores(mine[max(mine)], part, metric, rescore=True)
+        recipe_scores = document_scores(theirs[max(theirs)], part, metric, rescore=True)
+        pairs.append((recipe_scores, ours))
+        print(f"| {seed} | {_fmt(bootstrap_ci(list(recipe_scores.values())))} | "
+              f"{_fmt(bootstrap_ci(list(ours.values())))} | "
+              f"{_fmt(paired_difference_ci(recipe_scores, ours), signed=True)} |")
+    if len(pairs) > 1:
+        pooled = pooled_paired_ci(pairs)
+        print(f"| pooled ({len(pairs)} seeds, {pooled.n} documents) | | | {_fmt(pooled, signed=True)} |")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
 # 1, 2 and 3 are the replicates docs/benchmarks.md reports, 4 and 5 fresh checks (benchmarks/bench_seeds.py runs
 # and pools them).
 # MEMTRAIN_DEMO_DATA / MEMTRAIN_DEMO_RUN move the data / run directories; MEMTRAIN_DEMO_STEPS sets the steps;
-# MEMTRAIN_DEMO_CONFIG runs another recipe.
+# MEMTRAIN_DEMO_CONFIG runs another recipe; MEMTRAIN_DEMO_SET adds space-separated KEY=VALUE overrides to it
+# (benchmarks/bench_seeds.py --set compares such a variant with the recipe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning torch threads slow every op down
@@ -54,7 +55,7 @@ PROXY=(--passages 4 --related 2 --min-tokens 300 --max-tokens 500 --retriever bm
   --seed "$((SEED + 1000))" --exclude-from "$DATA" "${PROXY[@]}"
 
 memtrain train --config "$CONFIG" "data.path=$DATA" "train.eval_data=$HELDOUT" "engine.kind=$ENGINE" \
-  "train.seed=$SEED" ${STEPS:+"train.steps=$STEPS"} ${STEPS:+"train.checkpoint_every=$STEPS"} \
+  "train.seed=$SEED" ${MEMTRAIN_DEMO_SET:-} ${STEPS:+"train.steps=$STEPS"} ${STEPS:+"train.checkpoint_every=$STEPS"} \
   --out "$RUN" --resume
 LAST="$(basename "$(ls -d "$RUN"/eval/step_* | sort | tail -n 1)")"  # the validation after the last step
 
