@@ -25,7 +25,7 @@ demo: venv
 
 test: venv
 	$(BIN)/memtrain assets fetch
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q
 
 # The verl backend's tests, in verl's own environment (verl pins transformers<5.11; see docs/verl.md).
@@ -66,7 +66,7 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_engine_registry.py
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

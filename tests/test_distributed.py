@@ -227,3 +227,28 @@ def test_shutdown_leaves_a_process_group_it_did_not_create(monkeypatch: pytest.M
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("launched", [True, False])
+def test_fsdp2_under_torchrun_with_one_process_joins_a_group_of_one(launched: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun --nproc-per-node 1 with train.parallel=fsdp2 runs the sharded paths on one device (the GPU
+    check does); a process torchrun did not start stays out of any group, whatever train.parallel says."""
+    import torch.distributed as dist
+
+    from memtrain.rl.distributed import init_from_env, shutdown
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    if launched:
+        monkeypatch.setenv("RANK", "0")
+    else:
+        monkeypatch.delenv("RANK", raising=False)
+    try:
+        ctx = init_from_env("cpu", "fsdp2")
+        assert (ctx.fsdp, ctx.enabled, dist.is_initialized()) == (launched, launched, launched)
+        assert ctx.sum_values({"a": 2.0}) == {"a": 2.0} and ctx.world_size == 1
+        assert not init_from_env("cpu", "ddp").enabled  # ddp in one process: never a group
+    finally:
+        shutdown(barrier=False)

@@ -380,7 +380,8 @@ class TrainConfig(Section):
         "ddp",
         description="under torchrun: ddp = a full model per rank, gradients all-reduced; fsdp2 = weights, "
         "gradients and optimizer state sharded over the ranks (models that do not fit one device; not with "
-        "model.lora); ignored in a single process",
+        "model.lora; torchrun --nproc-per-node 1 runs the sharded paths on one device); ignored in a process "
+        "torchrun did not start",
     )
 
 

@@ -84,14 +84,15 @@ class DistContext:
     local_rank: int = 0
     device: str = "cpu"  # where collective buffers live: NCCL needs them on this rank's GPU
     parallel: str = "ddp"  # train.parallel: "ddp" or "fsdp2"
+    joined: bool = False  # in a process group even as its only rank (FSDP2 under torchrun --nproc-per-node 1)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.joined
 
     @property
     def fsdp(self) -> bool:
-        """Weights sharded with FSDP2 (``train.parallel=fsdp2`` in more than one process)."""
+        """Weights sharded with FSDP2 (``train.parallel=fsdp2`` under torchrun, on one rank or more)."""
         return self.enabled and self.parallel == "fsdp2"
 
     @property
@@ -340,8 +341,9 @@ _owned_group = False
 
 
 def init_from_env(device: str, parallel: str = "ddp") -> DistContext:
-    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL for ``device='cuda'``, else gloo).
-    ``parallel``: ``train.parallel`` (ignored in a single process).
+    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL for ``device='cuda'``, else gloo), or as its
+    one rank for ``parallel='fsdp2'`` under torchrun (the sharded code paths on one device). ``parallel``:
+    ``train.parallel`` (ignored in a process torchrun did not start).
 
     On GPUs each process uses GPU LOCAL_RANK. Ranks other than 0 log warnings only, so the console shows one
     copy of the progress lines.
@@ -350,7 +352,7 @@ def init_from_env(device: str, parallel: str = "ddp") -> DistContext:
     world = _env_int("WORLD_SIZE", 1)
     if world < 1:
         raise UserError(f"$WORLD_SIZE={world}: expected >= 1")
-    if world == 1:
+    if world == 1 and not (parallel == "fsdp2" and "RANK" in os.environ):
         return DistContext()
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world:
@@ -366,7 +368,8 @@ def init_from_env(device: str, parallel: str = "ddp") -> DistContext:
     if rank != 0:
         logger.setLevel(logging.WARNING)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank,
-                       device=f"cuda:{local_rank}" if device == "cuda" else "cpu", parallel=parallel)
+                       device=f"cuda:{local_rank}" if device == "cuda" else "cpu", parallel=parallel,
+                       joined=world == 1)
 
 
 def shutdown(barrier: bool = True) -> None:
