@@ -108,7 +108,7 @@ def test_lora_checkpoint_reload_and_merge(tiny_model_dir: Path, tmp_path: Path) 
     )
     assert (path / "adapter_model.safetensors").is_file() and not (path / "model.safetensors").exists()
     meta = (path / "meta.json").read_text()
-    assert '"weights": "lora_adapter"' in meta and "memtrain merge-lora" in meta
+    assert '"weights": "lora_adapter"' in meta and "memtrain export" in meta
     x = torch.arange(3, 30)[None]
     model.eval()
     with torch.no_grad():

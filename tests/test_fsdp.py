@@ -33,6 +33,7 @@ from train_helpers import tiny_config, write_proxy_dataset
 # 80-token micro-batches: several per rank, and not as many on both ranks (padding passes); a clip below the
 # gradient norm (clipping sharded gradients)
 FSDP = [*OVERRIDES, "train.parallel=fsdp2", "rl.micro_batch_tokens=80", "optim.grad_clip=0.05"]
+GATHERED = [*FSDP, "train.checkpoint_format=full"]  # rank 0 writes the Hugging Face layout
 
 
 class UnevenRolloutTask(ScriptedProxyTask):
@@ -66,7 +67,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, out
         return accumulate(model, seqs, cfg, ref, totals=totals, passes=passes)
 
     update.accumulate_policy_gradients = recording
-    train_then_resume(model_dir, data_dir, out_dir, FSDP)
+    train_then_resume(model_dir, data_dir, out_dir, GATHERED)
     done = {"updates": seen, "generated": UnevenRolloutTask.generated}
     Path(f"{report}.{rank}").write_text(json.dumps(done), encoding="utf-8")
     leave_group()
@@ -84,7 +85,7 @@ def test_fsdp2_takes_the_same_steps_as_one_process(tiny_model_dir: Path, tmp_pat
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     # (FSDP2 runs a shared prompt with each of its sequences: the one process plans the same micro-batches)
-    train(tiny_config(tiny_model_dir, data, [*FSDP, "rl.share_prompts=false"]), single)
+    train(tiny_config(tiny_model_dir, data, [*GATHERED, "rl.share_prompts=false"]), single)
     args = (2, _free_port(), str(tiny_model_dir), str(data), str(double), str(tmp_path / "rep"))
     mp.spawn(_worker, args=args, nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rep.{r}").read_text()) for r in (0, 1))
@@ -113,6 +114,76 @@ def test_fsdp2_takes_the_same_steps_as_one_process(tiny_model_dir: Path, tmp_pat
 
     model = AutoModelForCausalLM.from_pretrained(double / "checkpoints" / "latest")
     assert torch.equal(model.lm_head.weight, b["model.embed_tokens.weight"])
+
+
+def _sharded_worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, runs: list[str]) -> None:
+    """2 ranks with sharded checkpoints (train.checkpoint_format=auto): runs[0] takes step 1 and is resumed
+    for step 2; runs[1] takes step 1 only (the test resumes it in one process). No rank may gather the full
+    state (gather_full_state raises)."""
+    join_as_rank(rank, world, port)
+    from memtrain.rl import checkpoint
+    from memtrain.rl.trainer import train
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a sharded checkpoint gathered the full state")
+
+    checkpoint.gather_full_state = refuse
+    TASKS["proxy"] = ScriptedProxyTask
+    train_then_resume(model_dir, data_dir, runs[0], FSDP)
+    train(tiny_config(Path(model_dir), Path(data_dir), [*FSDP, "train.threads=1", "train.steps=1"]),
+          Path(runs[1]))
+    leave_group()
+
+
+def test_fsdp2_sharded_checkpoints_resume_on_two_ranks_and_on_one_and_export(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank writes its own shards (no process holds the full optimizer state); a 2-rank run resumed
+    on 2 ranks, and one resumed in a single process, take the same step 2 as one process from scratch; the
+    exported model loads in transformers with that run's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from memtrain.cli.main import main
+    from memtrain.rl.trainer import train
+
+    data = write_proxy_dataset(tmp_path / "data")
+    single, double, mixed = tmp_path / "single", tmp_path / "double", tmp_path / "mixed"
+    monkeypatch.setitem(TASKS, "proxy", ScriptedProxyTask)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    train(tiny_config(tiny_model_dir, data, [*GATHERED, "rl.share_prompts=false"]), single)
+    runs = [str(double), str(mixed)]
+    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tiny_model_dir), str(data), runs), nprocs=2,
+             join=True)
+    step1 = mixed / "checkpoints" / "step_000001"
+    shards = sorted(p.name for p in (step1 / "sharded").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own
+    assert not list(step1.glob("*.safetensors"))
+    from memtrain.errors import UserError
+    from memtrain.models import load_policy
+
+    with pytest.raises(UserError, match="memtrain export"):  # not a model directory: one line says what to do
+        load_policy(str(step1))
+    # the 2-rank run resumed in this process (no process group): the sharded state loads into a plain model
+    train(tiny_config(tiny_model_dir, data, [*FSDP, "train.steps=2"]), mixed, resume=True)
+
+    assert main(["export", str(double), "--out", str(tmp_path / "double-hf")]) == 0
+    hf = tmp_path / "double-hf"
+    (double / "checkpoints" / "step_000002").rename(double / "checkpoints" / "sharded_step_2")
+    (double / "checkpoints" / "step_000002").mkdir()
+    (double / "checkpoints" / "step_000002" / "model.safetensors").symlink_to(hf / "model.safetensors")
+    keys = ("e2e_reward", "imr_match", "num_seqs", "num_tokens", "data_position", "loss", "kl", "grad_norm")
+    a, _ = assert_same_run(single, double, tiny_model_dir, keys)  # the exported step 2 of the 2-rank run
+    c = load_file(str(mixed / "checkpoints" / "step_000002" / "model.safetensors"))  # 1 process: full format
+    assert all(torch.allclose(a[k], c[k], atol=1e-5, rtol=0) for k in a)
+    rows_a, rows_c = read_jsonl(single / "metrics.jsonl"), read_jsonl(mixed / "metrics.jsonl")
+    for ra, rc in zip(rows_a, rows_c, strict=True):
+        assert all(rc[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6) for k in keys)
+
+    exported = AutoModelForCausalLM.from_pretrained(hf)
+    trained = AutoModelForCausalLM.from_pretrained(single / "checkpoints" / "step_000002")
+    ids = torch.tensor([[1, 5, 9, 30, 2, 7]])
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, trained(ids).logits, atol=1e-4, rtol=0)
 
 
 def test_fsdp2_config(tiny_model_dir: Path, tmp_path: Path) -> None:

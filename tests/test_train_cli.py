@@ -129,3 +129,40 @@ def test_lora_run_resumes_and_merges(tiny_model_dir: Path, data: Path, tmp_path:
     merged = tmp_path / "merged"
     assert main(["merge-lora", str(ckpt), "--out", str(merged)]) == 0
     assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
+    # memtrain export: the run's newest checkpoint merged (as merge-lora), or its adapter kept as it is
+    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    from safetensors.torch import load_file
+
+    a = load_file(str(merged / "model.safetensors"))
+    b = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(bool((a[k] == b[k]).all()) for k in a)
+    assert main(["export", str(run), "--adapter", "--out", str(tmp_path / "adapter")]) == 0
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted(
+        p.name for p in ckpt.iterdir() if p.name not in ("trainer_state.pt", "meta.json"))
+
+
+def test_export_of_a_full_run_and_what_it_refuses(tiny_model_dir: Path, data: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    cfg = config_yaml(tiny_model_dir, data, tmp_path / "cfg.yaml")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "train.steps=1", "train.tensorboard=false", "--out",
+                 str(run)]) == 0
+    out = tmp_path / "hf"
+    assert main(["export", str(run / "checkpoints" / "latest"), "--out", str(out)]) == 0
+    saved = load_file(str(run / "checkpoints" / "step_000001" / "model.safetensors"))
+    exported = load_file(str(out / "model.safetensors"))
+    assert all(bool((saved[k] == exported[k]).all()) for k in saved)
+    assert not (out / "trainer_state.pt").exists() and (out / "tokenizer.json").is_file()
+    capsys.readouterr()
+    (tmp_path / "global_step_5" / "actor").mkdir(parents=True)
+    assert main(["export", str(tmp_path / "global_step_5"), "--out", str(tmp_path / "x")]) != 0
+    assert "verl.model_merger" in capsys.readouterr().err
+    assert main(["export", str(run / "checkpoints" / "latest"), "--adapter", "--out",
+                 str(tmp_path / "y")]) != 0
+    assert "holds full weights" in capsys.readouterr().err
+    tok = run / "checkpoints" / "step_000001" / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes().replace(b"a", b"b", 1))  # damaged after it was written, same size
+    assert main(["export", str(run / "checkpoints" / "step_000001"), "--out", str(tmp_path / "z")]) != 0
+    assert "sha256" in capsys.readouterr().err

@@ -341,6 +341,13 @@ class TrainConfig(Section):
     seed: int = Field(42, description="seeds data order, rollouts, IMR draws and torch")
     checkpoint_every: int = Field(50, gt=0, description="save a checkpoint every N steps and at the last one")
     keep_last: int = Field(2, gt=0, description="checkpoints kept on disk; older ones are deleted")
+    checkpoint_format: Literal["auto", "full", "sharded"] = Field(
+        "auto",
+        description="full = Hugging Face weights (under FSDP2 gathered onto rank 0 with the optimizer "
+        "state: ~12 bytes per parameter in one process); sharded = every rank writes its own shards "
+        "(torch.distributed.checkpoint; resumable on any number of ranks; `memtrain export` makes a Hugging "
+        "Face model of it); auto = sharded under train.parallel=fsdp2, else full",
+    )
     sample_every: int = Field(10, gt=0, description="write readable trajectories to samples.jsonl every N")
     sample_count: int = Field(4, gt=0, description="trajectories written per sampled step")
     log_every: int = Field(1, gt=0, description="print a progress line every N steps (metrics: every step)")

@@ -148,27 +148,40 @@ def atomic_dir(final: Path, durable: bool = False) -> Iterator[Path]:
     every file before the rename and the parent after it, so a power loss cannot leave a renamed but empty
     directory (checkpoints, datasets).
     """
+    tmp = temp_dir_for(final)
+    try:
+        yield tmp
+        replace_dir(tmp, final, durable)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def temp_dir_for(final: Path) -> Path:
+    """A new temp directory next to ``final`` named after its writer (pid, host), so the next writer of
+    ``final`` can tell a dead writer's leftovers (:func:`clean_stale_tmp`, run here first)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-p{os.getpid()}@{_host()}.", dir=final.parent))
     os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes it 0700
-    try:
-        yield tmp
-        if durable:
-            fsync_tree(tmp)
-        if final.exists():
-            old = final.with_name(f".old-{final.name}-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        if durable:
-            fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp
+
+
+def replace_dir(tmp: Path, final: Path, durable: bool = False) -> None:
+    """Rename the finished ``tmp`` to ``final`` in one step (replacing an old ``final``); ``durable``: fsync
+    every file first and the parent after."""
+    if durable:
+        fsync_tree(tmp)
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    if durable:
+        fsync_dir(final.parent)
 
 
 # what a full disk looks like from libraries that do not raise OSError(ENOSPC): safetensors' Rust writer, and

@@ -79,6 +79,9 @@ def _local_source(name: str, what: str) -> str:
         if not (d / "config.json").is_file() and not (d / "adapter_config.json").is_file():
             raise ModelLoadError(f"model path {path}: no config.json; expected a Hugging Face checkpoint "
                                  "directory (as save_pretrained writes)")
+        if (d / "sharded").is_dir():  # memtrain.rl.checkpoint.SHARDED_DIR
+            raise ModelLoadError(f"model path {path}: a sharded training checkpoint (FSDP2); `memtrain "
+                                 f"export {path} --out DIR` makes a Hugging Face model of it, then pass DIR")
         if not any((d / w).is_file() for w in _WEIGHTS):
             raise ModelLoadError(f"model path {path}: no weights; expected one of {', '.join(_WEIGHTS)}")
     elif not any((d / t).is_file() for t in _TOKENIZER_FILES):

@@ -1,4 +1,5 @@
-"""``memtrain train`` (GRPO training of the memory agent) and ``memtrain merge-lora`` (adapter -> model)."""
+"""``memtrain train`` (GRPO training of the memory agent), ``memtrain export`` (any checkpoint -> a Hugging
+Face model) and ``memtrain merge-lora`` (adapter -> model)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--base", help="base model (default: the run's model.name, from the checkpoint's meta.json)"
     )
     m.set_defaults(func=_merge)
+
+    e = sub.add_parser("export", help="a Hugging Face model directory from a run or checkpoint (any layout)")
+    e.add_argument("source", type=Path, help="a run directory (its newest verified checkpoint) or checkpoint")
+    e.add_argument("--out", type=Path, required=True, help="directory for the model")
+    e.add_argument("--adapter", action="store_true", help="LoRA: keep the adapter instead of merging it")
+    e.add_argument("--base", help="LoRA: base model to merge into (default: the run's model.name)")
+    e.set_defaults(func=_export)
 
 
 def check_before_training(config: Config, out: Path) -> None:
@@ -112,4 +120,12 @@ def _merge(args: argparse.Namespace) -> int:
 
     out = merge_lora(args.checkpoint, args.out, base=args.base)
     print(f"merged model: {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from memtrain.rl.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.source, args.out, adapter=args.adapter, base=args.base)
+    print(f"model: {out}  (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0

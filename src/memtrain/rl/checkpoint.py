@@ -15,10 +15,14 @@ back to the newest checkpoint that verifies, saying so.
 Resume takes the newest *complete* ``step_*`` directory, found from the directories themselves: ``latest``
 is only a convenience and may be missing, a plain file or a real directory after ``cp -rL``/``rsync -r``.
 
-Under FSDP2 (``train.parallel=fsdp2``) the weights and optimizer state are sharded over the ranks: every rank
-joins :func:`gather_full_state`, then rank 0 writes the same layout from the gathered state dicts; a resumed
-run loads the full weights on every rank before sharding and the optimizer state through
-:func:`load_full_optimizer_state`.
+Under FSDP2 (``train.parallel=fsdp2``) the weights and optimizer state are sharded over the ranks, and so is
+the checkpoint by default (``train.checkpoint_format``): ``step_N/sharded/`` holds every rank's shards
+(torch.distributed.checkpoint, :func:`save_sharded_state`), next to the model config, tokenizer, trainer
+state (without the optimizer) and meta.json; it resumes on any number of ranks or in one process
+(:func:`load_sharded_state`) and :func:`export_checkpoint` makes a Hugging Face model of it. With
+``train.checkpoint_format=full`` every rank joins :func:`gather_full_state` instead and rank 0 writes the
+layout above; a resumed run loads the full weights on every rank before sharding and the optimizer state
+through :func:`load_full_optimizer_state`.
 
 A checkpoint directory is written as a temp dir, fsynced and renamed into place (``memtrain.io.atomic_dir``),
 and only then does ``latest`` (replaced atomically) point at it, so a process killed at any moment leaves
@@ -46,7 +50,15 @@ import torch
 
 from memtrain.config import Config
 from memtrain.errors import UserError
-from memtrain.io import atomic_dir, atomic_write_json, disk_full_error, fsync_dir, sha256_file
+from memtrain.io import (
+    atomic_dir,
+    atomic_write_json,
+    disk_full_error,
+    fsync_dir,
+    replace_dir,
+    sha256_file,
+    temp_dir_for,
+)
 from memtrain.log import logger
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -54,6 +66,7 @@ LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 STATE_VERSION = 1
+SHARDED_DIR = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint files
 _STEP_DIR = re.compile(r"step_(\d+)")
 # Weight files of a checkpoint written before meta.json listed its files (any one of them is enough).
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
@@ -66,6 +79,7 @@ RESUMABLE_KEYS: frozenset[str] = frozenset(
         "train.steps",
         "train.checkpoint_every",
         "train.keep_last",
+        "train.checkpoint_format",
         "train.collapse_patience",
         "train.sample_every",
         "train.sample_count",
@@ -392,54 +406,120 @@ def save_checkpoint(
     """
     if keep_last < 1:
         raise ValueError(f"keep_last={keep_last}: expected >= 1")
-    root = checkpoints_root(run_dir)
-    final = root / step_dir_name(step)
+    final = checkpoints_root(run_dir) / step_dir_name(step)
     lora = is_peft(model)
     try:
         with atomic_dir(final, durable=True) as tmp:
             model.save_pretrained(tmp, state_dict=model_state)
             tokenizer.save_pretrained(tmp)
-            torch.save(
-                {
-                    "version": STATE_VERSION,
-                    "step": step,
-                    "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
-                    "scheduler": scheduler.state_dict(),
-                    "rng": _safe_rng_state(rng_state()),
-                    **state,
-                },
-                tmp / STATE_FILE,
-            )
-            meta = {
-                "step": step,
-                "model_name": model_name,
-                "weights": "lora_adapter" if lora else "full",
-                **{k: v for k, v in state.items() if isinstance(v, (int, float, str))},
-                # sizes of everything else, so a half-copied checkpoint is recognised (incomplete_reason), and
-                # hashes, so a damaged one of the right size is too (damage_reason)
-                "files": {
-                    str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()
-                },
-                "sha256": {
-                    str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()
-                },
-            }
-            if lora:
-                meta["merge_command"] = (
-                    f"memtrain merge-lora {final} --out {Path(run_dir) / 'merged' / final.name}"
-                )
-            atomic_write_json(tmp / META_FILE, meta)
+            optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+            _write_state_and_meta(tmp, step, scheduler, {"optimizer": optimizer_state, **state}, model_name,
+                                  "lora_adapter" if lora else "full", run_dir, final)
     except Exception as exc:  # a full disk is one line, whichever library hit it
         full = disk_full_error(exc, final, f"checkpoint {final.name}")
         if full is not None:
             raise full from exc
         raise
-    point_latest(root, final.name)
-    # prune only older checkpoints than this one: never one of a step this (resumed) run has not redone yet
+    _publish(run_dir, final, step, keep_last)
+    return final
+
+
+def _write_state_and_meta(tmp: Path, step: int, scheduler: Any, state: dict[str, Any], model_name: str,
+                          weights: str, run_dir: Path, final: Path) -> None:
+    """trainer_state.pt (``state`` + step, scheduler and RNG states), then meta.json: the size and sha256 of
+    every other file, so a half-copied checkpoint is recognised (incomplete_reason) and a damaged one of the
+    right size too (damage_reason)."""
+    torch.save({"version": STATE_VERSION, "step": step, "scheduler": scheduler.state_dict(),
+                "rng": _safe_rng_state(rng_state()), **state}, tmp / STATE_FILE)
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    meta: dict[str, Any] = {
+        "step": step,
+        "model_name": model_name,
+        "weights": weights,
+        **{k: v for k, v in state.items() if isinstance(v, (int, float, str))},
+        "files": {str(f.relative_to(tmp)): f.stat().st_size for f in files},
+        "sha256": {str(f.relative_to(tmp)): sha256_file(f) for f in files},
+    }
+    if weights != "full":
+        meta["export_command"] = f"memtrain export {final} --out {Path(run_dir) / 'exported' / final.name}"
+    atomic_write_json(tmp / META_FILE, meta)
+
+
+def _publish(run_dir: Path, final: Path, step: int, keep_last: int) -> None:
+    """Point ``latest`` at the new checkpoint, then prune only older ones than it: never one of a step this
+    (resumed) run has not redone yet."""
+    point_latest(checkpoints_root(run_dir), final.name)
     for _, old in [c for c in list_checkpoints(run_dir) if c[0] <= step][:-keep_last]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# --- sharded checkpoints (FSDP2): torch.distributed.checkpoint, every rank writes its own shards ------------
+
+def is_sharded(path: Path) -> bool:
+    """A checkpoint whose weights and optimizer state are torch.distributed.checkpoint shards."""
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
+def begin_sharded_checkpoint(run_dir: Path, step: int) -> Path:
+    """Rank 0: the temp directory every rank writes its shards into (renamed into place by
+    :func:`end_sharded_checkpoint`; a writer that dies leaves only a ``.tmp-*`` dir, cleaned by the next)."""
+    return temp_dir_for(checkpoints_root(run_dir) / step_dir_name(step))
+
+
+def save_sharded_state(model: Any, optimizer: torch.optim.Optimizer, tmp: Path) -> None:
+    """Every rank writes its own shards of the weights and the optimizer state (a collective; no rank ever
+    holds the full state). Loadable on any number of ranks, or in one process (:func:`load_sharded_state`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer)
+    dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=str(tmp / SHARDED_DIR))
+
+
+def end_sharded_checkpoint(tmp: Path, run_dir: Path, step: int, model: Any, tokenizer: Any, scheduler: Any,
+                           state: dict[str, Any], keep_last: int, model_name: str) -> Path:
+    """Rank 0, once every rank wrote its shards: the model config, tokenizer, trainer state and meta.json,
+    then the rename into place and ``latest``."""
+    final = checkpoints_root(run_dir) / step_dir_name(step)
+    try:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_state_and_meta(tmp, step, scheduler, state, model_name, "sharded", run_dir, final)
+        replace_dir(tmp, final, durable=True)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(exc, final, f"checkpoint {final.name}")
+        if full is not None:
+            raise full from exc
+        raise
+    _publish(run_dir, final, step, keep_last)
     return final
+
+
+def load_sharded_state(ckpt_dir: Path, model: Any, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a sharded checkpoint's weights (and, given ``optimizer``, its state) into ``model``: FSDP2-sharded
+    over any number of ranks, or a plain model in one process (torch.distributed.checkpoint reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    where = str(Path(ckpt_dir) / SHARDED_DIR)
+    if optimizer is None:
+        weights = get_model_state_dict(model)
+        dcp.load({"model": weights}, checkpoint_id=where)
+        set_model_state_dict(model, weights)
+        return
+    weights, optim = get_state_dict(model, optimizer)
+    loaded = {"model": weights, "optimizer": optim}
+    dcp.load(loaded, checkpoint_id=where)
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
 
 
 def gather_full_state(model: Any, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -553,3 +633,71 @@ def merge_lora(ckpt_dir: str | Path, out_dir: str | Path, base: str | None = Non
         tokenizer.save_pretrained(tmp)
     logger.info("merged %s into %s -> %s", ckpt, base, out)
     return out
+
+
+# --- export: a Hugging Face model directory from any checkpoint ---------------------------------------------
+
+_NOT_MODEL_FILES = frozenset({STATE_FILE, META_FILE})
+
+
+def export_source(source: Path) -> Path:
+    """The checkpoint ``source`` names: a checkpoint directory (``step_N``, ``latest``), or a run directory
+    (its newest complete checkpoint whose content verifies)."""
+    source = Path(source)
+    if (source / CHECKPOINTS_DIR).is_dir():
+        found = latest_checkpoint(source)
+        if found is None:
+            raise UserError(f"{source}: the run holds no complete checkpoint to export")
+        return _verified(source, found)
+    if not source.is_dir():
+        raise UserError(f"{source}: not a directory; expected a run directory or one of its checkpoints")
+    if (source / "actor").is_dir() or source.name.startswith("global_step_"):
+        raise UserError(f"{source} is a verl checkpoint: verl's own merger writes the Hugging Face model "
+                        f"(`python -m verl.model_merger merge --backend fsdp --local_dir {source / 'actor'} "
+                        "--target_dir DIR`, in the verl environment; docs/verl.md)")
+    why = incomplete_reason(source) or damage_reason(source)
+    if why is not None:
+        raise UserError(f"{source}: not a complete, verified checkpoint ({why})")
+    return source
+
+
+def export_checkpoint(source: Path, out: Path, adapter: bool = False, base: str | None = None) -> Path:
+    """Write ``source``'s policy to ``out`` as a Hugging Face model directory (safetensors, config,
+    tokenizer): full checkpoints as they are, sharded ones assembled in this process from their shards (no
+    process group needed), LoRA ones merged into their base model, or with ``adapter`` kept as the adapter."""
+    ckpt = export_source(source)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise UserError(f"--out {out} exists and is not a model directory; refusing to replace it")
+    lora = (ckpt / "adapter_config.json").is_file()
+    if adapter and not lora:
+        raise UserError(f"--adapter: {ckpt} holds full weights, not a LoRA adapter")
+    if lora and not adapter:
+        return merge_lora(ckpt, out, base=base)
+    with atomic_dir(out) as tmp:
+        if is_sharded(ckpt):
+            _assemble_sharded(ckpt, tmp)
+        else:  # full weights or an adapter: the Hugging Face files as they are
+            for f in sorted(ckpt.iterdir()):
+                if f.is_file() and f.name not in _NOT_MODEL_FILES:
+                    shutil.copy2(f, tmp / f.name)
+    logger.info("exported %s -> %s", ckpt, out)
+    return out
+
+
+def _assemble_sharded(ckpt: Path, tmp: Path) -> None:
+    """One process reads every rank's shards into a full model built from the checkpoint's config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from memtrain.models import load_tokenizer
+
+    config = AutoConfig.from_pretrained(ckpt)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    load_sharded_state(ckpt, model, None)
+    if (ckpt / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(ckpt)
+    model.save_pretrained(tmp)
+    load_tokenizer(str(ckpt)).save_pretrained(tmp)

@@ -155,7 +155,8 @@ def build_policy(config: Config, device: str, resume_from: Path | None) -> tuple
 
     dtype = "float32" if config.model.dtype == "auto" else config.model.dtype
     lora = config.model.lora
-    full_resume = resume_from is not None and lora is None
+    # a sharded checkpoint is loaded into the model once it is built and sharded (_restore)
+    full_resume = resume_from is not None and lora is None and not ckpt_io.is_sharded(resume_from)
     model = load_policy(str(resume_from) if full_resume else config.model.name, dtype, device)
     ref = None
     if config.rl.kl_coef > 0 and lora is None:
@@ -279,6 +280,9 @@ def check_settings(config: Config) -> None:
             "train.parallel=fsdp2 with model.lora: sharding is for full fine-tuning of models that do not "
             "fit one device; LoRA adapters are small, so use train.parallel=ddp (every rank holds the model)"
         )
+    if config.train.checkpoint_format == "sharded" and config.model.lora is not None:
+        raise UserError("train.checkpoint_format=sharded with model.lora: a LoRA checkpoint is the small "
+                        "adapter alone; use train.checkpoint_format=full (or auto)")
     check_trainable_sampling(config.rl)  # rl.top_p < 1 cannot be trained on exactly
     if not config.data.path:
         raise UserError(
@@ -506,7 +510,7 @@ def _open_run(config: Config, out_dir: Path, resume: bool, ctx: DistContext, tok
             shard_model(ref, ctx, frozen=True)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim.warmup_steps)
-    position, streak = _restore(state, ctx, model, optimizer, scheduler)
+    position, streak = _restore(state, resume_from, ctx, model, optimizer, scheduler)
     del state  # not kept for the run: on GPUs / FSDP2 its optimizer state is a second, full copy
     log: RunLogger | NullRunLogger = NullRunLogger()
     if ctx.is_main:
@@ -525,12 +529,15 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _restore(state: dict[str, Any] | None, ctx: DistContext, model: Any, optimizer: torch.optim.Optimizer,
-             scheduler: Any) -> tuple[int, int]:
-    """Load a checkpoint's optimizer, scheduler and RNG states; returns (data position, non-finite streak)."""
-    if state is None:
+def _restore(state: dict[str, Any] | None, resume_from: Path | None, ctx: DistContext, model: Any,
+             optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, int]:
+    """Load a checkpoint's optimizer, scheduler and RNG states (and a sharded checkpoint's weights, on any
+    number of ranks); returns (data position, non-finite streak)."""
+    if state is None or resume_from is None:
         return 0, 0
-    if ctx.fsdp:
+    if ckpt_io.is_sharded(resume_from):
+        ckpt_io.load_sharded_state(resume_from, model, optimizer)
+    elif ctx.fsdp:
         ckpt_io.load_full_optimizer_state(model, optimizer, state["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])
@@ -631,11 +638,26 @@ def checkpoint_due(cfg: TrainConfig, step: int, row: dict[str, Any]) -> bool:
     return step == cfg.steps or (step % cfg.checkpoint_every == 0 and row.get("skipped_nonfinite") != 1.0)
 
 
+def checkpoint_format(config: Config, ctx: DistContext) -> str:
+    """``train.checkpoint_format`` resolved: auto = sharded under FSDP2, else full."""
+    fmt = config.train.checkpoint_format
+    return ("sharded" if ctx.fsdp else "full") if fmt == "auto" else fmt
+
+
 def save_checkpoint(run: Run, step: int) -> None:
-    """The model, optimizer, scheduler, RNG and data position after ``step`` (rank 0 writes)."""
+    """The model, optimizer, scheduler, RNG and data position after ``step``: rank 0 writes a full checkpoint;
+    every rank writes its shards of a sharded one, rank 0 the rest."""
     cfg = run.config
     saved = {"data_position": run.position, "nonfinite_streak": run.streak, "fingerprint": run.fingerprint,
              "data_fingerprint": run.data_fingerprint}
+    if checkpoint_format(cfg, run.ctx) == "sharded":
+        tmp = run.ctx.on_main(partial(ckpt_io.begin_sharded_checkpoint, run.out_dir, step))
+        ckpt_io.save_sharded_state(run.model, run.optimizer, tmp)  # every rank, its own shards
+        path = run.ctx.on_main(partial(
+            ckpt_io.end_sharded_checkpoint, tmp, run.out_dir, step, run.model, run.tokenizer, run.scheduler,
+            saved, keep_last=cfg.train.keep_last, model_name=cfg.model.name))
+        logger.info("checkpoint %s (sharded)", path)
+        return
     weights, optim_state = None, None
     if run.ctx.fsdp:  # every rank joins gathering the full state dicts onto rank 0
         weights, optim_state = ckpt_io.gather_full_state(run.model, run.optimizer)
