@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from memtrain.engines.base import Engine, SamplingParams
@@ -52,6 +53,35 @@ def test_a_task_registered_in_a_test_file_trains(tiny_model_dir: Path, tmp_path:
     assert any(r["filtered_groups"] < r["groups"] and r["num_seqs"] > 0 for r in rows)  # a real update
     samples = read_jsonl(run / "samples.jsonl")
     assert samples and {s["kind"] for s in samples} == {"contains"}
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    trained = load_file(str(run / "checkpoints" / "step_000002" / "model.safetensors"))
+    assert max(float((trained[k] - initial[k]).abs().max()) for k in initial) > 0
+
+
+def test_a_reward_registered_in_its_own_file_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """rl.reward_metric names a reward registered in tests/reward_plugin.py; the proxy task pays it for the
+    final answers and the IMR answers, and the run updates on it."""
+    from memtrain.rl.rewards import REWARDS
+    from reward_plugin import even_letters
+
+    assert REWARDS["even_letters"] is even_letters
+    data = write_proxy_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    config = tiny_config(tiny_model_dir, data, ["rl.reward_metric=even_letters", "rl.group_size=4",
+                                                "train.tensorboard=false", "train.checkpoint_every=2",
+                                                "rl.imr_lambda=0.5"])
+    train(config, run)
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["reward_metric"] == "even_letters" for r in rows)
+    assert any(r["kept_groups"] > 0 and r["num_seqs"] > 0 for r in rows)  # a real update on it
+    samples = read_jsonl(run / "samples.jsonl")
+    e2e = [s for s in samples if s["kind"] == "e2e"]
+    assert e2e
+    for s in e2e:  # R_E = the answer's reward + lambda x the mean reward of its IMR answers
+        imr = s["imr"]["matches"] if s.get("imr") else []
+        assert imr == [even_letters(a, []) for a in (s["imr"]["answers"] if imr else [])]
+        bonus = 0.5 * sum(imr) / len(imr) if imr else 0.0
+        assert s["reward"] == pytest.approx(even_letters(s["answer"], s["gold"]) + bonus, abs=1e-6)  # (fp32)
     initial = load_file(str(tiny_model_dir / "model.safetensors"))
     trained = load_file(str(run / "checkpoints" / "step_000002" / "model.safetensors"))
     assert max(float((trained[k] - initial[k]).abs().max()) for k in initial) > 0

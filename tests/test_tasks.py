@@ -106,8 +106,8 @@ def test_reward_metric_overrides_the_tasks_default(tokenizer) -> None:
         assert [r.metrics["e2e_match"] for r in rollouts] == rewards[metric]
     assert rewards[None] == [0.0, 0.0, 0.0, 0.0]
     assert rewards["f1"] == pytest.approx([0.5, 0.0, 0.0, 0.0])
-    with pytest.raises(ValueError, match="reward_metric"):
-        load_config(None, ["rl.reward_metric=bleu"])
+    with pytest.raises(UserError, match=r"rl.reward_metric='bleu': no such reward; registered: .*span_f1"):
+        make_task(load_config(None, [*AGENT, "train.task=longqa", "rl.reward_metric=bleu"]), tokenizer)
 
 
 def test_registry_and_row_checks(tokenizer, monkeypatch) -> None:

@@ -241,11 +241,13 @@ class RLConfig(Section):
     )
     adv_std_norm: bool = False
     dynamic_filter: bool = True
-    reward_metric: Literal["strict_em", "em", "sub_em", "f1", "span_em", "span_f1"] | None = Field(
+    reward_metric: str | None = Field(
         None,
-        description="answer metric used as the reward (and IMR match); default: the paper's for the task "
-        "(strict boxed EM for proxy and longqa, EM for searchqa). span_f1 (the first answer span, "
-        "memtrain.scoring) gives tiny models a denser signal that listing entities cannot game",
+        description="the reward (and IMR match): a name registered in memtrain.rl.rewards - the answer "
+        "metrics strict_em, em, sub_em, f1, span_em, span_f1, or one of your own (register_reward); default: "
+        "the paper's for the task (strict boxed EM for proxy and longqa, EM for searchqa). span_f1 (the "
+        "first answer span, memtrain.scoring) gives tiny models a denser signal that listing entities "
+        "cannot game",
     )
     fill_filtered_batches: bool = Field(
         False, description="DAPO's dynamic sampling: when the filter leaves too few groups, roll out more "

@@ -234,7 +234,7 @@ class MemoryAgent:
                           chunks=list(s.doc.chunks), chunk_char_spans=list(s.doc.char_spans),
                           memories=s.memories, turns=s.turns, answer=answer,
                           scores=score(answer, golds) if golds else {}, truncated=s.doc.truncated,
-                          num_doc_tokens=s.doc.num_tokens, empty_memories=s.empty_memories)
+                          num_doc_tokens=s.doc.num_tokens, empty_memories=s.empty_memories, golds=golds)
 
     def check_imr_budget(self) -> None:
         """The IMR turn (memory + chunk + answer) must fit the model's context too (see memtrain.budgets)."""

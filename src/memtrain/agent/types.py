@@ -36,6 +36,7 @@ class Trajectory:
     scores: dict[str, float]  # memtrain.scoring.score(answer, sample["answers"]) (all METRICS); {} if no gold
     truncated: bool
     num_doc_tokens: int = 0   # tokens of the whole document (before truncation)
+    golds: list[str] = field(default_factory=list)  # the sample's gold answers (what a reward scores against)
     empty_memories: list[int] = field(default_factory=list)  # steps whose memory output was empty
 
     @property

@@ -23,6 +23,6 @@ class LongQATask(MemoryAgentTask):
         agent = self.agent(engine, samples)
         out = []
         for traj in agent.run(samples, params, n=group_size):
-            metrics = trajectory_metrics(traj, self.reward_metric)
+            metrics = trajectory_metrics(traj, self.reward_metric, self.match(traj))
             out.append(self.trajectory_rollout(traj, samples, metrics["e2e_match"], metrics))
         return out, agent_counters(agent)

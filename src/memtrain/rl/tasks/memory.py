@@ -12,15 +12,17 @@ from memtrain.config import Config
 from memtrain.engines.base import Engine
 from memtrain.errors import UserError
 from memtrain.models import UnknownContextError, model_context_length
+from memtrain.rl.rewards import get_reward
 from memtrain.rl.rollout import E2E, Rollout, SessionShape
 from memtrain.scoring import METRICS, REWARD_METRIC
 
 
-def trajectory_metrics(traj: Trajectory, metric: str) -> dict[str, float]:
-    """All answer metrics of a trajectory (``e2e_match`` is the reward metric, by default strict boxed EM;
-    ``e2e_<metric>`` the others evaluation also reports) plus its shape."""
+def trajectory_metrics(traj: Trajectory, metric: str, match: float | None = None) -> dict[str, float]:
+    """All answer metrics of a trajectory (``e2e_match``: its reward ``match``, by default the answer metric
+    ``metric`` - strict boxed EM unless rl.reward_metric says otherwise; ``e2e_<metric>`` the others
+    evaluation also reports) plus its shape."""
     scores = traj.scores
-    out = {"e2e_match": float(scores.get(metric, 0.0))}
+    out = {"e2e_match": float(scores.get(metric, 0.0)) if match is None else float(match)}
     out.update({f"e2e_{m}": float(scores.get(m, 0.0)) for m in METRICS if m != metric})
     out["num_turns"] = float(len(traj.turns))
     out["num_chunks"] = float(len(traj.chunks))
@@ -48,7 +50,7 @@ def agent_counters(agent: Any) -> dict[str, float]:
 
 class MemoryAgentTask:
     """A task whose rollouts are memory-agent trajectories: the run's config, the tokenizer and the reward
-    metric (``rl.reward_metric``, else strict boxed EM as in the paper)."""
+    (``rl.reward_metric``, a registered :mod:`memtrain.rl.rewards` name; else strict boxed EM, the paper)."""
 
     name: ClassVar[str]
     required_fields: ClassVar[tuple[str, ...]]
@@ -57,6 +59,11 @@ class MemoryAgentTask:
         self.config = config
         self.tokenizer = tokenizer
         self.reward_metric = config.rl.reward_metric or REWARD_METRIC
+        self.reward = get_reward(self.reward_metric)
+
+    def match(self, traj: Trajectory) -> float:
+        """The reward of a trajectory's final answer against its sample's gold answers."""
+        return float(self.reward(traj.answer, traj.golds))
 
     def agent(self, engine: Engine, samples: list[dict]) -> MemoryAgent:
         """The memory agent on ``engine``, once every sample has the gold answers its reward needs."""

@@ -35,13 +35,8 @@ class ImrGroup:
     prompt: ImrPrompt
     turns: list[Turn]
     scores: list[dict[str, float]]  # every answer metric of each answer against the prompt's label
-    metric: str  # the reward metric
+    matches: list[float]  # R_I(i, j) for the G2 answers j: the reward of each against the label
     question: int = 0  # which of the trajectory's rl.imr_questions prompts
-
-    @property
-    def matches(self) -> list[float]:
-        """R_I(i, j) for the G2 answers j."""
-        return [float(s[self.metric]) for s in self.scores]
 
     def record(self) -> dict[str, Any]:
         """What samples.jsonl shows of it, inside its trajectory's record."""
@@ -81,14 +76,14 @@ class ProxyTask(MemoryAgentTask):
         groups: list[list[ImrGroup | None]] = [[None] * rl.imr_questions for _ in trajs]
         for (q, i, prompt), turns in zip(valid, answers, strict=True):
             groups[i][q] = ImrGroup(i, prompt, turns, [score(t.text, prompt.label) for t in turns],
-                                    self.reward_metric, question=q)
+                                    [float(self.reward(t.text, [prompt.label])) for t in turns], question=q)
         return groups
 
     def e2e_rewards(self, trajs: list[Trajectory], imr: list[list[ImrGroup | None]]) -> list[float]:
         """R_E(i) = match(i) + lambda / (M G2) * sum over its M IMR prompts and their G2 answers j of R_I
         (the paper: M = 1; IMR off: the match alone). A prompt that could not be drawn counts as 0."""
         rl = self.config.rl
-        match = [float(t.scores.get(self.reward_metric, 0.0)) for t in trajs]
+        match = [self.match(t) for t in trajs]
         recall = [[m for g in groups for m in (g.matches if g is not None else [0.0] * rl.imr_group_size)]
                   for groups in imr] if rl.imr else None
         return e2e_rewards(match, recall, rl.imr_lambda).tolist()
@@ -100,7 +95,7 @@ class ProxyTask(MemoryAgentTask):
         rl = self.config.rl
         writer = rl.imr and rl.imr_credit == "writer"
         for traj, reward, groups in zip(trajs, rewards, imr, strict=True):
-            metrics = trajectory_metrics(traj, self.reward_metric)
+            metrics = trajectory_metrics(traj, self.reward_metric, self.match(traj))
             found = [g for g in groups if g is not None]
             if rl.imr:
                 metrics.update(imr_bonus=reward - metrics["e2e_match"],
@@ -129,8 +124,7 @@ class ProxyTask(MemoryAgentTask):
                 group_id = IMR.group_id(traj.sample_id, group.trajectory % group_size)
                 if group.question:
                     group_id += f"#{group.question}"
-                for turn, scores in zip(group.turns, group.scores, strict=True):
-                    match = float(scores[self.reward_metric])
+                for turn, scores, match in zip(group.turns, group.scores, group.matches, strict=True):
                     out.append(Rollout(group_id, match, [turn], IMR,
                                        metrics={"imr_match": match, "imr_sub_em": float(scores["sub_em"])},
                                        record={"sample_id": traj.sample_id, "label": group.prompt.label,

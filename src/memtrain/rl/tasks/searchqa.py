@@ -47,6 +47,9 @@ class SearchQATask:
         self.config = config
         self.tokenizer = tokenizer
         self.reward_metric = config.rl.reward_metric or "em"
+        if self.reward_metric not in METRICS:  # an episode answers several objectives (scoring.score_multi)
+            raise UserError(f"train.task=searchqa: rl.reward_metric={self.reward_metric!r}; search episodes "
+                            f"are scored per objective by the answer metrics only: {', '.join(METRICS)}")
         self.agent_config = SearchAgentConfig.from_config(config)
         self._backend = backend
 
