@@ -221,7 +221,8 @@ def test_smollm2_smoke(smollm2_dir: str) -> None:
 
 
 def test_a_problem_over_the_instruction_budget_is_an_error_naming_the_sample(tok) -> None:
-    """MEMTRAIN.md section 1: instruction + problem get 1024 tokens; more would silently eat the context."""
+    """docs/method.md section 1: instruction + problem get 1024 tokens; more would silently eat the
+    context."""
     agent = MemoryAgent(ScriptedEngine(_memory_replier, tok), tok, _cfg())
     fits = len(agent.memory_prompt(_samples()[1]["question"], "", "")[1])
     agent = MemoryAgent(ScriptedEngine(_memory_replier, tok), tok, _cfg(instruction_tokens=fits))

@@ -1,4 +1,4 @@
-"""GRPO core functions against hand-computed numbers (MEMTRAIN.md section 4)."""
+"""GRPO core functions against hand-computed numbers (docs/method.md section 4)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from memtrain.config import AgentConfig
 from memtrain.errors import UserError
 
 BUDGET_FIELDS = ("chunk_tokens", "memory_tokens", "answer_tokens")
-# MEMTRAIN.md section 1: 1024 instruction/problem + 5120 chunk + 1024 memory + 1024 response = 8192.
+# docs/method.md section 1: 1024 instruction/problem + 5120 chunk + 1024 memory + 1024 response = 8192.
 PAPER_BUDGETS = {"chunk_tokens": 5120, "memory_tokens": 1024, "answer_tokens": 1024}
 # configs/longqa_smollm2_cpu.yaml: a 7k-token document in minutes, not half an hour, on a laptop CPU.
 SMALL_CPU_BUDGETS = {"chunk_tokens": 1024, "memory_tokens": 128, "answer_tokens": 64}

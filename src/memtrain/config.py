@@ -354,6 +354,15 @@ class TrainConfig(Section):
     sample_count: int = Field(4, gt=0, description="trajectories written per sampled step")
     log_every: int = Field(1, gt=0, description="print a progress line every N steps (metrics: every step)")
     tensorboard: bool = Field(True, description="also write TensorBoard events to RUN_DIR/tensorboard")
+    wandb: bool = Field(
+        False, description="also log to Weights & Biases (pip install -e '.[wandb]'): the metrics of every "
+        "step and validation and the config, into RUN_DIR/wandb; a resumed run continues the same W&B run"
+    )
+    wandb_project: str = Field("memtrain", min_length=1, description="the W&B project")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: no network needed, upload later with `wandb sync RUN_DIR/wandb`; "
+        "online: stream to the W&B server (needs WANDB_API_KEY)"
+    )
     max_nonfinite: int = Field(
         3, gt=0, description="stop after this many consecutive steps skipped for non-finite loss/gradients"
     )

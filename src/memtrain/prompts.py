@@ -1,6 +1,6 @@
 """Every prompt the agent sees, in one module used by training, evaluation and inference alike.
 
-The wording is ours; the structure follows MEMTRAIN.md: memory-update steps see [instruction, problem,
+The wording is ours; the structure follows docs/method.md: memory-update steps see [instruction, problem,
 previous memory, chunk], the final step sees [instruction, problem, memory] and answers in \\boxed{},
 the intermediate-recall step sees [memory, chunk with [TARGET]].
 

@@ -1,4 +1,4 @@
-"""Cutting a document into the agent's fixed-size token chunks (MEMTRAIN.md section 1).
+"""Cutting a document into the agent's fixed-size token chunks (docs/method.md section 1).
 
 The document is tokenized once with the policy's tokenizer; chunks are slices of ``chunk_tokens`` tokens
 and their text is the decoded slice, so a chunk costs (almost exactly) its budget when it is re-tokenized

@@ -1,4 +1,4 @@
-"""Intermediate memory recall (IMR) prompts, the second proxy task (MEMTRAIN.md section 3).
+"""Intermediate memory recall (IMR) prompts, the second proxy task (docs/method.md section 3).
 
 For a finished trajectory over chunks c_0..c_{T-1} with memories m_0 (initial) .. m_T:
 

@@ -1,4 +1,4 @@
-"""The memory agent loop shared by RL rollouts, evaluation and ``memtrain answer`` (MEMTRAIN.md section 1).
+"""The memory agent loop shared by RL rollouts, evaluation and ``memtrain answer`` (docs/method.md section 1).
 
 Many documents x many samples run at once, in *waves*: each wave sends the next turn of every unfinished
 trajectory to the engine in one ``generate`` call. A trajectory whose chunks are all read gets its final
@@ -134,7 +134,7 @@ class MemoryAgent:
     def check_problem_budget(self, sample: Mapping[str, Any], index: int) -> None:
         """Fail, naming the sample, when instruction + problem (the memory prompt without memory and chunk)
         exceed ``agent.instruction_tokens``: the prompt would silently overflow the context the chunk and
-        memory budgets were sized for (MEMTRAIN.md section 1)."""
+        memory budgets were sized for (docs/method.md section 1)."""
         n = self._instruction_length(sample["question"])
         if n > self.config.instruction_tokens:
             raise UserError(

@@ -1,4 +1,4 @@
-"""The search agent (MEM1 style, MEMTRAIN.md section 6): memory + one search per turn, then an answer.
+"""The search agent (MEM1 style, docs/method.md section 6): memory + one search per turn, then an answer.
 
 Each turn is ONE fresh single-turn chat holding [instruction, problem, memory, latest search results]
 (``search`` template; the last allowed turn uses ``search_last``, which forbids searching). The model

@@ -1,4 +1,5 @@
-"""``memtrain data longqa`` and ``memtrain data searchqa``: the downstream QA sets (MEMTRAIN.md sections 5-6).
+"""``memtrain data longqa`` and ``memtrain data searchqa``: the downstream QA sets
+(docs/method.md sections 5-6).
 
 Registered into the shared ``data`` group (``memtrain.cli.data.DATA_MODULES``).
 """

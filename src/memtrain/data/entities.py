@@ -30,7 +30,7 @@ into local fill-in-the-blank.
   at their edges (a trailing "for his" / "or", unpaired quotes, a trailing unclosed bracket) or rejected
   (malformed numbers, fragments of one or two characters), counted by reason.
 
-Candidate filters (MEMTRAIN.md section 2, reference scripts): fewer than ``max_occurrences`` (5) matches in
+Candidate filters (docs/method.md section 2, reference scripts): fewer than ``max_occurrences`` (5) matches in
 the passage, fewer than ``max_words`` (8) words, at least one letter or digit, not all lower-case letters, no
 square brackets (so entities never collide with placeholders), optional label allow-list; de-duplicated
 case-insensitively, the first surface form kept as the answer.

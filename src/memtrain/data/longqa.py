@@ -1,4 +1,4 @@
-"""Long-document multi-hop QA ("RULER-HotpotQA", MEMTRAIN.md section 5): HotpotQA readers and builder.
+"""Long-document multi-hop QA ("RULER-HotpotQA", docs/method.md section 5): HotpotQA readers and builder.
 
 Per question the document is its gold (supporting-fact) paragraphs plus distractor paragraphs drawn from the
 pool of all other questions' paragraphs, shuffled and written as "Document i:" blocks. The same questions are

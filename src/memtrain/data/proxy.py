@@ -1,4 +1,5 @@
-"""Proxy task 1 data (MEMTRAIN.md section 2): masked-reconstruction documents built from Wikipedia passages.
+"""Proxy task 1 data (docs/method.md section 2): masked-reconstruction documents built from Wikipedia
+passages.
 
 One document = a pivot passage with at least one usable entity + ``related`` passages retrieved by similarity
 to it + random passages up to ``passages`` in all, shuffled, joined with ``Document i:`` headers; one entity

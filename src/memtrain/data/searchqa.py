@@ -1,4 +1,4 @@
-"""Multi-objective search-QA tasks (MEM1 style, MEMTRAIN.md section 6): several questions, one episode.
+"""Multi-objective search-QA tasks (MEM1 style, docs/method.md section 6): several questions, one episode.
 
 Questions come from the search-QA evaluation layout (``../shared/data/qa-eval/*.json``): a JSON list of
 ``{"question": str, "answer": str | [str]}`` (``answers`` / ``golden_answers`` are accepted too, as is JSONL).

@@ -1,4 +1,4 @@
-"""``memtrain eval longqa``: long-document multi-hop QA per document size (MEMTRAIN.md section 5).
+"""``memtrain eval longqa``: long-document multi-hop QA per document size (docs/method.md section 5).
 
 Two modes over the same built sets (``memtrain data longqa``):
 

@@ -1,6 +1,6 @@
 """``memtrain eval proxy``: any model or checkpoint on a proxy set - E2E reconstruction and IMR recall.
 
-Per document (MEMTRAIN.md sections 2-3):
+Per document (docs/method.md sections 2-3):
 
 * E2E: one trajectory of the memory agent (the config's budgets and prompts, as in training, including
   ``agent.max_chunks``), scored against the masked entity with every metric. The memory prompts after step

@@ -1,4 +1,4 @@
-"""``memtrain eval searchqa``: multi-objective search QA per data set (MEMTRAIN.md section 6).
+"""``memtrain eval searchqa``: multi-objective search QA per data set (docs/method.md section 6).
 
 The search agent (``memtrain.agent.search``) runs with the retriever the spec names (URL of ``memtrain
 serve-retriever``, an index directory, or a corpus JSONL indexed with BM25 once and cached). Each example's

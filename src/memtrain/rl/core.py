@@ -1,4 +1,4 @@
-"""The algorithmic core of GRPO for MemTrain (MEMTRAIN.md section 4): pure torch functions, no model.
+"""The algorithmic core of GRPO for MemTrain (docs/method.md section 4): pure torch functions, no model.
 
 Rewards -> group advantages -> DAPO filter -> ``grpo_loss`` (clipped policy loss + k3 KL, aggregated by a
 registered ``rl.loss_agg``, see ``register_loss_agg``). Everything here is a function of tensors only, so each
@@ -329,7 +329,7 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
               ref_logp: Tensor | None = None, kl_coef: float, clip_low: float, clip_high: float, agg: str,
               totals: AggTotals = AggTotals(),
               tis_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """The GRPO objective of MEMTRAIN.md Eq. 4: loss = pg_loss + kl_coef * kl.
+    """The GRPO objective of docs/method.md Eq. 4: loss = pg_loss + kl_coef * kl.
 
     pg_loss: the PPO clipped ratio term (``clipped_policy_loss``), each token's term weighted by
     ``tis_weights`` when given (``truncated_is_weights``); kl: the k3 estimate of KL(pi || ref), only with

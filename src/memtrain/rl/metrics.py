@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from memtrain.log import logger
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_id"  # the W&B run id, so a resumed training run continues the same W&B run
 PLOTS_DIR = "plots"
 EVAL_DIR = "eval"  # validations: eval/step_N (an eval run directory), eval/dropped/ (moved aside on resume)
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -162,21 +164,51 @@ def truncate_after(path: Path, step: int) -> int:
     return len(dropped)
 
 
-class RunLogger:
-    """Appends metrics rows and sample trajectories and mirrors numeric metrics to TensorBoard."""
+def _numbers(values: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool = True) -> None:
+
+def start_wandb(run_dir: Path, project: str, mode: str, config: Mapping[str, Any]) -> Any:
+    """A W&B run in ``RUN_DIR/wandb``; its id is kept in ``RUN_DIR/wandb_id`` so a resumed training run
+    continues the same W&B run (steps it redoes after a kill keep their first values there)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("train.wandb=true: the wandb package is not installed; pip install -e '.[wandb]' "
+                        "(or set train.wandb=false)") from None
+    id_file = Path(run_dir) / WANDB_ID_FILE
+    run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    atomic_write_text(id_file, run_id + "\n")
+    return wandb.init(project=project, mode=mode, dir=str(run_dir), id=run_id, resume="allow",
+                      name=Path(run_dir).name, config=dict(config))
+
+
+class RunLogger:
+    """Appends metrics rows and sample trajectories and mirrors numeric metrics to TensorBoard and, when
+    asked for, Weights & Biases (``wandb``: a run from :func:`start_wandb`)."""
+
+    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool = True, wandb: Any = None) -> None:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / METRICS_FILE
         self.samples_path = self.run_dir / SAMPLES_FILE
         truncate_after(self.metrics_path, start_step)
         truncate_after(self.samples_path, start_step)
         self._tb = None
+        self._wandb = wandb
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events of steps > start_step left by a killed run: they are redone now
             self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
+
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None and values:
+            self._wandb.log(values, step=step)
 
     def log_step(self, row: dict[str, Any]) -> dict[str, Any]:
         """Write one step's row (required columns filled with None when absent); returns the cleaned row."""
@@ -184,31 +216,26 @@ class RunLogger:
         for key in REQUIRED_COLUMNS:
             clean.setdefault(key, None)
         append_jsonl(self.metrics_path, [clean])
-        if self._tb is not None:
-            step = int(clean["step"])
-            for key, value in clean.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"train/{key}", value, step)
-            self._tb.flush()
+        self._scalars(_numbers({k: v for k, v in clean.items() if k != "step"}, "train/"), int(clean["step"]))
         return clean
 
     def log_samples(self, step: int, records: Sequence[dict[str, Any]]) -> None:
         append_jsonl(self.samples_path, [{"step": step, **r} for r in records])
 
     def log_validation(self, step: int, summary: Mapping[str, Any]) -> None:
-        """TensorBoard ``val/PART_METRIC`` scalars of a validation (its run directory is the record)."""
-        if self._tb is None:
-            return
+        """``val/PART_METRIC`` scalars of a validation (its run directory is the record)."""
+        values: dict[str, float] = {}
         for part, group in summary.get("groups", {}).items():
-            for metric, value in ((group or {}).get("metrics") or {}).items():
-                if isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"val/{part}_{metric}", value, step)
-        self._tb.flush()
+            values.update(_numbers((group or {}).get("metrics") or {}, f"val/{part}_"))
+        self._scalars(values, step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The rollout data model of GRPO training (MEMTRAIN.md section 4): what a task returns, how its groups are
+"""The rollout data model of GRPO training (docs/method.md section 4): what a task returns, how its groups are
 scored and filtered, and the training sequences one update consumes.
 
 A :class:`Task` turns a batch of rows into :class:`Rollout` objects, one per GRPO group member; everything

@@ -67,6 +67,7 @@ from memtrain.rl.metrics import (
     RunLogger,
     collapse_flags,
     drop_validations_after,
+    start_wandb,
     validation_line,
 )
 from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler
@@ -514,7 +515,10 @@ def _open_run(config: Config, out_dir: Path, resume: bool, ctx: DistContext, tok
     del state  # not kept for the run: on GPUs / FSDP2 its optimizer state is a second, full copy
     log: RunLogger | NullRunLogger = NullRunLogger()
     if ctx.is_main:
-        log = RunLogger(out_dir, start_step, tensorboard=config.train.tensorboard)
+        cfg = config.train
+        wandb = (start_wandb(out_dir, cfg.wandb_project, cfg.wandb_mode, config.model_dump(mode="json"))
+                 if cfg.wandb else None)
+        log = RunLogger(out_dir, start_step, tensorboard=cfg.tensorboard, wandb=wandb)
         drop_validations_after(out_dir, start_step)  # a killed run's later validations are redone
     synced = sync_engine(engine, model)  # the first rollout samples from exactly these weights
     logger.debug("engine synced to the policy: %s", synced)

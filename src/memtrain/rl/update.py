@@ -1,4 +1,4 @@
-"""One GRPO policy update on a batch of training sequences (MEMTRAIN.md section 4).
+"""One GRPO policy update on a batch of training sequences (docs/method.md section 4).
 
 A training sequence is one model call: a prompt (an E2E memory step, the final answer step, or an IMR prompt)
 and the completion the sampler produced for it, with the advantage it was assigned (E2E: the trajectory's,

@@ -1,4 +1,4 @@
-"""The joint E2E + IMR advantages of MEMTRAIN.md section 4 inside verl.
+"""The joint E2E + IMR advantages of docs/method.md section 4 inside verl.
 
 verl's multi-trajectory GRPO (``compute_advantage_for_multi_trajectories``) broadcasts one advantage per
 session (computed from the session's last output) to every output of the session, so IMR answers would get

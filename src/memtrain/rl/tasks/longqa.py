@@ -1,6 +1,6 @@
-"""``train.task: longqa`` - MemAgent-style long-document QA post-training (MEMTRAIN.md section 5): the memory
-agent reads the document; reward = the final answer's strict boxed EM (by default) against all gold answers;
-no IMR."""
+"""``train.task: longqa`` - MemAgent-style long-document QA post-training (docs/method.md section 5): the
+memory agent reads the document; reward = the final answer's strict boxed EM (by default) against all gold
+answers; no IMR."""
 
 from __future__ import annotations
 

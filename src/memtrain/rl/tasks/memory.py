@@ -1,5 +1,5 @@
 """What the memory-agent tasks (``proxy``, ``longqa``) share: the agent, the trajectory's metrics and
-readable record, and the budgets of a session (MEMTRAIN.md section 1)."""
+readable record, and the budgets of a session (docs/method.md section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``train.task: proxy`` - the MemTrain proxy objective (MEMTRAIN.md sections 2-4).
+"""``train.task: proxy`` - the MemTrain proxy objective (docs/method.md sections 2-4).
 
 Per row, G1 memory-agent trajectories reconstruct the masked entity (E2E); per trajectory, one
 intermediate-memory-recall prompt (a memory and an earlier chunk with a ``[TARGET]`` entity) is answered G2

@@ -1,4 +1,4 @@
-"""``train.task: searchqa`` - MEM1-style search-QA post-training (MEMTRAIN.md section 6).
+"""``train.task: searchqa`` - MEM1-style search-QA post-training (docs/method.md section 6).
 
 G search episodes per row (``memtrain.agent.search``); every model turn of an episode is a training
 sequence (kind ``search``) carrying the episode's advantage. Reward = mean EM over the row's objectives
