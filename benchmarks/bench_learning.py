@@ -1,5 +1,5 @@
 """MemTrain's claim in miniature: does proxy training make the memory better, and does a MemTrain start help
-long-document QA post-training (MEMTRAIN.md sections 2-5; the paper's "+MemAgent" vs "+MemTrain+MemAgent")?
+long-document QA post-training (docs/method.md sections 2-5; the paper's "+MemAgent" vs "+MemTrain+MemAgent")?
 
 Every stage is a `memtrain` command run with this interpreter, in its own directory under ``--out``; a stage
 whose output is complete is skipped and an interrupted one resumes, so re-running the script continues it.

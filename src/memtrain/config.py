@@ -96,7 +96,7 @@ class ModelConfig(Section):
 
 
 class AgentConfig(Section):
-    """Budgets and prompts of the chunked-reading memory agent (MEMTRAIN.md section 1)."""
+    """Budgets and prompts of the chunked-reading memory agent (docs/method.md section 1)."""
 
     chunk_tokens: int = Field(5120, gt=0, description="document tokens per chunk (paper 5120, ref. 5000)")
     memory_tokens: int = Field(1024, gt=0, description="cap on each memory the model writes")
@@ -211,7 +211,7 @@ class EngineConfig(Section):
 
 
 class RLConfig(Section):
-    """GRPO with the joint E2E + IMR objective (MEMTRAIN.md section 4)."""
+    """GRPO with the joint E2E + IMR objective (docs/method.md section 4)."""
 
     group_size: int = Field(8, gt=0, description="G1: E2E trajectories per sample")
     imr: bool = True
@@ -404,7 +404,7 @@ class TrainConfig(Section):
 
 
 class SearchConfig(Section):
-    """The search agent (MEM1 style, MEMTRAIN.md section 6) and its retriever: ``train.task: searchqa``
+    """The search agent (MEM1 style, docs/method.md section 6) and its retriever: ``train.task: searchqa``
     and ``memtrain eval searchqa``."""
 
     retriever: str = Field(

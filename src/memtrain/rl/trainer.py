@@ -1,7 +1,7 @@
 """``memtrain train``: the GRPO training loop, as a recipe - :func:`setup_run`, then :func:`train_step` per
 step with checkpoints, then :func:`close_run` (:func:`train` is exactly that).
 
-Per step (MEMTRAIN.md section 4):
+Per step (docs/method.md section 4):
 
 1. draw ``train.batch_size`` rows (deterministic order from the seed, reshuffled every epoch);
 2. roll out the task (``memtrain.rl.tasks``): G1 memory-agent trajectories per row, plus the IMR groups of
