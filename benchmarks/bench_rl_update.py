@@ -27,9 +27,10 @@ from _machine import ceilings, dtype_name, forward_flops, machine
 from memtrain.config import OptimConfig, RLConfig
 from memtrain.models import load_policy
 from memtrain.precision import resolve_compute_dtype, set_compute_dtype
+from memtrain.rl.logprobs import plan_micro_batches, sequence_logprobs
 from memtrain.rl.optim import build_optimizer
 from memtrain.rl.rollout import TrainSequence
-from memtrain.rl.update import plan_micro_batches, policy_update, sequence_logprobs
+from memtrain.rl.update import policy_update
 
 
 def peak_rss_gib() -> float:

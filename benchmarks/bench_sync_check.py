@@ -25,9 +25,10 @@ from memtrain.engines.base import GenerationRequest, SamplingParams
 from memtrain.engines.vllm import _Baseline, relative_failure
 from memtrain.models import load_policy, load_tokenizer
 from memtrain.precision import set_compute_dtype
+from memtrain.rl.logprobs import sequence_logprobs
 from memtrain.rl.optim import apply_lora
 from memtrain.rl.rollout import TrainSequence
-from memtrain.rl.update import policy_update, sequence_logprobs
+from memtrain.rl.update import policy_update
 
 PROMPTS = ["Summarise what a memory agent does when it reads a long document.",
            "Name the capital of France and one river that flows through it.",

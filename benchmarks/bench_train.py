@@ -50,11 +50,12 @@ def main() -> None:
     from memtrain.engines.factory import make_engine
     from memtrain.models import load_tokenizer
     from memtrain.precision import autocast_dtype
+    from memtrain.rl.logprobs import sequence_logprobs
     from memtrain.rl.optim import build_optimizer, build_scheduler
     from memtrain.rl.rollout import step_metrics, training_sequences
     from memtrain.rl.tasks.registry import check_rows, make_task
     from memtrain.rl.trainer import build_policy, collect_rollouts
-    from memtrain.rl.update import policy_update, sequence_logprobs
+    from memtrain.rl.update import policy_update
 
     if not (Path(args.data) / "manifest.json").is_file():
         raise SystemExit(

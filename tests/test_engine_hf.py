@@ -115,8 +115,8 @@ def test_logprobs_equal_full_forward_for_mixed_batch(tiny: tuple[Any, Any]) -> N
 def test_logprobs_at_temperature_equal_the_trainers_recomputation(tiny: tuple[Any, Any]) -> None:
     """At T = 0.7 the engine reports log_softmax(logits / 0.7) of the sampled tokens, exactly what the trainer
     recomputes (``sequence_logprobs`` at rl.temperature); not the raw-logit log-probs (T = 1)."""
+    from memtrain.rl.logprobs import sequence_logprobs
     from memtrain.rl.rollout import TrainSequence
-    from memtrain.rl.update import sequence_logprobs
 
     model, tok = tiny
     requests = [GenerationRequest(_ids(tok, p), SamplingParams(n=3, temperature=0.7, max_tokens=10, seed=5))

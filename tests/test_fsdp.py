@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from memtrain.config import ConfigError, RLConfig, load_config
 from memtrain.engines.base import GenerationRequest, SamplingParams
 from memtrain.io import read_jsonl
+from memtrain.rl.logprobs import plan_micro_batches
 from memtrain.rl.tasks.registry import TASKS
-from memtrain.rl.update import accumulate_policy_gradients, plan_micro_batches
+from memtrain.rl.update import accumulate_policy_gradients
 from test_distributed import (
     OVERRIDES,
     ScriptedProxyTask,
@@ -61,7 +62,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, data_dir: str, out
     accumulate = update.accumulate_policy_gradients
 
     def recording(model, seqs, cfg, ref=None, totals=None, passes=None):
-        plan = update.plan_micro_batches([s.length for s in seqs], cfg.micro_batch_tokens)
+        plan = plan_micro_batches([s.length for s in seqs], cfg.micro_batch_tokens)
         seen.append({"micro_batches": len(plan), "passes": passes,
                      "sharded": [type(next(m.parameters())).__name__ for m in (model, ref)]})
         return accumulate(model, seqs, cfg, ref, totals=totals, passes=passes)

@@ -30,8 +30,9 @@ from memtrain.precision import (
     set_compute_dtype,
 )
 from memtrain.rl.core import truncated_is_weights
+from memtrain.rl.logprobs import sequence_logprobs
 from memtrain.rl.rollout import TrainSequence
-from memtrain.rl.update import accumulate_policy_gradients, policy_update, sequence_logprobs
+from memtrain.rl.update import accumulate_policy_gradients, policy_update
 
 
 def _load(model_dir: Path, compute: torch.dtype | None = None) -> Any:

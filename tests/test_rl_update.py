@@ -16,16 +16,15 @@ from memtrain.config import ConfigError, LoraConfig, OptimConfig, RLConfig
 from memtrain.engines.base import GenerationRequest, SamplingParams
 from memtrain.engines.hf import HFEngine
 from memtrain.models import load_tokenizer
-from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler, warmup_constant
-from memtrain.rl.rollout import TrainSequence
-from memtrain.rl.update import (
-    accumulate_policy_gradients,
+from memtrain.rl.logprobs import (
     plan_micro_batches,
     plan_update,
-    policy_update,
     sequence_logprobs,
     sequence_logprobs_and_entropy,
 )
+from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler, warmup_constant
+from memtrain.rl.rollout import TrainSequence
+from memtrain.rl.update import accumulate_policy_gradients, policy_update
 
 
 def _load(model_dir: Path, dtype: torch.dtype = torch.float32) -> Any:
@@ -577,7 +576,7 @@ def test_step_that_makes_weights_nonfinite_is_undone_and_counted(tiny_model_dir:
 
 
 def test_first_step_undone_leaves_no_optimizer_state_and_no_copy_raises(tiny_model_dir: Path) -> None:
-    from memtrain.rl.update import NonFiniteParamsError
+    from memtrain.rl.optim import NonFiniteParamsError
 
     model = _load(tiny_model_dir)
     opt = build_optimizer(model, OptimConfig(lr=1.0))

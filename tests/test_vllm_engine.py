@@ -31,8 +31,8 @@ from memtrain.engines.hf import HFEngine
 from memtrain.engines.vllm import SyncCheckError, VLLMEngine
 from memtrain.io import read_jsonl
 from memtrain.models import build_tiny_model, load_policy, load_tokenizer
+from memtrain.rl.logprobs import sequence_logprobs
 from memtrain.rl.rollout import TrainSequence
-from memtrain.rl.update import sequence_logprobs
 
 CFG = EngineConfig(kind="vllm", kv_cache_gib=0.25)
 FP32_TOL = 1e-3

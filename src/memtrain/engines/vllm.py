@@ -225,7 +225,7 @@ def relative_failure(base: _Baseline, engine: torch.Tensor, trainer: torch.Tenso
 
 @dataclass(frozen=True)
 class _ProbeSequence:
-    """The probe text as one training sequence (``memtrain.rl.update.HasTokens``) for the trainer's side."""
+    """The probe text as one training sequence (``memtrain.rl.rollout.HasTokens``) for the trainer's side."""
 
     prompt_ids: list[int]
     completion_ids: list[int]
@@ -411,7 +411,7 @@ class VLLMEngine:
         return tokens, torch.tensor([out.logprobs[k][t].logprob for k, t in enumerate(tokens)])
 
     def _check(self, model: Any, fingerprint: int) -> dict[str, float]:
-        from memtrain.rl.update import sequence_logprobs
+        from memtrain.rl.logprobs import sequence_logprobs
 
         engine = self.probe_logprobs()
         decoded, engine_decode = self.decode_probe()

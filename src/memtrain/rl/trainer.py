@@ -23,7 +23,7 @@ Determinism: every random draw of a step (rollout sampling seeds, IMR choices) d
 ``(train.seed, step, round)``, the data order from ``(train.seed, epoch)``; with the optimizer, scheduler and
 RNG states in the checkpoint, a resumed run repeats exactly the steps an uninterrupted one would take.
 Non-finite loss or gradients skip the step (no parameter change), and so does a step that made a weight
-non-finite (undone from a copy, ``memtrain.rl.update.SNAPSHOT_MAX_BYTES``); ``train.max_nonfinite`` in a row
+non-finite (undone from a copy, ``memtrain.rl.optim.SNAPSHOT_MAX_BYTES``); ``train.max_nonfinite`` in a row
 stop the run with :class:`NonFiniteError`, leaving the last checkpoint as it was.
 """
 
@@ -70,7 +70,7 @@ from memtrain.rl.metrics import (
     start_wandb,
     validation_line,
 )
-from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler
+from memtrain.rl.optim import NonFiniteParamsError, apply_lora, build_optimizer, build_scheduler
 from memtrain.rl.rollout import (
     Rollout,
     Scored,
@@ -82,7 +82,7 @@ from memtrain.rl.rollout import (
     training_sequences,
 )
 from memtrain.rl.tasks.registry import check_rows, make_task
-from memtrain.rl.update import NonFiniteParamsError, check_trainable_sampling, policy_update
+from memtrain.rl.update import check_trainable_sampling, policy_update
 
 CONFIG_FILE = "config.yaml"
 _RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", ckpt_io.CHECKPOINTS_DIR)
