@@ -291,6 +291,37 @@ def test_data_build_killed_leaves_nothing_that_looks_complete(
     assert not list(tmp_path.glob(".tmp-*"))  # the dead writer's temp dir was removed
 
 
+def test_dense_index_build_killed_mid_embedding_resumes_to_the_same_index(
+    minilm_dir: str, tmp_path: Path, driver: Path
+) -> None:
+    """#27: killed after its third embedding shard, the build keeps those shards; rerun, it embeds only the
+    missing ones and writes the index an uninterrupted build writes."""
+    import numpy as np
+
+    from data_helpers import make_articles
+    from memtrain.retrieval.embed import missing_shards
+    from memtrain.retrieval.service import Retriever, shards_dir
+
+    corpus = tmp_path / "corpus.jsonl"
+    with corpus.open("w", encoding="utf-8") as fh:
+        for i, a in enumerate(make_articles(n_per_topic=4, seed=2)):
+            for j, para in enumerate(a["text"].split("\n")):
+                fh.write(json.dumps({"id": f"{i}-{j}", "contents": f'"{a["title"]}"\n{para}'}) + "\n")
+    build = ["build-index", "--corpus", str(corpus), "--kind", "dense", "--shard-size", "4"]
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    fault = "memtrain.retrieval.embed:_save_shard:3:exit:kill"
+    _killed(_spawn(driver, [*build, "--index", str(killed)], fault))
+    assert not killed.exists() and len(missing_shards(shards_dir(killed))) > 0
+    done = sorted(p.name for p in shards_dir(killed).glob("emb-*.npy"))
+    assert done == ["emb-000000.npy", "emb-000001.npy", "emb-000002.npy"]
+    stamps = {p: p.stat().st_mtime_ns for p in shards_dir(killed).glob("emb-*.npy")}
+    assert main([*build, "--index", str(killed)]) == 0  # resumed
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the first three were not redone
+    assert main([*build, "--index", str(straight)]) == 0
+    a, b = (Retriever.open(d).index.index for d in (killed, straight))
+    assert a.ntotal == b.ntotal and np.array_equal(a.reconstruct_n(0, a.ntotal), b.reconstruct_n(0, b.ntotal))
+
+
 # --- silent wrong results (#24): a resume checks what it resumes, the last update is always saved --------
 
 

@@ -192,3 +192,32 @@ def test_serve_retriever_cli_rejects_missing_corpus(tmp_path: Path, capsys: pyte
 
     assert main(["serve-retriever", "--index", str(tmp_path / "idx")]) == 1
     assert "pass --corpus" in capsys.readouterr().err
+
+
+def test_an_index_embedded_by_two_processes_in_shard_ranges(minilm_dir: str, tmp_path: Path) -> None:
+    """#27: `build-index --shards A:B` in two processes (here two calls) embeds one set of shards; the
+    run that completes it builds the index, which equals one built in one go; an approximate index
+    re-ranks from those shards and /health says how it searches."""
+    import numpy as np
+
+    from data_helpers import make_articles
+    from memtrain.retrieval.embed import missing_shards
+    from memtrain.retrieval.service import shards_dir
+
+    corpus = tmp_path / "corpus.jsonl"
+    with corpus.open("w", encoding="utf-8") as fh:
+        for i, a in enumerate(make_articles(n_per_topic=4, seed=5)):
+            fh.write(json.dumps({"id": str(i), "contents": f'"{a["title"]}"\n{a["text"]}'}) + "\n")
+    split, whole = tmp_path / "split", tmp_path / "whole"
+    assert Retriever.build(corpus, split, "ivf-flat", shard_size=5, only=range(0, 2)) is None
+    assert not split.exists() and missing_shards(shards_dir(split))
+    served = Retriever.build(corpus, split, "ivf-flat", shard_size=5, only=range(2, 100 // 5))
+    assert served is not None and not missing_shards(shards_dir(split))
+    one_go = Retriever.build(corpus, whole, "ivf-flat", shard_size=5)
+    a, b = served.index.index, one_go.index.index
+    assert np.array_equal(a.reconstruct_n(0, a.ntotal), b.reconstruct_n(0, b.ntotal))
+    health = Retriever.open(split, nprobe=4, rerank=3).health()
+    assert health["kind"] == "ivf-flat" and health["index"]["rerank"] == 3
+    assert health["index"]["structure"] == "ivf-flat" and health["index"]["nprobe"] >= 1
+    query = "a classical composer's music"
+    assert [h.id for h in served.search([query], 3)[0]] == [h.id for h in one_go.search([query], 3)[0]]

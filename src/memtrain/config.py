@@ -412,7 +412,8 @@ class SearchConfig(Section):
         description="http(s):// URL of `memtrain serve-retriever`, an index "
         "directory, or a wiki-18 style corpus JSONL (a BM25 index is built once, cached)",
     )
-    index_kind: Literal["bm25", "dense"] = Field("bm25", description="index built for a corpus JSONL")
+    index_kind: Literal["bm25", "dense", "ivf-flat", "ivf-pq", "hnsw"] = Field(
+        "bm25", description="index built for a corpus JSONL (dense: exact; ivf-*, hnsw: approximate)")
     embedder: str = Field("minilm", description="sentence-transformers model of a dense index")
     max_turns: int = Field(6, gt=0, description="model turns per episode; the last one must answer")
     response_tokens: int = Field(1024, gt=0, description="cap on each reply (memory + action)")

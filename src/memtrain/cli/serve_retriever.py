@@ -25,9 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="passage JSONL, one {\"id\", \"contents\"} per line (wiki-18 layout); optional when "
                    "--index already holds an index (its recorded corpus is used)")
     p.add_argument("--index", type=Path, required=True, help="index directory (built there when absent)")
-    p.add_argument("--kind", choices=["bm25", "dense"], default="bm25", help="index kind (default bm25)")
-    p.add_argument("--embedder", default="minilm",
-                   help="sentence-transformers model for --kind dense (default minilm, embedded)")
+    _index_options(p)
+    p.add_argument("--nprobe", type=int, default=None,
+                   help="ivf-*: inverted lists searched per query (default: the index's, 32); more = higher "
+                   "recall, slower")
+    p.add_argument("--ef-search", type=int, default=None,
+                   help="hnsw: candidates kept per query (default: the index's, 128)")
+    p.add_argument("--rerank", type=int, default=10,
+                   help="approximate kinds: re-rank N x k candidates by their exact vectors, read from the "
+                   "embedding shards on disk (default 10; 0: the compressed scores alone)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8001, help="port (default 8001; 0 = any free port)")
@@ -41,6 +47,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a request must arrive within this long, else its connection is closed (default 30)")
     p.set_defaults(func=_serve)
+
+    b = sub.add_parser("build-index", help="build a retriever index (resumable; shards over processes)",
+                       description="Builds the index serve-retriever serves. Dense kinds embed into "
+                       "INDEX.shards/ shard by shard: a killed build resumes at the first missing shard, and "
+                       "--shards A:B lets several processes or machines embed parts of one set.")
+    b.add_argument("--corpus", type=Path, required=True,
+                   help="passage JSONL, one {\"id\", \"contents\"} per line")
+    b.add_argument("--index", type=Path, required=True, help="index directory to write")
+    _index_options(b)
+    b.add_argument("--shards", default=None, metavar="A:B",
+                   help="embed only shards A..B-1 (the index is built by the run that completes the set)")
+    b.set_defaults(func=_build)
+
+
+def _index_options(p: argparse.ArgumentParser) -> None:
+    from memtrain.retrieval.service import KINDS
+
+    p.add_argument("--kind", choices=KINDS, default="bm25",
+                   help="bm25 (default); dense (exact, flat); ivf-flat, ivf-pq (pq_m bytes a passage), hnsw: "
+                   "approximate, for corpora whose flat index does not fit in memory (docs/retrieval.md)")
+    p.add_argument("--embedder", default="minilm",
+                   help="sentence-transformers model for the dense kinds (default minilm, embedded)")
+    p.add_argument("--shard-size", type=int, default=100_000, help="passages per embedding shard")
+    p.add_argument("--nlist", type=int, default=None, help="ivf-*: inverted lists (default ~4 sqrt(N))")
+    p.add_argument("--pq-m", type=int, default=None, help="ivf-pq: bytes per passage (default dim / 8)")
+    p.add_argument("--hnsw-m", type=int, default=32, help="hnsw: graph neighbours per passage (default 32)")
+
+
+def _build_params(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in (("nlist", args.nlist), ("pq_m", args.pq_m), ("hnsw_m", args.hnsw_m)) if v}
+
+
+def _build(args: argparse.Namespace) -> int:
+    from memtrain.retrieval.service import Retriever
+
+    only = None
+    if args.shards is not None:
+        try:
+            a, b = (int(x) for x in args.shards.split(":"))
+        except ValueError:
+            raise UserError(f"--shards {args.shards!r}: expected A:B, two shard numbers") from None
+        only = range(a, b)
+    retriever = Retriever.build(args.corpus, args.index, args.kind, args.embedder, args.shard_size, only,
+                                **_build_params(args))
+    if retriever is not None:
+        print(f"index: {args.index} ({retriever.health()})")
+    return 0
 
 
 def _bind_error(host: str, port: int, exc: OSError) -> UserError:
@@ -72,18 +125,23 @@ def _serve(args: argparse.Namespace) -> int:
                        "anyone who can connect can query it; set %s (or --token)", args.host, TOKEN_ENV)
     check_bindable(args.host, args.port)
     if args.corpus is not None:
-        retriever = Retriever.for_corpus(args.corpus, args.index, args.kind, args.embedder)
+        retriever = Retriever.for_corpus(args.corpus, args.index, args.kind, args.embedder, args.shard_size,
+                                         args.rerank, **_build_params(args))
     elif (args.index / RETRIEVER_META).is_file():
-        retriever = Retriever.open(args.index)
+        retriever = Retriever.open(args.index, rerank=args.rerank)
     else:
         raise UserError(f"--index {args.index} holds no index yet; pass --corpus FILE to build it")
+    if (args.nprobe or args.ef_search) and hasattr(retriever.index, "set_search"):
+        retriever.index.set_search(args.nprobe, args.ef_search)
     try:
         server = RetrieverServer(retriever, args.host, args.port, max_body_bytes=args.max_body, token=token,
                                  threads=args.threads, timeout_s=args.timeout)
     except OSError as exc:  # taken meanwhile by another process
         raise _bind_error(args.host, args.port, exc) from exc
-    print(f"retriever: {retriever.kind} index of {len(retriever)} passages serving on {server.url} "
-          f"(GET /health, POST /search{'; bearer token required' if token else ''}); Ctrl-C stops it",
+    settings = retriever.health().get("index", "")
+    print(f"retriever: {retriever.kind} index of {len(retriever)} passages {settings} serving on "
+          f"{server.url} (GET /health, POST /search{'; bearer token required' if token else ''}); Ctrl-C "
+          "stops it",
           flush=True)
     try:
         server.serve_forever()

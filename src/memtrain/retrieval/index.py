@@ -9,6 +9,7 @@ dispatches on it. Used by the proxy-data builder (related passages) and the sear
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -133,15 +134,59 @@ class BM25Index:
         return self.size
 
 
+# The FAISS structures of a dense index (#27): exact flat search, or approximate ones for corpora whose flat
+# index does not fit in memory (wiki-18: 21M x 768 fp32 = 64 GB). IVF-PQ keeps pq_m bytes per passage.
+STRUCTURES = ("flat", "ivf-flat", "ivf-pq", "hnsw")
+_MIN_PER_CENTROID = 39  # FAISS's k-means warns below this many training points per centroid
+
+
+def faiss_factory(structure: str, dim: int, n: int, nlist: int | None = None, pq_m: int | None = None,
+                  hnsw_m: int = 32) -> tuple[str, dict[str, int]]:
+    """The ``faiss.index_factory`` string of ``structure`` for ``n`` vectors of ``dim``, and its parameters
+    (defaults: nlist ~ 4 sqrt(n), pq_m = dim / 8 one-byte codes, i.e. 1/32 of flat's memory)."""
+    if structure == "flat":
+        return "Flat", {}
+    if structure == "hnsw":
+        return f"HNSW{hnsw_m},Flat", {"hnsw_m": hnsw_m}
+    if structure not in ("ivf-flat", "ivf-pq"):
+        raise UserError(f"dense index structure {structure!r}: expected one of {', '.join(STRUCTURES)}")
+    nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // _MIN_PER_CENTROID))
+    if structure == "ivf-flat":
+        return f"IVF{nlist},Flat", {"nlist": nlist}
+    pq_m = pq_m or max(1, dim // 8)
+    if dim % pq_m:
+        raise UserError(f"ivf-pq: pq_m={pq_m} must divide the embedding dimension {dim}")
+    if n < 256 * _MIN_PER_CENTROID:
+        raise UserError(f"ivf-pq over {n} passages: its 256-centroid codebooks need at least "
+                        f"{256 * _MIN_PER_CENTROID} to train; use flat (exact) for a corpus this small")
+    return f"IVF{nlist},PQ{pq_m}x8", {"nlist": nlist, "pq_m": pq_m}
+
+
 class DenseIndex:
-    """Normalised sentence-transformers embeddings in a FAISS inner-product (= cosine) flat index."""
+    """Normalised sentence-transformers embeddings in a FAISS inner-product (= cosine) index: exact (flat)
+    or approximate (``STRUCTURES``), with its search effort (``nprobe``, ``ef_search``) set at load."""
 
     kind = "dense"
 
-    def __init__(self, index: Any, model: str, encoder: Any = None):
+    def __init__(self, index: Any, model: str, encoder: Any = None, structure: str = "flat",
+                 params: dict[str, int] | None = None):
         self.index = index
         self.model = model
         self._encoder = encoder
+        self.structure = structure
+        self.params = dict(params or {})
+        self._rerank: tuple[Any, int] | None = None  # (rows -> exact vectors, candidates per hit)
+
+    def rerank_with(self, vectors: Any, factor: int = 10) -> None:
+        """Re-rank an approximate index's ``factor`` x k candidates by their exact inner products, read
+        from ``vectors`` (an array, or :class:`memtrain.retrieval.embed.ShardVectors` on disk): recall close
+        to flat's, while memory holds only the compressed codes. ``factor`` 0 turns it off."""
+        rows = vectors.take if hasattr(vectors, "shards") else (lambda r: np.asarray(vectors[r], np.float32))
+        self._rerank = (rows, factor) if factor > 0 and self.structure != "flat" else None
+
+    def settings(self) -> dict[str, Any]:
+        """What is served: the structure, its parameters and search effort, and the re-ranking factor."""
+        return {"structure": self.structure, **self.params, "rerank": self._rerank[1] if self._rerank else 0}
 
     @staticmethod
     def load_encoder(model: str) -> Any:
@@ -176,30 +221,77 @@ class DenseIndex:
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
     @classmethod
-    def build(cls, texts: list[str], model: str = "minilm", batch_size: int = 64) -> DenseIndex:
-        import faiss
+    def build(cls, texts: list[str], model: str = "minilm", batch_size: int = 64, structure: str = "flat",
+              shards_dir: Path | None = None, shard_size: int = 100_000, **params: Any) -> DenseIndex:
+        """Embed ``texts`` (into resumable shards in ``shards_dir`` when given) and index them."""
+        from memtrain.retrieval.embed import embed_in_shards, load_shards
 
         _check_build(texts)
         start = time.time()
-        index = cls(None, model)
-        vecs = index.encode(texts, batch_size=batch_size)
-        flat = faiss.IndexFlatIP(vecs.shape[1])
-        flat.add(vecs)
-        index.index = flat
-        logger.info(
-            "dense index: %d passages embedded with %s in %.1fs", len(texts), model, time.time() - start
-        )
+        encoder = cls(None, model)
+        if shards_dir is None:
+            vecs = encoder.encode(texts, batch_size=batch_size)
+        else:
+            embed_in_shards(texts, shards_dir, lambda t: encoder.encode(t, batch_size=batch_size), model,
+                            shard_size)
+            vecs = load_shards(shards_dir)
+        index = cls.from_vectors(vecs, model, structure, **params)
+        index._encoder = encoder._encoder
+        logger.info("dense index (%s): %d passages embedded with %s and indexed in %.1fs", structure,
+                    len(texts), model, time.time() - start)
         return index
+
+    @classmethod
+    def from_vectors(cls, vectors: np.ndarray, model: str, structure: str = "flat", nlist: int | None = None,
+                     pq_m: int | None = None, hnsw_m: int = 32, train_size: int = 200_000,
+                     seed: int = 0) -> DenseIndex:
+        """Index normalised ``vectors`` (rows in passage order); approximate structures are trained on a
+        seeded sample of ``train_size`` rows first."""
+        import faiss
+
+        n, dim = vectors.shape
+        factory, params = faiss_factory(structure, dim, n, nlist, pq_m, hnsw_m)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            rows = np.sort(np.random.default_rng(seed).choice(n, min(n, train_size), replace=False))
+            index.train(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+            params["train_size"] = len(rows)
+        for lo in range(0, n, 100_000):  # in pieces: the vectors may be memory-mapped shards
+            index.add(np.ascontiguousarray(vectors[lo:lo + 100_000], dtype=np.float32))
+        out = cls(index, model, structure=structure, params=params)
+        out.set_search()
+        return out
+
+    def set_search(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """The search effort of an approximate index (more = higher recall, slower): IVF lists probed
+        (default 32), HNSW candidates kept (default 128); flat search is exact and ignores both."""
+        import faiss
+
+        if self.structure.startswith("ivf"):
+            ivf = faiss.extract_index_ivf(self.index)
+            ivf.nprobe = min(nprobe or self.params.get("nprobe", 32), ivf.nlist)
+            self.params["nprobe"] = int(ivf.nprobe)
+        elif self.structure == "hnsw":
+            self.index.hnsw.efSearch = ef_search or self.params.get("ef_search", 128)
+            self.params["ef_search"] = int(self.index.hnsw.efSearch)
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> Hits:
         _check_k(k)
         if len(vectors) == 0:
             return []
-        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self)))
-        return [
-            [(int(i), float(s)) for i, s in zip(irow, srow, strict=True) if i >= 0]
-            for irow, srow in zip(ids, scores, strict=True)
-        ]
+        queries = np.ascontiguousarray(vectors, dtype=np.float32)
+        wide = min(k * self._rerank[1], len(self)) if self._rerank else min(k, len(self))
+        scores, ids = self.index.search(queries, wide)
+        if self._rerank is None:
+            return [[(int(i), float(s)) for i, s in zip(irow, srow, strict=True) if i >= 0]
+                    for irow, srow in zip(ids, scores, strict=True)]
+        out = []
+        for query, irow in zip(queries, ids, strict=True):
+            found = irow[irow >= 0]
+            exact = self._rerank[0](found) @ query if len(found) else np.zeros(0, dtype=np.float32)
+            best = np.argsort(-exact, kind="stable")[:k]
+            out.append([(int(found[j]), float(exact[j])) for j in best])
+        return out
 
     def search(self, queries: list[str], k: int) -> Hits:
         _check_k(k)
@@ -208,7 +300,14 @@ class DenseIndex:
         return self.search_vectors(self.encode(list(queries)), k)
 
     def search_rows(self, rows: list[int], k: int) -> Hits:
-        """Neighbours of indexed passages by their stored vectors (no re-encoding); each row finds itself."""
+        """Neighbours of indexed passages by their stored vectors (no re-encoding); each row finds itself
+        (approximate structures: by their reconstructed, compressed vectors)."""
+        import faiss
+
+        if self.structure.startswith("ivf"):
+            ivf = faiss.extract_index_ivf(self.index)
+            if ivf.direct_map.type == faiss.DirectMap.NoMap:
+                ivf.make_direct_map()  # in memory, on first use: not stored with the index
         vecs = self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
         return self.search_vectors(vecs, k)
 
@@ -227,16 +326,28 @@ class DenseIndex:
                     "dim": self.index.d,
                     "metric": "inner_product",
                     "normalized": True,
+                    "structure": self.structure,
+                    "params": self.params,
                 },
             )
 
     @classmethod
-    def load(cls, directory: str | Path, mmap: bool = True) -> DenseIndex:
+    def load(cls, directory: str | Path, mmap: bool = True, nprobe: int | None = None,
+             ef_search: int | None = None) -> DenseIndex:
+        """Load a saved index, memory-mapped where FAISS can map its structure (flat, IVF), with its search
+        effort (``nprobe``/``ef_search``; default: what was saved)."""
         import faiss
 
         meta = _read_meta(Path(directory), cls.kind)
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        return cls(faiss.read_index(str(Path(directory) / "index.faiss"), flags), str(meta["model"]))
+        path = str(Path(directory) / "index.faiss")
+        try:
+            raw = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+        except RuntimeError:  # a structure FAISS cannot map (HNSW's graph): read into memory
+            raw = faiss.read_index(path)
+        index = cls(raw, str(meta["model"]), structure=str(meta.get("structure", "flat")),
+                    params=meta.get("params") or {})
+        index.set_search(nprobe, ef_search)
+        return index
 
     def __len__(self) -> int:
         return int(self.index.ntotal)

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from memtrain.errors import UserError
 from memtrain.io import atomic_dir, atomic_write_json
@@ -48,6 +48,9 @@ from memtrain.retrieval.corpus import PassageStore
 
 RETRIEVER_META = "retriever.json"
 INDEX_SUBDIR = "index"
+# index kinds: BM25, or dense embeddings in a FAISS structure ("dense" = exact flat search)
+DENSE_STRUCTURE = {"dense": "flat", "ivf-flat": "ivf-flat", "ivf-pq": "ivf-pq", "hnsw": "hnsw"}
+KINDS = ("bm25", *DENSE_STRUCTURE)
 MAX_K = 100
 MAX_QUERIES = 256
 MAX_QUERY_CHARS = 4096
@@ -112,28 +115,51 @@ class Retriever:
         return len(self.store)
 
     @classmethod
-    def build(cls, corpus: str | Path, index_dir: str | Path, kind: Literal["bm25", "dense"] = "bm25",
-              embedder: str = "minilm") -> Retriever:
-        """Index ``corpus`` once and save everything to ``index_dir`` (atomically), then open it."""
-        from memtrain.retrieval.index import build_index
+    def build(cls, corpus: str | Path, index_dir: str | Path, kind: str = "bm25", embedder: str = "minilm",
+              shard_size: int = 100_000, only: range | None = None, **params: Any) -> Retriever | None:
+        """Index ``corpus`` once and save everything to ``index_dir`` (atomically), then open it.
 
-        kwargs: dict[str, Any] = {"model": embedder} if kind == "dense" else {}
-        with atomic_dir(Path(index_dir)) as tmp:
+        Dense kinds embed into resumable shards beside it (``INDEX.shards/``, kept: another kind is built
+        from them without embedding again). With ``only`` (shard numbers) this process embeds those and
+        returns None unless the set is then complete (several processes or machines build one index)."""
+        from memtrain.retrieval.embed import embed_in_shards, missing_shards
+        from memtrain.retrieval.index import DenseIndex, build_index
+
+        if kind not in KINDS:
+            raise UserError(f"index kind {kind!r}: expected one of {', '.join(KINDS)}")
+        index_dir, shards = Path(index_dir), shards_dir(index_dir)
+        if kind != "bm25" and only is not None:
+            store, texts = PassageStore.build(corpus)
+            store.close()
+            embed_in_shards(texts, shards, DenseIndex(None, embedder).encode, embedder, shard_size, only)
+            missing = missing_shards(shards)
+            if missing:
+                logger.info("retriever: shards %s:%s embedded; %d others missing, the index is built by the "
+                            "run that completes the set", only.start, only.stop, len(missing))
+                return None
+        with atomic_dir(index_dir) as tmp:
             store, texts = PassageStore.build(corpus, tmp)
             logger.info("retriever: indexing %d passages of %s (%s)", len(texts), corpus, kind)
-            index = build_index(kind, texts, **kwargs)
+            if kind == "bm25":
+                index = build_index("bm25", texts)
+            else:
+                index = DenseIndex.build(texts, model=embedder, structure=DENSE_STRUCTURE[kind],
+                                         shards_dir=shards, shard_size=shard_size, **params)
             del texts
             index.save(tmp / INDEX_SUBDIR)
             atomic_write_json(tmp / RETRIEVER_META, {"kind": kind, "passages": len(store),
                                                      "corpus": str(Path(corpus).resolve()),
-                                                     **({"embedder": embedder} if kind == "dense" else {})})
+                                                     **({"embedder": embedder} if kind != "bm25" else {})})
             store.close()
         return cls.open(index_dir)
 
     @classmethod
-    def open(cls, index_dir: str | Path, corpus: str | Path | None = None) -> Retriever:
-        """Load a saved index directory (memory-mapped); ``corpus`` overrides the recorded corpus path."""
-        from memtrain.retrieval.index import load_index
+    def open(cls, index_dir: str | Path, corpus: str | Path | None = None, nprobe: int | None = None,
+             ef_search: int | None = None, rerank: int = 10) -> Retriever:
+        """Load a saved index directory (memory-mapped where the index kind allows); ``corpus`` overrides
+        the recorded corpus path; ``nprobe``/``ef_search``: the search effort of an approximate index, whose
+        ``rerank`` x k candidates are re-ranked exactly from its embedding shards when they are there."""
+        from memtrain.retrieval.index import DenseIndex, load_index
 
         index_dir = Path(index_dir)
         meta_path = index_dir / RETRIEVER_META
@@ -153,11 +179,20 @@ class Retriever:
             raise UserError(f"{index_dir / INDEX_SUBDIR}: damaged retriever index "
                             f"({exc.__class__.__name__}: {str(exc)[:200]}); delete {index_dir} to rebuild it"
                             ) from exc
+        if isinstance(index, DenseIndex) and (nprobe or ef_search):
+            index.set_search(nprobe, ef_search)
+        shards = shards_dir(index_dir)
+        if isinstance(index, DenseIndex) and index.structure != "flat" and rerank and shards.is_dir():
+            from memtrain.retrieval.embed import ShardVectors, missing_shards
+
+            if not missing_shards(shards):  # exact re-ranking from the embedding shards on disk
+                index.rerank_with(ShardVectors(shards), rerank)
         return cls(index, store, kind)
 
     @classmethod
-    def for_corpus(cls, corpus: str | Path, index_dir: str | Path | None = None,
-                   kind: Literal["bm25", "dense"] = "bm25", embedder: str = "minilm") -> Retriever:
+    def for_corpus(cls, corpus: str | Path, index_dir: str | Path | None = None, kind: str = "bm25",
+                   embedder: str = "minilm", shard_size: int = 100_000, rerank: int = 10,
+                   **params: Any) -> Retriever:
         """Open the index of ``corpus`` in ``index_dir`` (default: memtrain's cache); build it if absent."""
         corpus = Path(corpus)
         if index_dir is None:
@@ -176,8 +211,9 @@ class Retriever:
                 raise UserError(f"{index_dir} holds a {meta.get('kind')!r} index, not {kind!r}; choose "
                                 "another --index directory")
             logger.info("retriever: loading the %s index in %s", kind, index_dir)
-            return cls.open(index_dir, corpus)
-        return cls.build(corpus, index_dir, kind, embedder)
+        else:
+            cls.build(corpus, index_dir, kind, embedder, shard_size, **params)
+        return cls.open(index_dir, corpus, rerank=rerank)
 
     def search(self, queries: list[str], k: int) -> list[list[Hit]]:
         queries, k = check_request(queries, k, self.max_k)
@@ -191,7 +227,16 @@ class Retriever:
         return out
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "kind": self.kind, "passages": len(self), "max_k": self.max_k}
+        """What is served: the index kind, its size and (approximate kinds) its structure and recall
+        settings (nlist, pq_m, nprobe / hnsw_m, ef_search)."""
+        out = {"status": "ok", "kind": self.kind, "passages": len(self), "max_k": self.max_k}
+        settings = getattr(self.index, "settings", None)
+        return {**out, "index": settings()} if settings is not None else out
+
+
+def shards_dir(index_dir: str | Path) -> Path:
+    """Where a dense index's embedding shards live (beside it, kept after the build)."""
+    return Path(f"{index_dir}.shards")
 
 
 def default_index_dir(corpus: Path, kind: str, embedder: str = "minilm") -> Path:
@@ -247,7 +292,7 @@ class RetrieverClient:
 
 
 def open_retriever(spec: str | Path, index_dir: str | Path | None = None,
-                   kind: Literal["bm25", "dense"] = "bm25", embedder: str = "minilm",
+                   kind: str = "bm25", embedder: str = "minilm",
                    ) -> Retriever | RetrieverClient:
     """URL -> client; directory with an index -> loaded index; JSONL corpus -> cached index (built once)."""
     text = str(spec)
