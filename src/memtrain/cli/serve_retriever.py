@@ -62,9 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _index_options(p: argparse.ArgumentParser) -> None:
-    from memtrain.retrieval.service import KINDS
+    from memtrain.retrieval import INDEX_KINDS
 
-    p.add_argument("--kind", choices=KINDS, default="bm25",
+    p.add_argument("--kind", choices=INDEX_KINDS, default="bm25",
                    help="bm25 (default); dense (exact, flat); ivf-flat, ivf-pq (pq_m bytes a passage), hnsw: "
                    "approximate, for corpora whose flat index does not fit in memory (docs/retrieval.md)")
     p.add_argument("--embedder", default="minilm",

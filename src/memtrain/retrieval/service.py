@@ -44,13 +44,11 @@ from typing import Any, Protocol
 from memtrain.errors import UserError
 from memtrain.io import atomic_dir, atomic_write_json
 from memtrain.log import logger
+from memtrain.retrieval import DENSE_STRUCTURE, INDEX_KINDS
 from memtrain.retrieval.corpus import PassageStore
 
 RETRIEVER_META = "retriever.json"
 INDEX_SUBDIR = "index"
-# index kinds: BM25, or dense embeddings in a FAISS structure ("dense" = exact flat search)
-DENSE_STRUCTURE = {"dense": "flat", "ivf-flat": "ivf-flat", "ivf-pq": "ivf-pq", "hnsw": "hnsw"}
-KINDS = ("bm25", *DENSE_STRUCTURE)
 MAX_K = 100
 MAX_QUERIES = 256
 MAX_QUERY_CHARS = 4096
@@ -125,8 +123,8 @@ class Retriever:
         from memtrain.retrieval.embed import embed_in_shards, missing_shards
         from memtrain.retrieval.index import DenseIndex, build_index
 
-        if kind not in KINDS:
-            raise UserError(f"index kind {kind!r}: expected one of {', '.join(KINDS)}")
+        if kind not in INDEX_KINDS:
+            raise UserError(f"index kind {kind!r}: expected one of {', '.join(INDEX_KINDS)}")
         index_dir, shards = Path(index_dir), shards_dir(index_dir)
         if kind != "bm25" and only is not None:
             store, texts = PassageStore.build(corpus)
