@@ -1,6 +1,6 @@
 """Dense index structures at scale (#27): build time, bytes per vector, recall@10 against flat, queries/s.
 
-Real passages: the embedded Wikipedia corpus (``wikipedia-vital``) cut into windows of 3 sentences, embedded
+Real passages: the embedded Wikipedia corpus (``wikipedia-vital``) cut into windows of 2 sentences, embedded
 with MiniLM (384-d) into resumable shards (``memtrain.retrieval.embed``; rerun to resume). Larger sets are
 DERIVED from those real embeddings: each derived vector is normalise(a * v_i + (1 - a) * v_j) for two random
 real vectors and a ~ U(0.5, 1), so it lies where real embeddings lie without being a copy of one. Queries are
@@ -25,13 +25,14 @@ from memtrain.retrieval.embed import embed_in_shards, load_shards
 from memtrain.retrieval.index import DenseIndex
 
 
-def windows(n: int, size: int = 3) -> list[str]:
-    """The first ``n`` windows of ``size`` sentences of the embedded corpus (distinct texts)."""
+def windows(n: int, size: int = 2) -> list[str]:
+    """The first ``n`` windows of ``size`` consecutive sentences (stride 1) of the embedded corpus, distinct
+    texts (the corpus's ~10k lead sections hold ~10^5 of them)."""
     out: list[str] = []
     seen: set[str] = set()
     for article in iter_articles("wikipedia-vital"):
         sentences = [s for s in re.split(r"(?<=[.!?])\s+", article.text) if len(s) > 20]
-        for i in range(0, len(sentences) - size + 1, size):
+        for i in range(len(sentences) - size + 1):
             text = " ".join(sentences[i:i + size])
             if text not in seen:
                 seen.add(text)
@@ -74,13 +75,15 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     print(machine())
     texts = windows(args.passages + args.queries)
-    print(f"{len(texts)} distinct real windows of 3 sentences (wikipedia-vital)")
+    passages = min(args.passages, len(texts) - args.queries)  # the corpus may hold fewer windows
+    print(f"{len(texts)} distinct real windows of 2 sentences (wikipedia-vital): {passages} indexed, "
+          f"{len(texts) - passages} queries")
     encoder = DenseIndex(None, "minilm")
     start = time.time()
     embed_in_shards(texts, args.out / "shards", lambda t: encoder.encode(t, batch_size=128), "minilm", 20_000)
     vectors = np.asarray(load_shards(args.out / "shards"))
     print(f"embedded in {time.time() - start:.0f}s (0 if resumed from the shards)")
-    real, queries = vectors[:args.passages], vectors[args.passages:]
+    real, queries = vectors[:passages], vectors[passages:]
     sets = {"real": real}
     if args.derived:
         sets[f"derived {args.derived:,}"] = derived(real, args.derived)
