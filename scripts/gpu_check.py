@@ -57,21 +57,6 @@ def _device(args: argparse.Namespace) -> str:
     return "cuda"
 
 
-def _parity_task() -> type:
-    """LongQA rollouts rewarded by the share of even token ids in the answer: groups vary, updates happen."""
-    from memtrain.rl.tasks.longqa import LongQATask
-
-    class ParityTask(LongQATask):
-        def rollout(self, samples, engine, params, group_size, rng):  # type: ignore[no-untyped-def]
-            rollouts, counters = super().rollout(samples, engine, params, group_size, rng)
-            for r in rollouts:
-                ids = r.turns[-1].completion_ids
-                r.reward = sum(i % 2 == 0 for i in ids) / max(len(ids), 1)
-            return rollouts, counters
-
-    return ParityTask
-
-
 def _tiny(tmp: Path) -> tuple[Path, Path]:
     from memtrain.models import build_tiny_model
     from train_helpers import write_proxy_dataset
@@ -86,11 +71,11 @@ def _two_steps(args: argparse.Namespace, tmp: Path, extra: list[str]) -> str:
     from memtrain.io import read_jsonl
     from memtrain.rl.tasks.registry import TASKS
     from memtrain.rl.trainer import train
-    from train_helpers import tiny_config
+    from train_helpers import ParityTask, tiny_config
 
     device = _device(args)
     model_dir, data = _tiny(tmp)
-    TASKS["longqa"] = _parity_task()
+    TASKS["longqa"] = ParityTask
     over = ["train.task=longqa", "rl.group_size=4", "optim.lr=1e-2", "optim.warmup_steps=0",
             "rl.dynamic_filter=false", "train.steps=2", f"model.device={device}",
             f"model.compute_dtype={'bfloat16' if device == 'cuda' else 'float32'}", *extra]

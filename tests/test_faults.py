@@ -30,8 +30,7 @@ from memtrain.rl import checkpoint as ck
 from memtrain.rl.checkpoint import latest_checkpoint
 from memtrain.rl.tasks.registry import TASKS
 from memtrain.rl.trainer import train
-from test_trainer import ParityTask
-from train_helpers import config_yaml, poison_updates, tiny_config, write_proxy_dataset
+from train_helpers import ParityTask, config_yaml, poison_updates, tiny_config, write_proxy_dataset
 
 DRIVER = r'''
 """memtrain ARGS, with MEMTRAIN_FAULT="module:attr:N:enter|exit:kill|pause" (attr may be Class.method):
@@ -99,7 +98,7 @@ wrap(target, fault)
 if os.environ.get("MEMTRAIN_PARITY"):
     sys.path.insert(0, os.environ["MEMTRAIN_TESTS"])
     from memtrain.rl.tasks.registry import TASKS
-    from test_trainer import ParityTask
+    from train_helpers import ParityTask
 
     TASKS["longqa"] = ParityTask
 from memtrain.cli.main import main

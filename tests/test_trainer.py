@@ -17,11 +17,17 @@ from memtrain.engines.scripted import ScriptedEngine
 from memtrain.io import read_jsonl
 from memtrain.models import load_tokenizer
 from memtrain.rl.rollout import score_groups, step_metrics, training_sequences
-from memtrain.rl.tasks.longqa import LongQATask
 from memtrain.rl.tasks.proxy import ProxyTask
 from memtrain.rl.tasks.registry import TASKS
 from memtrain.rl.trainer import NonFiniteError, batch_indices, refill_rows, train, unique_ids
-from train_helpers import poison_updates, scripted_responder, scripted_rows, tiny_config, write_proxy_dataset
+from train_helpers import (
+    ParityTask,
+    poison_updates,
+    scripted_responder,
+    scripted_rows,
+    tiny_config,
+    write_proxy_dataset,
+)
 
 TIMING = ("time_rollout_s", "time_update_s", "time_sync_s", "step_time_s")
 
@@ -90,18 +96,6 @@ def test_data_order_is_seeded_per_epoch_and_resumable() -> None:
     seen: dict[str, int] = {}
     rows = unique_ids([{"id": "a"}, {"id": "b"}], seen) + unique_ids([{"id": "a"}], seen)
     assert [r["id"] for r in rows] == ["a", "b", "a@2"]
-
-
-class ParityTask(LongQATask):
-    """LongQA rollouts rewarded by the share of even token ids in the final answer: a reward that differs
-    between the samples of a random-weight model, so every step has a real policy gradient."""
-
-    def rollout(self, samples, engine, params, group_size, rng):
-        rollouts, counters = super().rollout(samples, engine, params, group_size, rng)
-        for r in rollouts:
-            ids = r.turns[-1].completion_ids
-            r.reward = sum(i % 2 == 0 for i in ids) / len(ids)
-        return rollouts, counters
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:

@@ -254,9 +254,9 @@ def test_a_dropped_lora_delta_stops_a_bf16_run(vllm_tiny_dir: Path, tmp_path: Pa
     import memtrain.engines.vllm as vllm_engine
     from memtrain.rl.tasks.registry import TASKS
     from memtrain.rl.trainer import train
-    from train_helpers import tiny_config, write_proxy_dataset
+    from train_helpers import ParityTask, tiny_config, write_proxy_dataset
 
-    monkeypatch.setitem(TASKS, "longqa", _parity_task())
+    monkeypatch.setitem(TASKS, "longqa", ParityTask)
     if dropped:
         monkeypatch.setattr(vllm_engine, "_applied_adapters", lambda module: [])
     data = write_proxy_dataset(tmp_path / "data")
@@ -308,29 +308,14 @@ def test_smollm2_stops_at_eos_like_the_hf_engine(smollm2_dir: str) -> None:
     assert max(abs(x - y) for x, y in zip(ours.logprobs, theirs.logprobs, strict=True)) < FP32_TOL
 
 
-def _parity_task() -> type:
-    """LongQA rollouts rewarded by the share of even token ids in the answer: every group has a gradient."""
-    from memtrain.rl.tasks.longqa import LongQATask
-
-    class ParityTask(LongQATask):
-        def rollout(self, samples, engine, params, group_size, rng):  # type: ignore[no-untyped-def]
-            rollouts, counters = super().rollout(samples, engine, params, group_size, rng)
-            for r in rollouts:
-                ids = r.turns[-1].completion_ids
-                r.reward = sum(i % 2 == 0 for i in ids) / len(ids)
-            return rollouts, counters
-
-    return ParityTask
-
-
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 def test_two_step_training_with_vllm_resumes_exactly(vllm_tiny_dir: Path, tmp_path: Path, compute: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from memtrain.rl.tasks.registry import TASKS
     from memtrain.rl.trainer import train
-    from train_helpers import tiny_config, write_proxy_dataset
+    from train_helpers import ParityTask, tiny_config, write_proxy_dataset
 
-    monkeypatch.setitem(TASKS, "longqa", _parity_task())
+    monkeypatch.setitem(TASKS, "longqa", ParityTask)
     data = write_proxy_dataset(tmp_path / "data")
     over = ["train.task=longqa", "rl.group_size=3", "optim.lr=1e-2", "engine.kind=vllm",
             "engine.kv_cache_gib=0.25", f"model.compute_dtype={compute}"]

@@ -14,6 +14,7 @@ import pyarrow as pa
 from memtrain.config import Config, load_config
 from memtrain.data.dataset import write_dataset
 from memtrain.prompts import parse
+from memtrain.rl.tasks.longqa import LongQATask
 
 PROXY_SCHEMA = pa.schema(
     [
@@ -209,3 +210,15 @@ def poison_updates(monkeypatch: Any, poisoned: Callable[[int], bool]) -> None:
 
     monkeypatch.setattr(update_mod, "grpo_loss", poisoned_loss)
     monkeypatch.setattr(trainer_mod, "policy_update", counting_update)
+
+
+class ParityTask(LongQATask):
+    """LongQA rollouts rewarded by the share of even token ids in the final answer: a reward that differs
+    between the samples of a random-weight model, so every step has a real policy gradient."""
+
+    def rollout(self, samples, engine, params, group_size, rng):  # type: ignore[no-untyped-def]
+        rollouts, counters = super().rollout(samples, engine, params, group_size, rng)
+        for r in rollouts:
+            ids = r.turns[-1].completion_ids
+            r.reward = sum(i % 2 == 0 for i in ids) / max(len(ids), 1)
+        return rollouts, counters
