@@ -69,6 +69,7 @@ def _two_steps(args: argparse.Namespace, tmp: Path, extra: list[str]) -> str:
     from safetensors.torch import load_file
 
     from memtrain.io import read_jsonl
+    from memtrain.rl.checkpoint import export_checkpoint, is_sharded
     from memtrain.rl.tasks.registry import TASKS
     from memtrain.rl.trainer import train
     from train_helpers import ParityTask, tiny_config
@@ -88,12 +89,17 @@ def _two_steps(args: argparse.Namespace, tmp: Path, extra: list[str]) -> str:
         raise RuntimeError(f"expected 2 finite steps, got (step, skipped_nonfinite) {got}")
     if not any((r.get("kept_groups") or 0) > 0 for r in rows):
         raise RuntimeError("no step updated on any group")
-    trained = load_file(str(tmp / "run" / "checkpoints" / "step_000002" / "model.safetensors"))
+    ckpt = tmp / "run" / "checkpoints" / "step_000002"
+    if is_sharded(ckpt):  # FSDP2: every rank wrote its shards; export assembles the Hugging Face model
+        ckpt = export_checkpoint(ckpt, tmp / "exported")
+    trained = load_file(str(ckpt / "model.safetensors"))
     initial = load_file(str(model_dir / "model.safetensors"))
     moved = max(float((trained[k].float() - initial[k].float()).abs().max()) for k in initial)
     if not moved > 0 or not all(torch.isfinite(t).all() for t in trained.values()):
         raise RuntimeError(f"the checkpoint after 2 steps did not change finitely (max change {moved})")
-    return (f"2 steps on {device} in {seconds:.1f}s, kept groups {[r.get('kept_groups') for r in rows]}, "
+    layout = "sharded checkpoint, exported" if ckpt.name == "exported" else "checkpoint"
+    return (f"2 steps on {device} in {seconds:.1f}s ({layout}), "
+            f"kept groups {[r.get('kept_groups') for r in rows]}, "
             f"grad norm {[round(r.get('grad_norm', 0.0), 3) for r in rows]}, max weight change {moved:.2g}")
 
 
