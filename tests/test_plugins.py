@@ -38,16 +38,17 @@ class ContainsTokenTask(MemoryAgentTask):
         return out, agent_counters(agent)
 
 
+def _two_steps(model_dir: Path, tmp_path: Path, overrides: list[str]) -> tuple[Path, list[dict]]:
+    """2 training steps of the tiny model with groups of 4 (checkpoint at step 2); the run and its rows."""
+    run = tmp_path / "run"
+    over = ["rl.group_size=4", "train.tensorboard=false", "train.checkpoint_every=2", *overrides]
+    train(tiny_config(model_dir, write_proxy_dataset(tmp_path / "data"), over), run)
+    return run, read_jsonl(run / "metrics.jsonl")
+
+
 def test_a_task_registered_in_a_test_file_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert TASKS["contains_token"] is ContainsTokenTask and ContainsTokenTask.name == "contains_token"
-    data = write_proxy_dataset(tmp_path / "data")
-    run = tmp_path / "run"
-    config = tiny_config(tiny_model_dir, data, ["train.task=contains_token", "rl.group_size=4",
-                                                "agent.answer_tokens=2", "train.tensorboard=false",
-                                                "train.checkpoint_every=2"])
-    train(config, run)
-
-    rows = read_jsonl(run / "metrics.jsonl")
+    run, rows = _two_steps(tiny_model_dir, tmp_path, ["train.task=contains_token", "agent.answer_tokens=2"])
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["contains_reward"] is not None and r["e2e_reward"] is None for r in rows)
     assert any(r["filtered_groups"] < r["groups"] and r["num_seqs"] > 0 for r in rows)  # a real update
@@ -65,13 +66,7 @@ def test_a_reward_registered_in_its_own_file_trains(tiny_model_dir: Path, tmp_pa
     from reward_plugin import even_letters
 
     assert REWARDS["even_letters"] is even_letters
-    data = write_proxy_dataset(tmp_path / "data")
-    run = tmp_path / "run"
-    config = tiny_config(tiny_model_dir, data, ["rl.reward_metric=even_letters", "rl.group_size=4",
-                                                "train.tensorboard=false", "train.checkpoint_every=2",
-                                                "rl.imr_lambda=0.5"])
-    train(config, run)
-    rows = read_jsonl(run / "metrics.jsonl")
+    run, rows = _two_steps(tiny_model_dir, tmp_path, ["rl.reward_metric=even_letters", "rl.imr_lambda=0.5"])
     assert [r["step"] for r in rows] == [1, 2] and all(r["reward_metric"] == "even_letters" for r in rows)
     assert any(r["kept_groups"] > 0 and r["num_seqs"] > 0 for r in rows)  # a real update on it
     samples = read_jsonl(run / "samples.jsonl")
