@@ -174,3 +174,38 @@ def test_approximate_structures_recall_and_memory(tmp_path) -> None:
         [r for r, _ in row] for row in exact]
     with pytest.raises(ValueError, match="ivf-pq over 500 passages"):
         DenseIndex.from_vectors(vectors[:500], "test-embedder", "ivf-pq")
+
+
+def test_embedder_prefixes_are_applied_saved_and_restored(tmp_path) -> None:
+    """#27: e5 embeds "query: ..." against "passage: ..." (bge: an instruction before queries); the prefixes
+    are part of the index, so a loaded index embeds its queries as it was built, and shards of another
+    passage prefix are refused."""
+    import numpy as np
+
+    from memtrain.errors import UserError
+    from memtrain.retrieval.embed import embed_in_shards
+    from memtrain.retrieval.index import default_prefixes
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def encode(self, texts, **kwargs):  # type: ignore[no-untyped-def]
+            self.seen.extend(texts)
+            return np.stack([np.eye(4, dtype="float32")[len(t) % 4] for t in texts])
+
+    assert default_prefixes("intfloat/e5-base-v2") == ("query: ", "passage: ")
+    assert default_prefixes("BAAI/bge-base-en-v1.5")[1] == "" and default_prefixes("minilm") == ("", "")
+    recorder = Recorder()
+    index = DenseIndex(None, "intfloat/e5-base-v2", encoder=recorder)
+    vectors = index.encode(["alpha", "beta"], role="passage")
+    built = DenseIndex.from_vectors(vectors, index.model)
+    built._encoder = recorder
+    built.search(["where"], k=1)
+    assert recorder.seen == ["passage: alpha", "passage: beta", "query: where"]
+    built.save(tmp_path / "e5")
+    assert load_index(tmp_path / "e5").prefixes == ("query: ", "passage: ")
+    custom = DenseIndex(None, "intfloat/e5-base-v2", encoder=recorder, prefixes=("q> ", "p> "))
+    embed_in_shards(["a", "b"], tmp_path / "shards", custom.passage_encoder(), custom.embedding_id(), 1)
+    with pytest.raises(UserError, match="other model"):
+        embed_in_shards(["a", "b"], tmp_path / "shards", index.passage_encoder(), index.embedding_id(), 1)

@@ -73,10 +73,23 @@ def _index_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nlist", type=int, default=None, help="ivf-*: inverted lists (default ~4 sqrt(N))")
     p.add_argument("--pq-m", type=int, default=None, help="ivf-pq: bytes per passage (default dim / 8)")
     p.add_argument("--hnsw-m", type=int, default=32, help="hnsw: graph neighbours per passage (default 32)")
+    p.add_argument("--query-prefix", default=None,
+                   help="text prepended to queries before embedding (default by embedder: 'query: ' for e5, "
+                   "bge's search instruction for English bge, else none)")
+    p.add_argument("--passage-prefix", default=None,
+                   help="text prepended to passages before embedding (default: 'passage: ' for e5, else "
+                   "none)")
 
 
 def _build_params(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in (("nlist", args.nlist), ("pq_m", args.pq_m), ("hnsw_m", args.hnsw_m)) if v}
+    params = {k: v for k, v in (("nlist", args.nlist), ("pq_m", args.pq_m), ("hnsw_m", args.hnsw_m)) if v}
+    if args.query_prefix is not None or args.passage_prefix is not None:
+        from memtrain.retrieval.index import default_prefixes
+
+        query, passage = default_prefixes(args.embedder)
+        params["prefixes"] = (args.query_prefix if args.query_prefix is not None else query,
+                              args.passage_prefix if args.passage_prefix is not None else passage)
+    return params
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -162,19 +162,33 @@ def faiss_factory(structure: str, dim: int, n: int, nlist: int | None = None, pq
     return f"IVF{nlist},PQ{pq_m}x8", {"nlist": nlist, "pq_m": pq_m}
 
 
+def default_prefixes(model: str) -> tuple[str, str]:
+    """(query, passage) prefixes an embedder was trained with: e5 models expect "query: " / "passage: ",
+    English bge models an instruction before queries only; others none."""
+    name = model.lower()
+    if "e5" in name:
+        return "query: ", "passage: "
+    if "bge" in name and "-en" in name:
+        return "Represent this sentence for searching relevant passages: ", ""
+    return "", ""
+
+
 class DenseIndex:
     """Normalised sentence-transformers embeddings in a FAISS inner-product (= cosine) index: exact (flat)
-    or approximate (``STRUCTURES``), with its search effort (``nprobe``, ``ef_search``) set at load."""
+    or approximate (``STRUCTURES``), with its search effort (``nprobe``, ``ef_search``) set at load.
+    ``prefixes``: (query, passage) texts prepended before embedding (default: ``default_prefixes``), saved
+    with the index so its queries are embedded as its passages were meant to be matched."""
 
     kind = "dense"
 
     def __init__(self, index: Any, model: str, encoder: Any = None, structure: str = "flat",
-                 params: dict[str, int] | None = None):
+                 params: dict[str, int] | None = None, prefixes: tuple[str, str] | None = None):
         self.index = index
         self.model = model
         self._encoder = encoder
         self.structure = structure
         self.params = dict(params or {})
+        self.prefixes = tuple(prefixes) if prefixes is not None else default_prefixes(model)
         self._rerank: tuple[Any, int] | None = None  # (rows -> exact vectors, candidates per hit)
 
     def rerank_with(self, vectors: Any, factor: int = 10) -> None:
@@ -210,9 +224,11 @@ class DenseIndex:
             self._encoder = self.load_encoder(self.model)
         return self._encoder
 
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 64, role: str = "query") -> np.ndarray:
+        """Normalised float32 embeddings of ``texts`` as queries or (``role="passage"``) passages."""
+        prefix = self.prefixes[0 if role == "query" else 1]
         vecs = self.encoder.encode(
-            list(texts),
+            [prefix + t for t in texts],
             batch_size=batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
@@ -222,24 +238,32 @@ class DenseIndex:
 
     @classmethod
     def build(cls, texts: list[str], model: str = "minilm", batch_size: int = 64, structure: str = "flat",
-              shards_dir: Path | None = None, shard_size: int = 100_000, **params: Any) -> DenseIndex:
+              shards_dir: Path | None = None, shard_size: int = 100_000,
+              prefixes: tuple[str, str] | None = None, **params: Any) -> DenseIndex:
         """Embed ``texts`` (into resumable shards in ``shards_dir`` when given) and index them."""
         from memtrain.retrieval.embed import embed_in_shards, load_shards
 
         _check_build(texts)
         start = time.time()
-        encoder = cls(None, model)
+        encoder = cls(None, model, prefixes=prefixes)
         if shards_dir is None:
-            vecs = encoder.encode(texts, batch_size=batch_size)
+            vecs = encoder.encode(texts, batch_size=batch_size, role="passage")
         else:
-            embed_in_shards(texts, shards_dir, lambda t: encoder.encode(t, batch_size=batch_size), model,
+            embed_in_shards(texts, shards_dir, encoder.passage_encoder(batch_size), encoder.embedding_id(),
                             shard_size)
             vecs = load_shards(shards_dir)
         index = cls.from_vectors(vecs, model, structure, **params)
-        index._encoder = encoder._encoder
+        index._encoder, index.prefixes = encoder._encoder, encoder.prefixes
         logger.info("dense index (%s): %d passages embedded with %s and indexed in %.1fs", structure,
                     len(texts), model, time.time() - start)
         return index
+
+    def passage_encoder(self, batch_size: int = 64) -> Any:
+        return lambda texts: self.encode(texts, batch_size=batch_size, role="passage")
+
+    def embedding_id(self) -> str:
+        """What made the passage vectors (a shard directory refuses shards of another): model + prefix."""
+        return self.model + (f" [passage prefix {self.prefixes[1]!r}]" if self.prefixes[1] else "")
 
     @classmethod
     def from_vectors(cls, vectors: np.ndarray, model: str, structure: str = "flat", nlist: int | None = None,
@@ -328,6 +352,7 @@ class DenseIndex:
                     "normalized": True,
                     "structure": self.structure,
                     "params": self.params,
+                    "prefixes": list(self.prefixes),
                 },
             )
 
@@ -344,8 +369,9 @@ class DenseIndex:
             raw = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
         except RuntimeError:  # a structure FAISS cannot map (HNSW's graph): read into memory
             raw = faiss.read_index(path)
+        prefixes = meta.get("prefixes")
         index = cls(raw, str(meta["model"]), structure=str(meta.get("structure", "flat")),
-                    params=meta.get("params") or {})
+                    params=meta.get("params") or {}, prefixes=tuple(prefixes) if prefixes else ("", ""))
         index.set_search(nprobe, ef_search)
         return index
 

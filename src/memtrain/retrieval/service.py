@@ -129,7 +129,9 @@ class Retriever:
         if kind != "bm25" and only is not None:
             store, texts = PassageStore.build(corpus)
             store.close()
-            embed_in_shards(texts, shards, DenseIndex(None, embedder).encode, embedder, shard_size, only)
+            encoder = DenseIndex(None, embedder, prefixes=params.get("prefixes"))
+            embed_in_shards(texts, shards, encoder.passage_encoder(), encoder.embedding_id(), shard_size,
+                            only)
             missing = missing_shards(shards)
             if missing:
                 logger.info("retriever: shards %s:%s embedded; %d others missing, the index is built by the "
