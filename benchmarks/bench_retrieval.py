@@ -21,7 +21,7 @@ import torch
 
 from _machine import load_average, machine
 from memtrain.data.corpus import iter_articles
-from memtrain.retrieval.embed import embed_in_shards, load_shards
+from memtrain.retrieval.embed import ShardVectors, embed_in_shards
 from memtrain.retrieval.index import DenseIndex
 
 
@@ -81,7 +81,8 @@ def main() -> None:
     encoder = DenseIndex(None, "minilm")
     start = time.time()
     embed_in_shards(texts, args.out / "shards", lambda t: encoder.encode(t, batch_size=128), "minilm", 20_000)
-    vectors = np.asarray(load_shards(args.out / "shards"))
+    shards = ShardVectors(args.out / "shards")
+    vectors = shards[0:len(shards)]
     print(f"embedded in {time.time() - start:.0f}s (0 if resumed from the shards)")
     real, queries = vectors[:passages], vectors[passages:]
     sets = {"real": real}

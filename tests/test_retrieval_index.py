@@ -209,3 +209,23 @@ def test_embedder_prefixes_are_applied_saved_and_restored(tmp_path) -> None:
     embed_in_shards(["a", "b"], tmp_path / "shards", custom.passage_encoder(), custom.embedding_id(), 1)
     with pytest.raises(UserError, match="other model"):
         embed_in_shards(["a", "b"], tmp_path / "shards", index.passage_encoder(), index.embedding_id(), 1)
+
+
+def test_shard_vectors_read_rows_across_shards_without_concatenating(tmp_path) -> None:
+    import numpy as np
+
+    from memtrain.errors import UserError
+    from memtrain.retrieval.embed import ShardVectors, embed_in_shards, shard_path
+
+    texts = [f"passage {i}" for i in range(5)]
+    table = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+    encode = lambda batch: table[[texts.index(t) for t in batch]]  # noqa: E731
+    embed_in_shards(texts, tmp_path, encode, "fake", shard_size=2)
+    vectors = ShardVectors(tmp_path)
+    assert len(vectors) == 5 and vectors.shape == (5, 3)
+    assert np.array_equal(vectors[0:5], table)
+    assert np.array_equal(vectors[np.array([4, 0, 3])], table[[4, 0, 3]])
+    assert all(isinstance(s, np.memmap) for s in vectors.shards)  # mapped, not loaded
+    shard_path(tmp_path, 1).unlink()
+    with pytest.raises(UserError, match=r"shards \[1\] are missing"):
+        ShardVectors(tmp_path)

@@ -5,7 +5,7 @@ a directory, every shard atomically (a temp file renamed into place), after a ``
 the embedder, the shard size and a sha256 of the passage texts. A killed build, rerun, skips the shards that
 are there and embeds the first missing one on; a manifest of other texts or another embedder is refused, so
 shards of different builds never mix. ``only`` restricts a process to a range of shard numbers, so several
-processes or machines (sharing the directory) build one set. ``load_shards`` reads them back in order
+processes or machines (sharing the directory) build one set. ``ShardVectors`` reads them back in order
 (memory-mapped) for any index kind, so a second index kind needs no second embedding pass.
 """
 
@@ -103,33 +103,36 @@ def missing_shards(directory: Path) -> list[int]:
             if not _complete(shard_path(directory, i), min(size, n - i * size))]
 
 
-def load_shards(directory: Path) -> np.ndarray:
-    """Every shard in order, as one float32 array; refuses (naming them) while some are missing."""
-    manifest_path = Path(directory) / MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(f"{directory}: no {MANIFEST}; not an embedding shard directory")
-    missing = missing_shards(directory)
-    if missing:
-        raise UserError(f"{directory}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} are missing "
-                        f"({len(missing)} of them); run the build again (it resumes) to finish them")
-    n = json.loads(manifest_path.read_text(encoding="utf-8"))["num_shards"]
-    return np.concatenate([np.load(shard_path(directory, i), mmap_mode="r") for i in range(n)], axis=0)
-
-
 class ShardVectors:
-    """The vectors of a complete shard directory, memory-mapped shard by shard: rows are read on demand
-    (an approximate index re-ranks its candidates with them, holding no copy of the corpus in memory)."""
+    """The vectors of a complete shard directory as one read-only array of rows, memory-mapped shard by
+    shard and never concatenated: an index is built from it piece by piece, and an approximate index
+    re-ranks its candidates with it, without a copy of the corpus's vectors in memory. Supports ``len``,
+    ``shape`` and indexing by a slice or an array of row numbers."""
 
     def __init__(self, directory: Path):
-        load_shards(directory)  # refuses a directory with missing shards
-        manifest = json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))
+        manifest_path = Path(directory) / MANIFEST
+        if not manifest_path.is_file():
+            raise UserError(f"{directory}: no {MANIFEST}; not an embedding shard directory")
+        missing = missing_shards(directory)
+        if missing:
+            raise UserError(f"{directory}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} are "
+                            f"missing ({len(missing)} of them); run the build again (it resumes) to finish "
+                            "them")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         self.shard_size = int(manifest["shard_size"])
         self.shards = [np.load(shard_path(directory, i), mmap_mode="r")
                        for i in range(manifest["num_shards"])]
+        self.shape = (int(manifest["num_texts"]), int(self.shards[0].shape[1]))
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.shards[0].shape[1]), dtype=np.float32)
-        for j, row in enumerate(rows):
-            out[j] = self.shards[row // self.shard_size][row % self.shard_size]
+        out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
+        for shard in np.unique(rows // self.shard_size):  # one gather per shard touched
+            here = rows // self.shard_size == shard
+            out[here] = self.shards[shard][rows[here] % self.shard_size]
         return out

@@ -189,14 +189,13 @@ class DenseIndex:
         self.structure = structure
         self.params = dict(params or {})
         self.prefixes = tuple(prefixes) if prefixes is not None else default_prefixes(model)
-        self._rerank: tuple[Any, int] | None = None  # (rows -> exact vectors, candidates per hit)
+        self._rerank: tuple[Any, int] | None = None  # (exact vectors, indexable by rows; candidates per hit)
 
     def rerank_with(self, vectors: Any, factor: int = 10) -> None:
         """Re-rank an approximate index's ``factor`` x k candidates by their exact inner products, read
         from ``vectors`` (an array, or :class:`memtrain.retrieval.embed.ShardVectors` on disk): recall close
         to flat's, while memory holds only the compressed codes. ``factor`` 0 turns it off."""
-        rows = vectors.take if hasattr(vectors, "shards") else (lambda r: np.asarray(vectors[r], np.float32))
-        self._rerank = (rows, factor) if factor > 0 and self.structure != "flat" else None
+        self._rerank = (vectors, factor) if factor > 0 and self.structure != "flat" else None
 
     def settings(self) -> dict[str, Any]:
         """What is served: the structure, its parameters and search effort, and the re-ranking factor."""
@@ -241,7 +240,7 @@ class DenseIndex:
               shards_dir: Path | None = None, shard_size: int = 100_000,
               prefixes: tuple[str, str] | None = None, **params: Any) -> DenseIndex:
         """Embed ``texts`` (into resumable shards in ``shards_dir`` when given) and index them."""
-        from memtrain.retrieval.embed import embed_in_shards, load_shards
+        from memtrain.retrieval.embed import ShardVectors, embed_in_shards
 
         _check_build(texts)
         start = time.time()
@@ -251,7 +250,7 @@ class DenseIndex:
         else:
             embed_in_shards(texts, shards_dir, encoder.passage_encoder(batch_size), encoder.embedding_id(),
                             shard_size)
-            vecs = load_shards(shards_dir)
+            vecs = ShardVectors(shards_dir)  # memory-mapped: added to the index piece by piece
         index = cls.from_vectors(vecs, model, structure, **params)
         index._encoder, index.prefixes = encoder._encoder, encoder.prefixes
         logger.info("dense index (%s): %d passages embedded with %s and indexed in %.1fs", structure,
@@ -312,7 +311,8 @@ class DenseIndex:
         out = []
         for query, irow in zip(queries, ids, strict=True):
             found = irow[irow >= 0]
-            exact = self._rerank[0](found) @ query if len(found) else np.zeros(0, dtype=np.float32)
+            exact = (np.asarray(self._rerank[0][found], dtype=np.float32) @ query if len(found)
+                     else np.zeros(0, dtype=np.float32))
             best = np.argsort(-exact, kind="stable")[:k]
             out.append([(int(found[j]), float(exact[j])) for j in best])
         return out
