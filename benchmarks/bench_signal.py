@@ -33,8 +33,8 @@ from memtrain.agent.loop import MemoryAgent
 from memtrain.config import load_config
 from memtrain.data.dataset import load_rows
 from memtrain.engines.base import GenerationRequest, SamplingParams
-from memtrain.eval.longqa import load_engine
 from memtrain.eval.proxy import COLUMNS, imr_rng
+from memtrain.eval.runner import load_engine
 from memtrain.prompts import chat_text, encode_prompt, fill, template
 from memtrain.scoring import contains_answer, score
 

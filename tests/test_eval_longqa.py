@@ -91,12 +91,13 @@ def test_memory_mode_reports_per_length_and_resumes(eval_set: Path, tmp_path: Pa
     assert (out / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again = ScriptedEngine(respond, tok)  # everything done: nothing is generated again
-    assert run_longqa_eval(_cfg(tiny_model_dir), eval_set, out, engine=again, tokenizer=tok) == summary
+    assert run_longqa_eval(_cfg(tiny_model_dir), eval_set, out, engine=again, tokenizer=tok,
+                           batch_size=2) == summary
     assert again.calls == []
     lines = (out / EXAMPLES).read_text().splitlines()
     (out / EXAMPLES).write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # crash mid-line
-    third = ScriptedEngine(respond, tok)
-    resumed = run_longqa_eval(_cfg(tiny_model_dir), eval_set, out, engine=third, tokenizer=tok)
+    third = ScriptedEngine(respond, tok)  # the batch with the cut record runs again, as it ran before
+    resumed = run_longqa_eval(_cfg(tiny_model_dir), eval_set, out, engine=third, tokenizer=tok, batch_size=2)
     assert _final_requests(third) == 1
     assert resumed["groups"] == summary["groups"]
 
@@ -217,7 +218,8 @@ def test_protocol_defaults_follow_memagent_and_are_recorded(eval_set: Path, tmp_
     out = tmp_path / "p"
     summary = run_longqa_eval(_cfg(tiny_model_dir), eval_set, out, limit=1, engine=engine, tokenizer=tok)
     protocol = {"decoding": "sampled", "temperature": 0.7, "top_p": 0.95, "seed": 0, "samples": 1,
-                "chunk_tokens": 200, "memory_tokens": 32, "answer_tokens": 16, "max_chunks": None,
+                "batch_size": 16, "chunk_tokens": 200, "memory_tokens": 32, "answer_tokens": 16,
+                "max_chunks": None,
                 "truncation": None, "reads": "every chunk",
                 "compute_dtype": compute_dtype_name("auto")}
     assert summary["protocol"] == protocol and "warnings" not in summary

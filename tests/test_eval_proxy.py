@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-import memtrain.eval.proxy as proxy_mod
+import memtrain.eval.runner as runner_mod
 from memtrain.cli.main import main
 from memtrain.config import Config
 from memtrain.engines.base import Engine
@@ -121,7 +121,7 @@ def test_two_models_get_the_same_prompts_and_imr_questions(proxy_set: Path, tmp_
 
 def _interrupt_after_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the eval die right after it saved its first batch, as a killed process would."""
-    real = proxy_mod.append_jsonl
+    real = runner_mod.append_jsonl
     calls = []
 
     def append(path: Path, rows: Any) -> None:
@@ -130,7 +130,7 @@ def _interrupt_after_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
             raise KeyboardInterrupt
         real(path, rows)
 
-    monkeypatch.setattr(proxy_mod, "append_jsonl", append)
+    monkeypatch.setattr(runner_mod, "append_jsonl", append)
 
 
 def _run(cfg: Config, data: Path, out: Path, engine: Engine, tok: Any, **kw: Any) -> dict[str, Any]:
@@ -143,7 +143,7 @@ def test_interrupted_run_resumes_exactly(proxy_set: Path, tmp_path: Path, tok: A
     cfg = _cfg(tiny_model_dir, proxy_set, ["agent.memory_tokens=8"])
     make: Callable[[], Engine]
     if sampled:  # a real engine sampling at temperature 1: exactness needs the same seeds after the resume
-        from memtrain.eval.longqa import load_engine
+        from memtrain.eval.runner import load_engine
 
         hf, _ = load_engine(cfg, None, tok)
         make = lambda: hf  # noqa: E731

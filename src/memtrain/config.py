@@ -383,8 +383,13 @@ class TrainConfig(Section):
         "",
         description="a held-out dataset for validation during training (empty: none): the policy is "
         "evaluated greedily on it with the training engine before the first step, every train.eval_every "
-        "steps and after the last, by the evaluation named like train.task (memtrain eval proxy); results "
-        "in RUN_DIR/eval/step_N, compared by `memtrain report`, drawn by `memtrain plot`",
+        "steps and after the last, by the evaluation train.eval names; results in RUN_DIR/eval/step_N, "
+        "compared by `memtrain report`, drawn by `memtrain plot`",
+    )
+    eval: str | None = Field(
+        None,
+        description="the registered evaluation (`memtrain eval NAME`) that validates on train.eval_data; "
+        "default: the one named like train.task (proxy for the proxy task)",
     )
     eval_every: int = Field(0, ge=0, description="validate every N steps (0: before the first and after the "
                             "last step only)")

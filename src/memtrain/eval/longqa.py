@@ -37,15 +37,8 @@ from memtrain.config import AgentConfig, Config
 from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
 from memtrain.errors import UserError
 from memtrain.eval.registry import register_eval
-from memtrain.eval.report import (
-    EXAMPLES,
-    check_decoding_args,
-    check_resume,
-    done_keys,
-    summarize,
-    write_report,
-)
-from memtrain.io import append_jsonl, read_jsonl, release_dir_lock
+from memtrain.eval.report import check_decoding_args, summarize, write_report
+from memtrain.eval.runner import EvalRun, Evaluator, Row, load_engine, run_eval
 from memtrain.log import logger
 from memtrain.models import model_context_length
 from memtrain.progress import Progress, estimate_turns
@@ -88,27 +81,6 @@ def truncation_warning(max_chunks: int, truncation: str, cut: int, total: int) -
     return (f"TRUNCATED EVALUATION: --max-chunks {max_chunks} ({truncation}) cut {cut}/{total} documents, "
             "whose unread parts may hold the gold paragraphs; MemAgent's protocol reads every chunk, so "
             "these scores are not comparable to the paper's Table 1")
-
-
-def load_engine(cfg: Config, engine: Engine | None = None, tokenizer: Any = None) -> tuple[Engine, Any]:
-    """The policy's tokenizer and the engine ``cfg.engine`` asks for (given ones are used as they are)."""
-    from memtrain.models import load_tokenizer
-
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model.name)
-    if engine is None:
-        from memtrain.engines.factory import make_engine
-
-        model = None
-        if cfg.engine.kind == "hf":
-            from memtrain.models import load_policy
-
-            device = None if cfg.model.device == "auto" else cfg.model.device
-            model = load_policy(cfg.model.name, cfg.model.dtype, device,
-                                inference_compute_dtype=cfg.model.compute_dtype)
-            model.eval()
-        engine = make_engine(cfg.engine, cfg.model.name, model=model, tokenizer=tokenizer)
-    return engine, tokenizer
 
 
 def _turns(agent: AgentConfig, row: Mapping[str, Any]) -> int:
@@ -172,12 +144,14 @@ def _full_context_records(engine: Engine, tokenizer: Any, cfg: Config, rows: lis
 
 
 def _protocol(cfg: Config, agent_cfg: AgentConfig | None, temperature: float, top_p: float,
-              seed: int | None) -> dict[str, Any]:
+              seed: int | None, batch_size: int) -> dict[str, Any]:
     """Everything that defines the numbers (decoding, seed, budgets, chunks read): a resume must match it."""
     from memtrain.precision import compute_dtype_name  # torch: only when evaluating
 
     protocol: dict[str, Any] = {"decoding": "greedy" if temperature == 0 else "sampled",
                                 "temperature": temperature, "top_p": top_p, "seed": seed, "samples": SAMPLES,
+                                # sampled seeds derive from a question's place in its batch
+                                "batch_size": batch_size if temperature > 0 else None,
                                 "compute_dtype": compute_dtype_name(cfg.model.compute_dtype,
                                                                     cfg.model.device)}
     if agent_cfg is None:
@@ -188,36 +162,6 @@ def _protocol(cfg: Config, agent_cfg: AgentConfig | None, temperature: float, to
             "answer_tokens": a.answer_tokens, "max_chunks": a.max_chunks,
             "truncation": None if every else a.truncation,
             "reads": "every chunk" if every else f"at most {a.max_chunks} chunks"}
-
-
-def _evaluate(cfg: Config, todo: list[tuple[int, list[dict[str, Any]]]], out: Path,
-              agent_cfg: AgentConfig | None, params: SamplingParams, batch_size: int,
-              max_context: int | None, engine: Engine | None, tokenizer: Any) -> None:
-    """Evaluate the ``todo`` rows per size, appending each batch's records to ``examples.jsonl``."""
-    engine, tokenizer = load_engine(cfg, engine, tokenizer)
-    # the memory agent checks its budgets against the model's context; full-context mode has none
-    agent = MemoryAgent(engine, tokenizer, agent_cfg) if agent_cfg is not None else None
-    context = 0
-    if agent is None:
-        context = max_context or model_context_length(cfg.model.name, tokenizer)
-        logger.info("longqa eval: full-context mode, model context %d tokens", context)
-    pending = [r for _, rows in todo for r in rows]
-    progress = Progress("longqa eval", len(pending), sum(_turns(agent.config, r) for r in pending)
-                        if agent is not None else len(pending))
-    for n, rows in todo:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            if agent is not None:
-                records = _memory_records(agent, batch, n, params, progress)
-            else:
-                records = _full_context_records(engine, tokenizer, cfg, batch, n, params, context)
-                progress.add(docs=len(batch), turns=len(batch))
-            append_jsonl(out / EXAMPLES, records)
-            logger.info("longqa eval: %d docs: %d/%d questions done", n, start + len(batch), len(rows))
-    progress.finish()
-    if agent is not None:
-        logger.info("longqa eval: memory cap hit-rate %.3f, answer cap hit-rate %.3f",
-                    *agent.cap_rates().values())
 
 
 def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode: Mode = "memory",
@@ -245,30 +189,53 @@ def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode
     meta: dict[str, Any] = {"task": "longqa", "model": cfg.model.name, "data": str(Path(data_dir).resolve()),
                             "mode": mode, "limit": limit, "engine": cfg.engine.kind,
                             "templates": dict(cfg.agent.templates),
-                            "protocol": _protocol(cfg, agent_cfg, temperature, top_p, seed)}
-    check_resume(out, meta)
+                            "protocol": _protocol(cfg, agent_cfg, temperature, top_p, seed, batch_size)}
     if agent_cfg is not None and agent_cfg.max_chunks is not None:
         logger.warning("longqa eval: --max-chunks %d: longer documents are truncated (%s); MemAgent's "
                        "protocol reads every chunk", agent_cfg.max_chunks, agent_cfg.truncation)
     elif agent_cfg is not None:
         logger.info("longqa eval: reading every chunk (agent.max_chunks=%s of the config is a training "
                     "budget; --max-chunks N truncates)", cfg.agent.max_chunks)
-    done = done_keys(out)
-    todo = [(n, [r for r in rows if f"{n}/{r['id']}" not in done]) for n, rows in sets]
-    if any(rows for _, rows in todo):
-        _evaluate(cfg, todo, out, agent_cfg, SamplingParams(temperature=temperature, top_p=top_p, seed=seed),
-                  batch_size, max_context, engine, tokenizer)
-    keys = {f"{n}/{r['id']}" for n, rows in sets for r in rows}
-    records = [r for r in read_jsonl(out / EXAMPLES) if r["key"] in keys]
-    summary = summarize(records, "longqa", [str(n) for n, _ in sets], meta, EXTRA_KEYS)
-    if agent_cfg is not None and agent_cfg.max_chunks is not None:
-        cut = sum(bool(r.get("truncated")) for r in records)
-        summary["warnings"] = [truncation_warning(agent_cfg.max_chunks, agent_cfg.truncation, cut,
-                                                  len(records))]
-        logger.warning("longqa eval: %s", summary["warnings"][0])
-    write_report(out, summary, EXTRA_KEYS)
-    release_dir_lock(out)  # taken by check_resume: the run is complete
-    return summary
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+
+    def start() -> Evaluator:
+        nonlocal engine, tokenizer
+        engine, tokenizer = load_engine(cfg, engine, tokenizer)
+        if agent_cfg is not None:
+            agent = MemoryAgent(engine, tokenizer, agent_cfg)
+
+            def memory(size: str, b: int, rows: list[Row], progress: Progress) -> list[dict[str, Any]]:
+                return _memory_records(agent, rows, int(size), params, progress)
+
+            def caps() -> None:
+                logger.info("longqa eval: memory cap hit-rate %.3f, answer cap hit-rate %.3f",
+                            *agent.cap_rates().values())
+
+            return Evaluator(memory, caps)
+        # full-context mode: the model's context is the budget, one turn per document
+        context = max_context or model_context_length(cfg.model.name, tokenizer)
+        logger.info("longqa eval: full-context mode, model context %d tokens", context)
+
+        def full(size: str, b: int, rows: list[Row], progress: Progress) -> list[dict[str, Any]]:
+            records = _full_context_records(engine, tokenizer, cfg, rows, int(size), params, context)
+            progress.add(docs=len(rows), turns=len(rows))
+            return records
+
+        return Evaluator(full)
+
+    def summarize_run(records: list[dict[str, Any]]) -> dict[str, Any]:
+        summary = summarize(records, "longqa", [str(n) for n, _ in sets], meta, EXTRA_KEYS)
+        if agent_cfg is not None and agent_cfg.max_chunks is not None:
+            cut = sum(bool(r.get("truncated")) for r in records)
+            summary["warnings"] = [truncation_warning(agent_cfg.max_chunks, agent_cfg.truncation, cut,
+                                                      len(records))]
+            logger.warning("longqa eval: %s", summary["warnings"][0])
+        write_report(out, summary, EXTRA_KEYS)
+        return summary
+
+    turns = (lambda row: _turns(agent_cfg, row)) if agent_cfg is not None else (lambda row: 1)
+    return run_eval(EvalRun("longqa eval", out, meta, {str(n): rows for n, rows in sets}, batch_size, start,
+                            summarize_run, turns=turns))
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

@@ -40,7 +40,6 @@ from memtrain.agent.types import Trajectory, Turn
 from memtrain.config import AgentConfig, Config
 from memtrain.engines.base import Engine, SamplingParams
 from memtrain.errors import UserError
-from memtrain.eval.longqa import load_engine
 from memtrain.eval.registry import get_eval, register_eval
 from memtrain.eval.report import (
     EXAMPLES,
@@ -48,15 +47,13 @@ from memtrain.eval.report import (
     SUMMARY,
     TABLE,
     check_decoding_args,
-    check_resume,
-    done_keys,
     load_summary,
     new_figure,
     save_figure,
 )
+from memtrain.eval.runner import EvalRun, Evaluator, Row, load_engine, run_eval
 from memtrain.eval.stats import CONFIDENCE, RESAMPLES, bootstrap_ci, paired_difference_ci
-from memtrain.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, release_dir_lock
-from memtrain.log import logger
+from memtrain.io import atomic_write_json, atomic_write_text, read_jsonl
 from memtrain.progress import Progress, estimate_turns
 from memtrain.prompts import render, template
 from memtrain.scoring import METRICS, REWARD_METRIC, answer_words, contains_answer, extract_answer, score
@@ -305,32 +302,27 @@ def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit
     meta: dict[str, Any] = {"task": TASK, "model": cfg.model.name, "model_id": identity,
                             "data": str(Path(data_dir).resolve()), "engine": cfg.engine.kind,
                             "templates": dict(a.templates), "protocol": protocol}
-    check_resume(out, meta)
-    done = done_keys(out)
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    todo = [(b, batch) for b, batch in enumerate(batches) if any(str(r["id"]) not in done for r in batch)]
-    if todo:
+    def start() -> Evaluator:
+        nonlocal engine, tokenizer
         engine, tokenizer = load_engine(cfg, engine, tokenizer)
         agent = MemoryAgent(engine, tokenizer, a)
         agent.check_imr_budget()  # every document gets an IMR question
-        pending = [r for _, batch in todo for r in batch]
-        progress = Progress("proxy eval", len(pending), sum(_turns(a, r) for r in pending))
-        for b, batch in todo:
+
+        def batch(group: str, b: int, batch_rows: list[Row], progress: Progress) -> list[dict[str, Any]]:
             params = SamplingParams(temperature=temperature, top_p=top_p, seed=derive_seed(seed, b))
-            records = [r for r in _batch_records(agent, engine, batch, params, seed, progress)
-                       if r["key"] not in done]
-            append_jsonl(out / EXAMPLES, records)
-            done.update(r["key"] for r in records)
-            logger.info("proxy eval: batch %d/%d done (%d documents)", b + 1, len(batches), len(batch))
-        progress.finish()
-    by_key = {r["key"]: r for r in read_jsonl(out / EXAMPLES)} if (out / EXAMPLES).is_file() else {}
-    records = [by_key[str(r["id"])] for r in rows]
-    summary = summarize_proxy(records, {**meta, "limit": limit})
-    atomic_write_json(out / SUMMARY, summary)
-    atomic_write_text(out / TABLE, markdown_table(summary))
-    plot(summary, out / PLOT)
-    release_dir_lock(out)  # taken by check_resume: the run is complete
-    return summary
+            return _batch_records(agent, engine, batch_rows, params, seed, progress)
+
+        return Evaluator(batch)
+
+    def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+        summary = summarize_proxy(records, {**meta, "limit": limit})
+        atomic_write_json(out / SUMMARY, summary)
+        atomic_write_text(out / TABLE, markdown_table(summary))
+        plot(summary, out / PLOT)
+        return summary
+
+    return run_eval(EvalRun("proxy eval", out, meta, {TASK: rows}, batch_size, start, summarize,
+                            key=lambda group, row: str(row["id"]), turns=lambda row: _turns(a, row)))
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

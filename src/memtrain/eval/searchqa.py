@@ -16,17 +16,9 @@ from typing import TYPE_CHECKING, Any
 from memtrain.config import Config
 from memtrain.engines.base import Engine, SamplingParams
 from memtrain.errors import UserError
-from memtrain.eval.longqa import load_engine
 from memtrain.eval.registry import register_eval
-from memtrain.eval.report import (
-    EXAMPLES,
-    check_decoding_args,
-    check_resume,
-    done_keys,
-    summarize,
-    write_report,
-)
-from memtrain.io import append_jsonl, read_jsonl, release_dir_lock
+from memtrain.eval.report import check_decoding_args, summarize, write_report
+from memtrain.eval.runner import EvalRun, Evaluator, Row, load_engine, run_eval
 from memtrain.log import logger
 from memtrain.progress import Progress
 
@@ -83,40 +75,38 @@ def run_searchqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, re
         "task": "searchqa", "model": cfg.model.name, "data": str(Path(data_dir).resolve()),
         "retriever": spec if backend is None else "<in-process>", "limit": limit, "temperature": temperature,
         "seed": seed, "engine": cfg.engine.kind,
+        # sampled seeds derive from a task's place in its batch
+        "batch_size": batch_size if temperature > 0 else None,
         "search": {"max_turns": agent_cfg.max_turns, "response_tokens": agent_cfg.response_tokens,
                    "results_tokens": agent_cfg.results_tokens, "top_k": agent_cfg.top_k},
         "templates": dict(cfg.agent.templates)}
-    check_resume(out, meta)
-    done = done_keys(out)
-    todo = {name: [r for r in rows if f"{name}/{r['id']}" not in done] for name, rows in groups.items()}
-    if any(todo.values()):
+    def start() -> Evaluator:
+        nonlocal engine, tokenizer, backend
         if backend is None:
             backend = open_retriever(spec, kind=cfg.search.index_kind, embedder=cfg.search.embedder)
         engine, tokenizer = load_engine(cfg, engine, tokenizer)
         agent = SearchAgent(engine, tokenizer, backend, agent_cfg)
         params = SamplingParams(temperature=temperature, seed=seed)
-        pending = sum(len(rows) for rows in todo.values())
-        # turns are known only when an episode ends: the total is each episode's max_turns until then
-        progress = Progress("searchqa eval", pending, pending * agent_cfg.max_turns)
-        for name, rows in todo.items():
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
-                episodes = agent.run([sample_of(r) for r in batch], params, n=1)
-                turns = sum(len(ep.turns) for ep in episodes)
-                progress.total_turns -= len(batch) * agent_cfg.max_turns - turns
-                progress.add(docs=len(batch), turns=turns,
-                             tokens=sum(len(t.completion_ids) for ep in episodes for t in ep.turns))
-                append_jsonl(out / EXAMPLES, [episode_record(r, name, ep)
-                                              for r, ep in zip(batch, episodes, strict=True)])
-                logger.info("searchqa eval: %s: %d/%d tasks done", name, start + len(batch), len(rows))
-        progress.finish()
-        logger.info("searchqa eval: %s", ", ".join(f"{k} {v}" for k, v in agent.stats.items()))
-    keys = {f"{name}/{r['id']}" for name, rows in groups.items() for r in rows}
-    records = [r for r in read_jsonl(out / EXAMPLES) if r["key"] in keys]
-    summary = summarize(records, "searchqa", list(groups), meta, EXTRA_KEYS)
-    write_report(out, summary, EXTRA_KEYS)
-    release_dir_lock(out)  # taken by check_resume: the run is complete
-    return summary
+
+        def batch(name: str, b: int, rows: list[Row], progress: Progress) -> list[dict[str, Any]]:
+            episodes = agent.run([sample_of(r) for r in rows], params, n=1)
+            turns = sum(len(ep.turns) for ep in episodes)
+            # turns are known only when an episode ends: the total counts each at max_turns until then
+            progress.total_turns -= len(rows) * agent_cfg.max_turns - turns
+            progress.add(docs=len(rows), turns=turns,
+                         tokens=sum(len(t.completion_ids) for ep in episodes for t in ep.turns))
+            return [episode_record(r, name, ep) for r, ep in zip(rows, episodes, strict=True)]
+
+        return Evaluator(batch, lambda: logger.info("searchqa eval: %s", ", ".join(
+            f"{k} {v}" for k, v in agent.stats.items())))
+
+    def summarize_run(records: list[dict[str, Any]]) -> dict[str, Any]:
+        summary = summarize(records, "searchqa", list(groups), meta, EXTRA_KEYS)
+        write_report(out, summary, EXTRA_KEYS)
+        return summary
+
+    return run_eval(EvalRun("searchqa eval", out, meta, groups, batch_size, start, summarize_run,
+                            turns=lambda row: agent_cfg.max_turns))
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

@@ -294,10 +294,11 @@ def check_settings(config: Config) -> None:
 
 def find_validator(config: Config) -> Validator | None:
     """The validation function of ``train.eval_data`` (None without it): the ``validate`` of the evaluation
-    registered under ``train.task``'s name (:mod:`memtrain.eval.registry`)."""
+    ``train.eval`` names, by default the one registered under ``train.task``'s name
+    (:mod:`memtrain.eval.registry`)."""
     if not config.train.eval_data:
         return None
-    evaluation = get_eval(config.train.task)  # an unknown name is a one-line UserError
+    evaluation = get_eval(config.train.eval or config.train.task)  # an unknown name: a one-line UserError
     if evaluation.validate is None:
         raise UserError(f"train.eval_data={config.train.eval_data!r}: the {evaluation.name!r} evaluation "
                         "cannot validate during training (no validate function); evaluate the checkpoints "
