@@ -5,6 +5,9 @@ and reports through ``memtrain report`` in its registered main metric."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,17 @@ def test_train_eval_names_the_validating_evaluation() -> None:
     with pytest.raises(UserError, match="no evaluation named 'nope'"):
         validator("train.eval=nope")
     assert find_validator(load_config(None, ["train.eval=nope"])) is None  # no train.eval_data: no validation
+
+
+def test_memtrain_plugins_adds_a_benchmark_to_the_command_line(tmp_path: Path) -> None:
+    env = {**os.environ, "MEMTRAIN_PLUGINS": str(Path(eval_plugin.__file__))}
+    help_cmd = [sys.executable, "-m", "memtrain", "eval", "--help"]
+    proc = subprocess.run(help_cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 0 and "closedbook" in proc.stdout, proc.stderr[-2000:]
+    bad = tmp_path / "broken.py"
+    bad.write_text("raise RuntimeError('half-written plug-in')\n")
+    proc = subprocess.run(help_cmd, capture_output=True, text=True, timeout=120, check=False,
+                          env={**env, "MEMTRAIN_PLUGINS": f"{bad}, json"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"memtrain: error: MEMTRAIN_PLUGINS: cannot import '{bad}': RuntimeError: half-written plug-in"]

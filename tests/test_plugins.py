@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from memtrain.engines.base import Engine, SamplingParams
+from memtrain.errors import UserError
 from memtrain.io import read_jsonl
 from memtrain.rl.rollout import GroupKind, Rollout
 from memtrain.rl.tasks.memory import MemoryAgentTask, agent_counters, trajectory_metrics
@@ -80,3 +81,35 @@ def test_a_reward_registered_in_its_own_file_trains(tiny_model_dir: Path, tmp_pa
     initial = load_file(str(tiny_model_dir / "model.safetensors"))
     trained = load_file(str(run / "checkpoints" / "step_000002" / "model.safetensors"))
     assert max(float((trained[k] - initial[k]).abs().max()) for k in initial) > 0
+
+
+def test_a_task_with_its_own_settings_and_prompt_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """tests/task_plugin.py: a task with a ``task:`` section and a prompt kind of its own, no edit elsewhere;
+    its settings reach the prompt (through an agent.templates override of the new kind) and the update."""
+    import task_plugin
+
+    assert TASKS["say_word"] is task_plugin.SayWordTask
+    cfg = tiny_config(tiny_model_dir, write_proxy_dataset(tmp_path / "data"), [
+        "rl.group_size=4", "train.tensorboard=false", "train.checkpoint_every=2", "train.task=say_word",
+        "task.word=beta", "task.modulus=2", "agent.answer_tokens=3"])
+    cfg.agent.templates = {**cfg.agent.templates, "say_word": "Please say {word}."}  # validated on assignment
+    train(cfg, tmp_path / "run")
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and any(r["num_seqs"] > 0 for r in rows)
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    assert samples and all(s["prompt"].count("Please say beta.") == 1 for s in samples)
+    assert len({s["reward"] for s in samples}) > 1  # thirds of 3 tokens: the groups have a gradient
+
+
+@pytest.mark.parametrize(("override", "error"), [
+    ("task.colour=red", r"task.colour: unknown setting of train.task 'say_word' \(known: word, modulus\)"),
+    ("task.modulus=1", r"task.modulus: Input should be greater than or equal to 2 \(got 1"),
+])
+def test_a_task_section_is_validated_in_one_line(tiny_model_dir: Path, tmp_path: Path, override: str,
+                                                 error: str) -> None:
+    import task_plugin  # noqa: F401  (registers say_word)
+
+    with pytest.raises(UserError, match=error):
+        _two_steps(tiny_model_dir, tmp_path, ["train.task=say_word", override])
+    with pytest.raises(UserError, match=r"task\.colour: train\.task 'proxy' takes no settings of its own"):
+        _two_steps(tiny_model_dir, tmp_path / "proxy", ["task.colour=red"])

@@ -465,6 +465,12 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     verl: VerlConfig = Field(default_factory=VerlConfig)
+    task: dict[str, Any] = Field(
+        default_factory=dict,
+        description="train.task's own settings, validated by the model the task registered "
+        "(@register_task(name, settings=...)): an unknown key or bad value is a one-line error when the task "
+        "is built; empty for the built-in tasks",
+    )
 
 
 C = TypeVar("C", bound=BaseModel)

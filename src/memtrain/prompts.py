@@ -94,10 +94,31 @@ PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "imr_question": (),
 }
 
-# The chat-rendered prompt kinds (the other templates are texts that go into their fields).
-PROMPT_KINDS = ("memory", "final", "imr")
+# The chat-rendered prompt kinds (the other templates are texts that go into their fields); extended by
+# register_prompt, never reassigned, so every importer sees the registered kinds.
+PROMPT_KINDS: list[str] = ["memory", "final", "imr"]
 
-_PLACEHOLDER = re.compile(r"\{(problem|memory|chunk)\}")
+
+def register_prompt(name: str, text: str, placeholders: tuple[str, ...] = (), chat: bool = True) -> None:
+    """Add template ``name`` (``chat``: a prompt kind rendered as a user turn by :func:`render`; else a
+    text that goes into another prompt's field). Its ``placeholders`` (``{field}`` names, each in ``text``)
+    are what :func:`fill` substitutes and :func:`parse` reads back; ``agent.templates.NAME`` overrides it
+    like a built-in one. A task or evaluation module registers its own prompts when it is imported."""
+    if name in DEFAULT_TEMPLATES:
+        raise ValueError(f"prompt template {name!r} is already registered")
+    bad = [f for f in placeholders if not f.isidentifier() or "{" + f + "}" not in text]
+    if bad:
+        raise ValueError(f"prompt template {name!r}: placeholder(s) {', '.join(bad)} are not {{name}} fields "
+                         "of its text")
+    DEFAULT_TEMPLATES[name] = text
+    PLACEHOLDERS[name] = tuple(placeholders)
+    if chat:
+        PROMPT_KINDS.append(name)
+
+
+def _placeholders(kind: str) -> re.Pattern[str]:
+    """``{field}`` for the fields of ``kind`` only: other braces (``\\boxed{Paris}``) are literal text."""
+    return re.compile(r"\{(" + "|".join(map(re.escape, PLACEHOLDERS[kind])) + r")\}")
 
 
 def validate_templates(templates: Mapping[str, str]) -> None:
@@ -134,8 +155,8 @@ def fill(kind: str, overrides: Mapping[str, str] | None = None, **fields: str) -
     if missing or extra:
         raise ValueError(f"prompt {kind!r} takes fields {', '.join(needed)}; missing {missing}, "
                          f"unexpected {extra}")
-    return _PLACEHOLDER.sub(lambda m: fields[m.group(1)] if m.group(1) in fields else m.group(0),
-                            template(kind, overrides))
+    text = template(kind, overrides)
+    return _placeholders(kind).sub(lambda m: fields[m.group(1)], text) if needed else text
 
 
 def parse(kind: str, text: str, overrides: Mapping[str, str] | None = None) -> dict[str, str] | None:
@@ -145,7 +166,7 @@ def parse(kind: str, text: str, overrides: Mapping[str, str] | None = None) -> d
     if kind not in PROMPT_KINDS:
         raise ValueError(f"prompt kind {kind!r}: expected one of {', '.join(PROMPT_KINDS)}")
     tpl = template(kind, overrides)
-    parts = _PLACEHOLDER.split(tpl)  # literal, name, literal, name, ..., literal
+    parts = _placeholders(kind).split(tpl) if PLACEHOLDERS[kind] else [tpl]  # literal, name, ..., literal
     pattern = ""
     for i, part in enumerate(parts):
         if i % 2 == 0:
@@ -227,20 +248,9 @@ Problem:
 
 Give the final answer inside \\boxed{}, for example \\boxed{Paris}."""
 
-DEFAULT_TEMPLATES.update({
-    "search": SEARCH_TEMPLATE,
-    "search_last": SEARCH_LAST_TEMPLATE,
-    "search_initial_memory": SEARCH_INITIAL_MEMORY,
-    "search_no_results": SEARCH_NO_RESULTS,
-    "full_context": FULL_CONTEXT_TEMPLATE,
-    "closed_book": CLOSED_BOOK_TEMPLATE,
-})
-PLACEHOLDERS.update({
-    "search": ("problem", "memory", "chunk"),
-    "search_last": ("problem", "memory", "chunk"),
-    "search_initial_memory": (),
-    "search_no_results": (),
-    "full_context": ("problem", "chunk"),
-    "closed_book": ("problem",),
-})
-PROMPT_KINDS = (*PROMPT_KINDS, "search", "search_last", "full_context", "closed_book")
+register_prompt("search", SEARCH_TEMPLATE, ("problem", "memory", "chunk"))
+register_prompt("search_last", SEARCH_LAST_TEMPLATE, ("problem", "memory", "chunk"))
+register_prompt("search_initial_memory", SEARCH_INITIAL_MEMORY, chat=False)
+register_prompt("search_no_results", SEARCH_NO_RESULTS, chat=False)
+register_prompt("full_context", FULL_CONTEXT_TEMPLATE, ("problem", "chunk"))
+register_prompt("closed_book", CLOSED_BOOK_TEMPLATE, ("problem",))

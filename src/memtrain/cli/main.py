@@ -20,6 +20,7 @@ import sys
 from memtrain import __version__
 from memtrain.errors import UserError
 from memtrain.log import setup_logging
+from memtrain.plugins import load_plugins
 
 COMMAND_MODULES = [
     "memtrain.cli.assets",
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        load_plugins()  # before the parser: a plug-in's evaluations are sub-commands
+    except UserError as exc:
+        print(f"memtrain: error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
