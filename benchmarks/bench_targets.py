@@ -11,10 +11,10 @@ measured:
 
 - E2E: the answer of each row - broken? a header number? does a form of it survive in the document?
 - IMR: per passage of each document, every entity the masker (``--masker-from``: an older
-  ``memtrain/data/entities.py`` to measure, default the current one) accepts as an IMR target under the rules
-  of ``memtrain.agent.imr`` (candidate filters, at most 10 masks, no leak by the masker's own check): broken?
-  a header number? does a form survive the masking? (Passages stand in for chunks: a chunk of the demo is a
-  passage or part of one.)
+  ``memtrain/data/entities.py``, from before masking.py was split off it; default the current one) accepts
+  as an IMR target under the rules of ``memtrain.agent.imr`` (candidate filters, at most 10 masks, no leak
+  by the masker's own check): broken? a header number? does a form survive the masking? (Passages stand in
+  for chunks: a chunk of the demo is a passage or part of one.)
 """
 
 from __future__ import annotations
@@ -25,22 +25,23 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 from _machine import machine
 from memtrain.agent.imr import MAX_ENTITY_OCCURRENCES, MAX_ENTITY_WORDS
 from memtrain.data.dataset import load_rows
-from memtrain.data.entities import header_count, names_a_header, span_problem, variant_forms
 from memtrain.data.leaks import find_leaks
+from memtrain.data.masking import header_count, names_a_header, span_problem, variant_forms
 
 _HEADER = re.compile(r"(?:^|\n\n)Document \d+:\n")
 
 
-def load_masker(path: str | None) -> ModuleType:
-    if path is None:
-        import memtrain.data.entities as current
+def load_masker(path: str | None) -> ModuleType | SimpleNamespace:
+    if path is None:  # the candidates (entities.py) and the masking rule (masking.py) of this revision
+        import memtrain.data.entities as entities
+        import memtrain.data.masking as masking
 
-        return current
+        return SimpleNamespace(**vars(masking), **vars(entities))
     spec = importlib.util.spec_from_file_location("masker_under_test", path)
     if spec is None or spec.loader is None:
         sys.exit(f"--masker-from {path}: not a Python file")

@@ -10,13 +10,11 @@ import pytest
 
 from data_helpers import TOPICS, build_ruler_ner
 from memtrain.assets import AssetError
-from memtrain.data.entities import (
-    EntityCache,
-    EntityTagger,
-    candidates,
+from memtrain.data.entities import EntityCache, EntityTagger, candidates, load_ner
+from memtrain.data.leaks import find_leaks
+from memtrain.data.masking import (
     count_matches,
     is_usable,
-    load_ner,
     mask_entity,
     mask_forms,
     normalize_spans,
@@ -27,7 +25,6 @@ from memtrain.data.entities import (
     surname,
     variant_forms,
 )
-from memtrain.data.leaks import find_leaks
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from memtrain.agent.imr import ImrPrompt, build_imr_prompt, draw_imr_choice, run
 from memtrain.agent.loop import MemoryAgent
 from memtrain.agent.types import Trajectory
 from memtrain.config import AgentConfig
-from memtrain.data.entities import mask_entity
+from memtrain.data.masking import mask_entity
 from memtrain.engines.base import SamplingParams
 from memtrain.engines.scripted import ScriptedEngine, kind_responder
 from memtrain.models import load_tokenizer

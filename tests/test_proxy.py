@@ -13,19 +13,20 @@ import pytest
 from data_helpers import TOPICS, build_ruler_ner, make_articles, write_jsonl
 from memtrain.data.corpus import PassageStore, open_store
 from memtrain.data.dataset import load_rows, read_manifest
-from memtrain.data.entities import (
-    Candidate,
-    load_ner,
+from memtrain.data.entities import load_ner
+from memtrain.data.leaks import find_leaks
+from memtrain.data.masking import (
+    MaskedDocument,
+    mask_document,
     mask_forms,
     names_a_header,
     span_problem,
+    span_texts,
     strip_determiner,
     variant_forms,
 )
-from memtrain.data.leaks import find_leaks
 from memtrain.data.proxy import (
     PROXY_SCHEMA,
-    ProxyBuilder,
     ProxyConfig,
     build_proxy_dataset,
     open_index,
@@ -209,44 +210,46 @@ def test_output_directory_is_protected(env, built) -> None:
     assert m["num_rows"] == 3 and read_manifest(env["root"] / "base")["num_rows"] == 3
 
 
-def _cand(text: str, label: str) -> Candidate:
-    return Candidate(text, label, 0, len(text))
+def _mask(texts: list[str], ents: dict[int, list], answer: str, label: str,
+          max_masks: int = 10) -> MaskedDocument | str:
+    """The proxy builder's masking step on passages ``texts`` (NER spans ``ents`` by passage)."""
+    others = span_texts(list(range(len(texts))), texts, ents)
+    return mask_document([ents[i] for i in range(len(texts))], texts, answer, label, others, max_masks)
 
 
-def test_an_answer_that_would_hit_a_header_is_rejected(env) -> None:
-    builder = ProxyBuilder(_cfg(env, "unused"), None, None, None, None)  # type: ignore[arg-type]
+def test_an_answer_that_would_hit_a_header_is_rejected() -> None:
     ents = {0: [], 1: [(4, 5, "CARDINAL")]}
-    got = builder._assemble([0, 1], ["Some text.", "Has 2 cats."], ents, _cand("2", "CARDINAL"))
-    assert got == "variant_survives"  # "Document 2:"
-    built = builder._assemble([0, 1], ["Some text.", "Has 3 cats."], ents, _cand("3", "CARDINAL"))
-    assert not isinstance(built, str)
-    assert built[0] == "Document 1:\nSome text.\n\nDocument 2:\nHas [MASK] cats."
-    assert built[1] == [] and built[2] == 1
+    assert _mask(["Some text.", "Has 2 cats."], ents, "2", "CARDINAL") == "variant_survives"  # "Document 2:"
+    built = _mask(["Some text.", "Has 3 cats."], ents, "3", "CARDINAL")
+    assert isinstance(built, MaskedDocument)
+    assert built.text == "Document 1:\nSome text.\n\nDocument 2:\nHas [MASK] cats."
+    assert built.spans == [] and built.masks == 1
 
 
-def test_variants_are_masked_in_every_passage_and_counted(env) -> None:
+def test_variants_are_masked_in_every_passage_and_counted() -> None:
     """Masking "Barack Obama" used to leave "Obama", "the United States" to leave "United States"."""
-    builder = ProxyBuilder(_cfg(env, "unused"), None, None, None, None)  # type: ignore[arg-type]
     texts = ["Barack Obama visited the U.S. in May.", "Obama said the US may act.", "Paris is in France."]
     named = [[("Barack Obama", "PERSON"), ("the U.S.", "GPE"), ("May", "DATE")], [("Obama", "PERSON"),
              ("the US", "GPE")], [("Paris", "GPE"), ("France", "GPE")]]
     ents = {i: [(t.index(e), t.index(e) + len(e), lab) for e, lab in named[i]] for i, t in enumerate(texts)}
-    doc, spans, masks, variants, variants_masked = builder._assemble(
-        [0, 1, 2], texts, ents, _cand("Barack Obama", "PERSON"))
+    built = _mask(texts, ents, "Barack Obama", "PERSON")
+    assert isinstance(built, MaskedDocument)
+    doc, spans, masks, variants, variants_masked = built.astuple()
     assert variants == ["B.O.", "Obama"] and masks == 2 and variants_masked == 1
     assert "[MASK] visited the U.S." in doc and "[MASK] said the US may act." in doc
     # the spans IMR may use skip the masked ones; "U.S."/"US" stay (they are other entities here)
     assert [doc[s["start"]:s["end"]] for s in spans] == ["U.S.", "May", "US", "Paris", "France"]
-    doc, *_ , variants_masked = builder._assemble([0, 1, 2], texts, ents, _cand("U.S.", "GPE"))
-    assert "visited the [MASK] in May." in doc and "said the [MASK] may act" in doc and variants_masked == 1
+    built = _mask(texts, ents, "U.S.", "GPE")
+    assert isinstance(built, MaskedDocument)
+    assert "visited the [MASK] in May." in built.text and "said the [MASK] may act" in built.text
+    assert built.variants_masked == 1
 
 
-def test_entities_needing_too_many_masks_are_not_used(env) -> None:
-    builder = ProxyBuilder(_cfg(env, "x", max_masks=3), None, None, None, None)  # type: ignore[arg-type]
+def test_entities_needing_too_many_masks_are_not_used() -> None:
     texts = ["Rome and Rome.", "Rome, Rome!", "Lyon."]
     ents = {0: [(0, 4, "GPE"), (9, 13, "GPE")], 1: [(0, 4, "GPE"), (6, 10, "GPE")], 2: [(0, 4, "GPE")]}
-    assert builder._assemble([0, 1, 2], texts, ents, _cand("Rome", "GPE")) == "too_many_masks"
-    assert not isinstance(builder._assemble([0, 1, 2], texts, ents, _cand("Lyon", "GPE")), str)
+    assert _mask(texts, ents, "Rome", "GPE", max_masks=3) == "too_many_masks"
+    assert isinstance(_mask(texts, ents, "Lyon", "GPE", max_masks=3), MaskedDocument)
 
 
 def test_manifest_records_mask_counts_variants_and_a_zero_leak_rate(built) -> None:

@@ -11,7 +11,7 @@ For a finished trajectory over chunks c_0..c_{T-1} with memories m_0 (initial) .
 3. an entity lying fully inside chunk l is drawn (never a number that is also a ``Document N:`` header of
    the document: masking it would turn the header into ``Document [TARGET]:``); every occurrence of it and
    of its variants in the chunk is replaced by ``[TARGET]`` with the masking rule of the E2E task
-   (:mod:`memtrain.data.entities`: word boundaries, case rule, determiner stripped, surname / punctuation /
+   (:mod:`memtrain.data.masking`: word boundaries, case rule, determiner stripped, surname / punctuation /
    contained-span variants masked too);
    an entity that a surviving variant would give away, or that needs more than ``DEFAULT_MAX_MASKS`` masks,
    is not eligible.
@@ -40,17 +40,17 @@ from typing import Any
 from memtrain.agent.seeding import derive_seed
 from memtrain.agent.types import Trajectory, Turn
 from memtrain.config import AgentConfig
-from memtrain.data.entities import (
+from memtrain.data.entities import candidates
+from memtrain.data.leaks import find_leaks
+from memtrain.data.masking import (
     DEFAULT_MAX_MASKS,
     Span,
-    candidates,
     header_count,
     mask_forms,
     names_a_header,
     normalize_spans,
     variant_forms,
 )
-from memtrain.data.leaks import find_leaks
 from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
 from memtrain.errors import UserError
 from memtrain.prompts import TARGET_TOKEN, render, template

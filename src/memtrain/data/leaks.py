@@ -1,4 +1,4 @@
-"""The leak check of masked texts, written independently of the masker (``memtrain.data.entities``).
+"""The leak check of masked texts, written independently of the masker (``memtrain.data.masking``).
 
 A masked proxy document or IMR chunk must not show its answer in any form a reader would recognise. The
 masker replaces forms it matches with regular expressions; if the check used the same expressions it could

@@ -4,7 +4,7 @@ passages.
 One document = a pivot passage with at least one usable entity + ``related`` passages retrieved by similarity
 to it + random passages up to ``passages`` in all, shuffled, joined with ``Document i:`` headers; one entity
 of the pivot is replaced everywhere in the document by ``[MASK]`` (the masking rule of
-``memtrain.data.entities``) and is the answer. Each row also stores the spans of the usable entities of the
+``memtrain.data.masking``) and is the answer. Each row also stores the spans of the usable entities of the
 masked document (``entity_spans``), so intermediate-memory recall (section 3) can pick an entity inside any
 chunk without running NER inside the RL loop.
 
@@ -38,25 +38,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from memtrain import __version__
 from memtrain.data.corpus import PassageStore, SplitParams, open_store
 from memtrain.data.dataset import check_output_dir, write_dataset
-from memtrain.data.entities import (
-    DEFAULT_MAX_MASKS,
-    Candidate,
-    EntityTagger,
-    Span,
-    candidates,
-    entity_span,
-    is_usable,
-    mask_forms,
-    names_a_header,
-    repaired_span,
-    shift_spans,
-    variant_forms,
-)
+from memtrain.data.entities import Candidate, EntityTagger, candidates
 from memtrain.data.leaks import find_leaks
+from memtrain.data.masking import DEFAULT_MAX_MASKS, MaskedDocument, mask_document, span_texts
 from memtrain.errors import UserError
 from memtrain.io import check_writable
 from memtrain.log import logger, progress_bar
-from memtrain.prompts import MASK_TOKEN, PROXY_QUESTION
+from memtrain.prompts import PROXY_QUESTION
 from memtrain.retrieval.index import BM25Index, DenseIndex, build_index, load_index
 
 TASK = "proxy"
@@ -449,49 +437,6 @@ class ProxyBuilder:
 
     # -------------------------------------------------------------------------------------------- documents
 
-    def _assemble(
-        self, rows: list[int], texts: list[str], ents: dict[int, list[Span]], cand: Candidate,
-        others: set[str] | None = None,
-    ) -> tuple[str, list[dict[str, Any]], int, list[str], int] | str:
-        """The masked document, the entity spans in it and the numbers of masks and of masked variants; or
-        why ``cand`` cannot be the answer: it needs more than ``max_masks`` masks, or a variant survives
-        (e.g. in a ``Document i:`` header). The cheap checks come first: most candidates fail one.
-        ``others``: the texts of every NER span of the passages (computed once per document by the caller)."""
-        answer = cand.text
-        if others is None:
-            others = span_texts(rows, texts, ents)
-        variants = variant_forms(answer, cand.label, others)
-        masked = [mask_forms(text, answer, MASK_TOKEN, variants) for text in texts]
-        if sum(m.count for m in masked) > self.cfg.max_masks:
-            return "too_many_masks"
-        headers = [f"{chr(10) * 2 if i > 1 else ''}Document {i}:\n" for i in range(1, len(rows) + 1)]
-        doc = "".join(h + m.text for h, m in zip(headers, masked, strict=True))
-        if find_leaks(doc, answer, variants):
-            return "variant_survives"
-        # a span can only hold a form of the answer if it holds the form's first word
-        first_words = {w.casefold() for form in (answer, *variants) for w in _WORD.findall(form)[:1]}
-        spans: list[dict[str, Any]] = []
-        pos = 0
-        for row, header, m in zip(rows, headers, masked, strict=True):
-            pos += len(header)
-            for span in shift_spans(ents[row], m.replaced, len(MASK_TOKEN)):
-                s, e, label = entity_span(m.text, span)
-                fixed = repaired_span(m.text, s, e)
-                if isinstance(fixed, str):
-                    continue  # a broken NER span: never an IMR target
-                s, e = fixed
-                ent = m.text[s:e]
-                if not is_usable(ent, label, self.cfg.max_entity_words, self.cfg.entity_labels):
-                    continue
-                if names_a_header(ent, len(rows)):
-                    continue
-                folded = ent.casefold()
-                if any(w in folded for w in first_words) and find_leaks(ent, answer, variants):
-                    continue
-                spans.append({"start": s + pos, "end": e + pos, "label": label})
-            pos += len(m.text)
-        return doc, spans, sum(m.count for m in masked), variants, sum(m.variants for m in masked)
-
     def _arrange(self, d: _Draw, rng: np.random.Generator) -> tuple[list[int], list[Candidate]]:
         """Shuffled passage order and the order in which the pivot's candidates are tried."""
         rows = [d.row, *d.related, *d.randoms]
@@ -500,13 +445,14 @@ class ProxyBuilder:
 
     def _build(
         self, order: list[int], cand_order: list[Candidate]
-    ) -> tuple[Candidate, tuple[str, list[dict[str, Any]], int, list[str], int]] | None:
+    ) -> tuple[Candidate, MaskedDocument] | None:
         """The first candidate whose masked document passes the masking checks, with that document."""
         ents = self.tagger(order)
         texts = self.store.texts(order)
         others = span_texts(order, texts, ents)
         for cand in cand_order:
-            built = self._assemble(order, texts, ents, cand, others)
+            built = mask_document([ents[row] for row in order], texts, cand.text, cand.label, others,
+                                  self.cfg.max_masks, self.cfg.max_entity_words, self.cfg.entity_labels)
             if not isinstance(built, str):
                 return cand, built
             self.counts[f"candidates_rejected_{built}"] += 1
@@ -532,7 +478,7 @@ class ProxyBuilder:
                 found = self._build(order, cand_order)
                 if found is None:
                     return "no_entity_passes_masking_check"
-                cand, (doc, spans, masked, variants, variants_masked) = found
+                cand, (doc, spans, masked, variants, variants_masked) = found[0], found[1].astuple()
                 ntok = self.counter.text(doc)
                 if ntok <= self.cfg.max_tokens or len(order) == 1:
                     break
@@ -624,11 +570,6 @@ class ProxyBuilder:
                 "leak_rate": self.leaked_docs / max(len(self.masks), 1),
             },
         }
-
-
-def span_texts(rows: list[int], texts: list[str], ents: dict[int, list[Span]]) -> set[str]:
-    """The texts of every NER span of a document's passages (where a candidate's variants are looked up)."""
-    return {texts[i][s:e] for i, row in enumerate(rows) for s, e, _ in ents[row]}
 
 
 def distribution(values: list[int]) -> dict[str, Any]:
