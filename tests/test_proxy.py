@@ -25,13 +25,8 @@ from memtrain.data.masking import (
     strip_determiner,
     variant_forms,
 )
-from memtrain.data.proxy import (
-    PROXY_SCHEMA,
-    ProxyConfig,
-    build_proxy_dataset,
-    open_index,
-    related_passages,
-)
+from memtrain.data.proxy import PROXY_SCHEMA, ProxyConfig, build_proxy_dataset
+from memtrain.data.related import open_index, related_passages
 from memtrain.errors import UserError
 from memtrain.prompts import MASK_TOKEN, PROXY_QUESTION
 

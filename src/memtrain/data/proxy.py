@@ -41,11 +41,12 @@ from memtrain.data.dataset import check_output_dir, write_dataset
 from memtrain.data.entities import Candidate, EntityTagger, candidates
 from memtrain.data.leaks import find_leaks
 from memtrain.data.masking import DEFAULT_MAX_MASKS, MaskedDocument, mask_document, span_texts
+from memtrain.data.related import excluded_rows, open_index, related_passages
 from memtrain.errors import UserError
 from memtrain.io import check_writable
 from memtrain.log import logger, progress_bar
 from memtrain.prompts import PROXY_QUESTION
-from memtrain.retrieval.index import BM25Index, DenseIndex, build_index, load_index
+from memtrain.retrieval.index import BM25Index, DenseIndex
 
 TASK = "proxy"
 SPAN_TYPE = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("label", pa.string())])
@@ -69,7 +70,6 @@ PROXY_SCHEMA = pa.schema(
 )
 _WORD = re.compile(r"\w+")
 _BLOCK = 64  # pivots planned together, so NER and retrieval run in batches
-_RELATED_MARGIN = 8  # extra hits asked for, to make up for the pivot itself and duplicate passages
 _MIN_TRIES_BEFORE_GIVING_UP = 100
 _MIN_SUCCESS_RATE = 0.05
 
@@ -188,89 +188,6 @@ class _Draw:
     rng: np.random.Generator
     related: list[int] = field(default_factory=list)
     randoms: list[int] = field(default_factory=list)
-
-
-def _index_dir(cache: Path, store: PassageStore, cfg: ProxyConfig) -> Path:
-    if cfg.retriever == "bm25":
-        return cache / "index" / f"{store.key}-bm25"
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.embedder).strip("_")[-60:]
-    return cache / "index" / f"{store.key}-dense-{slug}"
-
-
-def open_index(
-    store: PassageStore, cfg: ProxyConfig, cache: Path
-) -> tuple[BM25Index | DenseIndex, Path, bool]:
-    """The retrieval index over the store's passages: loaded from the cache, or built once and saved there."""
-    directory = _index_dir(cache, store, cfg)
-    if (directory / "index_meta.json").is_file():
-        index = load_index(directory)
-        if len(index) == len(store) and (not isinstance(index, DenseIndex) or index.model == cfg.embedder):
-            logger.info("reusing %s index %s", cfg.retriever, directory)
-            return index, directory, True
-        logger.warning("cached index %s does not match the corpus; rebuilding it", directory)
-    start = time.time()
-    texts = store.all_texts()
-    if cfg.retriever == "dense":
-        index = build_index("dense", texts, model=cfg.embedder, batch_size=cfg.embed_batch_size)
-    else:
-        index = build_index("bm25", texts)
-    index.save(directory)
-    logger.info("built %s index over %d passages in %.1fs", cfg.retriever, len(store), time.time() - start)
-    return index, directory, False
-
-
-def related_passages(
-    index: BM25Index | DenseIndex, store: PassageStore, pivots: list[int], n: int,
-    excluded: np.ndarray | None = None,
-) -> list[list[int]]:
-    """For each pivot row, up to ``n`` most similar other passages, best first; the pivot itself, passages
-    whose text duplicates an earlier one and rows flagged in ``excluded`` (a held-out set's exclusions) are
-    skipped. Dense indexes search by the stored pivot vectors, BM25 by the pivot text. BM25 may return fewer
-    than ``n`` (only passages sharing a term count)."""
-    if n <= 0 or not pivots:
-        return [[] for _ in pivots]
-    margin = _RELATED_MARGIN if excluded is None or not excluded.any() else 4 * _RELATED_MARGIN + n
-    k = min(len(store), n + 1 + margin)
-    if isinstance(index, DenseIndex):
-        hits = index.search_rows(pivots, k)
-    else:
-        hits = index.search(store.texts(pivots), k)
-    out: list[list[int]] = []
-    for pivot, h in zip(pivots, hits, strict=True):
-        cand = [r for r, _ in h if r != pivot and (excluded is None or not excluded[r])]
-        texts = store.texts([pivot, *cand])
-        seen = {texts[0]}
-        rel: list[int] = []
-        for r, t in zip(cand, texts[1:], strict=True):
-            if t not in seen and len(rel) < n:
-                rel.append(r)
-                seen.add(t)
-        out.append(rel)
-    return out
-
-
-def excluded_rows(store: PassageStore, datasets: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Rows of every article that a document of ``datasets`` (proxy datasets over this same passage store)
-    drew a passage from, as a mask over the store; and what was excluded, for the manifest."""
-    from memtrain.data.dataset import iter_rows, read_manifest
-
-    used: set[int] = set()
-    for data_dir in datasets:
-        manifest = read_manifest(data_dir)
-        key = (manifest.get("corpus") or {}).get("key")
-        if manifest.get("task") != TASK or key != store.key:
-            raise UserError(
-                f"--exclude-from {data_dir}: expected a proxy dataset built from the same corpus (passage "
-                f"store {store.key}), found task {manifest.get('task')!r} over store {key!r}"
-            )
-        for row in iter_rows(data_dir, columns=["passage_ids"]):
-            used.update(int(r) for r in row["passage_ids"])
-    articles = np.asarray(store.table.column("article").to_numpy(zero_copy_only=False))
-    used_articles = np.unique(articles[sorted(used)]) if used else np.empty(0, dtype=articles.dtype)
-    mask = np.isin(articles, used_articles)
-    info = {"datasets": [str(Path(d).resolve()) for d in datasets], "articles": len(used_articles),
-            "passages": int(mask.sum())}
-    return mask, info
 
 
 def check_feasible(cfg: ProxyConfig, store: PassageStore, counter: TokenCounter) -> dict[str, float]:
@@ -592,6 +509,29 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _manifest(cfg: ProxyConfig, store: PassageStore, tagger: EntityTagger,
+              builder: ProxyBuilder) -> dict[str, Any]:
+    """What a finished build records besides its timings: inputs, models, NER cache, the builder's counts."""
+    return {
+        "corpus": {"spec": cfg.corpus, "store": str(store.directory), **store.meta},
+        "params": cfg.model_dump(mode="json"),
+        "models": {
+            "ner": {k: v for k, v in tagger.fingerprint.items() if k != "files"},
+            "retriever": cfg.retriever,
+            "embedder": cfg.embedder if cfg.retriever == "dense" else None,
+            "tokenizer": cfg.tokenizer,
+        },
+        "ner_cache": {
+            "file": str(tagger.cache.path) if tagger.cache else None,
+            "passages_tagged_now": tagger.tagged,
+            "cache_hits": tagger.cache_hits,
+        },
+        **builder.report(),
+        "versions": _versions(),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def build_proxy_dataset(cfg: ProxyConfig) -> dict[str, Any]:
     """Build the dataset described by ``cfg`` into ``cfg.out``; returns the manifest written there."""
     from memtrain.models import load_tokenizer
@@ -634,32 +574,12 @@ def build_proxy_dataset(cfg: ProxyConfig) -> dict[str, Any]:
             timings["sampling_s"] = (
                 time.time() - start - tagger.seconds - tokenize_s - builder.retrieval_seconds
             )
-            timings["ner_s"] = tagger.seconds
-            timings["tokenize_s"] = tokenize_s
-            timings["retrieval_s"] = builder.retrieval_seconds
-            return {
-                "corpus": {"spec": cfg.corpus, "store": str(store.directory), **store.meta},
-                "params": cfg.model_dump(mode="json"),
-                "models": {
-                    "ner": {k: v for k, v in tagger.fingerprint.items() if k != "files"},
-                    "retriever": cfg.retriever,
-                    "embedder": cfg.embedder if cfg.retriever == "dense" else None,
-                    "tokenizer": cfg.tokenizer,
-                },
-                "index": {"dir": str(index_dir), "reused": reused, "size": len(index)},
-                "ner_cache": {
-                    "file": str(tagger.cache.path) if tagger.cache else None,
-                    "passages_tagged_now": tagger.tagged,
-                    "cache_hits": tagger.cache_hits,
-                },
-                "feasibility": feasibility,
-                "excluded": exclusion,
-                **builder.report(),
-                "timings_s": {k: round(v, 2) for k, v in timings.items()},
-                "wall_time_s": round(time.time() - wall, 2),
-                "versions": _versions(),
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
+            timings.update(ner_s=tagger.seconds, tokenize_s=tokenize_s, retrieval_s=builder.retrieval_seconds)
+            index_info = {"dir": str(index_dir), "reused": reused, "size": len(index)}
+            return {**_manifest(cfg, store, tagger, builder), "feasibility": feasibility,
+                    "excluded": exclusion, "index": index_info,
+                    "timings_s": {k: round(v, 2) for k, v in timings.items()},
+                    "wall_time_s": round(time.time() - wall, 2)}
 
         manifest = write_dataset(out, builder.rows(), PROXY_SCHEMA, TASK, info, cfg.shard_size, cfg.overwrite)
     finally:
