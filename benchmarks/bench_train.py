@@ -1,7 +1,7 @@
 """Time per GRPO training step of the CPU demo config, split into rollout / reference / update / engine sync.
 
-The loop is the trainer's own (``memtrain.rl.trainer``: ``build_policy``, ``collect_rollouts``;
-``memtrain.rl.rollout.training_sequences``; ``policy_update``); the reference pass, which ``policy_update``
+The loop is the trainer's own (``memtrain.rl.trainer.build_policy``, ``memtrain.rl.collect.collect_rollouts``,
+``memtrain.rl.rollout.training_sequences``, ``policy_update``); the reference pass, which ``policy_update``
 runs inside its micro-batch loop, is also timed on its own (``sequence_logprobs`` of the frozen reference
 over the same sequences) so it can be split off the update time. The DAPO filter is off here
 (``rl.dynamic_filter=false``) so every step updates on all its sequences: with it on, an untrained SmolLM2
@@ -50,11 +50,12 @@ def main() -> None:
     from memtrain.engines.factory import make_engine
     from memtrain.models import load_tokenizer
     from memtrain.precision import autocast_dtype
+    from memtrain.rl.collect import collect_rollouts
     from memtrain.rl.logprobs import sequence_logprobs
     from memtrain.rl.optim import build_optimizer, build_scheduler
     from memtrain.rl.rollout import step_metrics, training_sequences
     from memtrain.rl.tasks.registry import check_rows, make_task
-    from memtrain.rl.trainer import build_policy, collect_rollouts
+    from memtrain.rl.trainer import build_policy
     from memtrain.rl.update import policy_update
 
     if not (Path(args.data) / "manifest.json").is_file():

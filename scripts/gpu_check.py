@@ -69,7 +69,8 @@ def _two_steps(args: argparse.Namespace, tmp: Path, extra: list[str]) -> str:
     from safetensors.torch import load_file
 
     from memtrain.io import read_jsonl
-    from memtrain.rl.checkpoint import export_checkpoint, is_sharded
+    from memtrain.rl.checkpoint import is_sharded
+    from memtrain.rl.export import export_checkpoint
     from memtrain.rl.tasks.registry import TASKS
     from memtrain.rl.trainer import train
     from train_helpers import ParityTask, tiny_config

@@ -12,6 +12,7 @@ import torch
 from memtrain.config import LoraConfig, OptimConfig, load_config
 from memtrain.models import load_policy, load_tokenizer
 from memtrain.rl import checkpoint as ck
+from memtrain.rl.export import merge_lora
 from memtrain.rl.optim import apply_lora, build_optimizer, build_scheduler
 
 
@@ -123,13 +124,13 @@ def test_lora_checkpoint_reload_and_merge(tiny_model_dir: Path, tmp_path: Path) 
     with torch.no_grad():
         assert torch.allclose(fresh(input_ids=x).logits, expected, atol=1e-6)
 
-    merged_dir = ck.merge_lora(path, tmp_path / "merged")
+    merged_dir = merge_lora(path, tmp_path / "merged")
     merged = load_policy(str(merged_dir), "float32", "cpu")
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=x).logits, expected, atol=1e-4)
     with pytest.raises(FileNotFoundError, match="not a LoRA checkpoint"):
-        ck.merge_lora(merged_dir, tmp_path / "again")
+        merge_lora(merged_dir, tmp_path / "again")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="refusing to replace"):
-        ck.merge_lora(path, tmp_path / "busy")
+        merge_lora(path, tmp_path / "busy")

@@ -237,7 +237,7 @@ def test_eval_killed_mid_run_resumes_to_the_same_examples(
             "--batch-size", "1"]
     pause = tmp_path / "paused"
     # paused after its second batch was appended: a second evaluation of the same --out is refused
-    proc = _spawn(driver, args, "memtrain.eval.proxy:append_jsonl:2:exit:pause", pause_file=pause)
+    proc = _spawn(driver, args, "memtrain.eval.runner:append_jsonl:2:exit:pause", pause_file=pause)
     _wait_for(pause, proc)
     config = tiny_config(tiny_model_dir, data)
     held = rf"^{out} is in use by another memtrain process \(pid {proc.pid} on "

@@ -16,10 +16,11 @@ from memtrain.engines.base import SamplingParams
 from memtrain.engines.scripted import ScriptedEngine
 from memtrain.io import read_jsonl
 from memtrain.models import load_tokenizer
+from memtrain.rl.collect import batch_indices, refill_rows, unique_ids
 from memtrain.rl.rollout import score_groups, step_metrics, training_sequences
 from memtrain.rl.tasks.proxy import ProxyTask
 from memtrain.rl.tasks.registry import TASKS
-from memtrain.rl.trainer import NonFiniteError, batch_indices, refill_rows, train, unique_ids
+from memtrain.rl.trainer import NonFiniteError, train
 from train_helpers import (
     ParityTask,
     poison_updates,

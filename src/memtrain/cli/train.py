@@ -116,7 +116,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from memtrain.rl.checkpoint import merge_lora
+    from memtrain.rl.export import merge_lora
 
     out = merge_lora(args.checkpoint, args.out, base=args.base)
     print(f"merged model: {out}")
@@ -124,7 +124,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from memtrain.rl.checkpoint import export_checkpoint
+    from memtrain.rl.export import export_checkpoint
 
     out = export_checkpoint(args.source, args.out, adapter=args.adapter, base=args.base)
     print(f"model: {out}  (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")

@@ -8,18 +8,16 @@ Layout::
     RUN/checkpoints/latest         symlink to the newest complete checkpoint directory (relative, so the run
                                    dir can move), usable wherever a model path is expected
 
-``meta.json`` (written last) records the size and sha256 of every other file of the checkpoint, so a
-directory that arrived half-copied (an interrupted ``rsync``, an object-store sync) is not mistaken for a
-complete one, and a resume verifies the content (:func:`damage_reason`: hashes, and finite weights) and falls
-back to the newest checkpoint that verifies, saying so.
-Resume takes the newest *complete* ``step_*`` directory, found from the directories themselves: ``latest``
-is only a convenience and may be missing, a plain file or a real directory after ``cp -rL``/``rsync -r``.
+``meta.json`` (written last) records the size and sha256 of every other file, so a half-copied directory
+(an interrupted ``rsync``) is not taken for a complete one; a resume verifies the content (hashes, finite
+weights: :func:`damage_reason`) of the newest complete ``step_*`` directory, found from the directories
+themselves (``latest`` may be missing or a copy), and falls back to the newest that verifies, saying so.
 
 Under FSDP2 (``train.parallel=fsdp2``) the weights and optimizer state are sharded over the ranks, and so is
 the checkpoint by default (``train.checkpoint_format``): ``step_N/sharded/`` holds every rank's shards
 (torch.distributed.checkpoint, :func:`save_sharded_state`), next to the model config, tokenizer, trainer
 state (without the optimizer) and meta.json; it resumes on any number of ranks or in one process
-(:func:`load_sharded_state`) and :func:`export_checkpoint` makes a Hugging Face model of it. With
+(:func:`load_sharded_state`) and :mod:`memtrain.rl.export` makes a Hugging Face model of it. With
 ``train.checkpoint_format=full`` every rank joins :func:`gather_full_state` instead and rank 0 writes the
 layout above; a resumed run loads the full weights on every rank before sharding and the optimizer state
 through :func:`load_full_optimizer_state`.
@@ -74,33 +72,14 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_m
 
 # Keys that may change when a run is resumed: they change how long it runs, what it logs, how often it saves,
 # and how work is batched for speed - never what is learned from which data.
-RESUMABLE_KEYS: frozenset[str] = frozenset(
-    {
-        "train.steps",
-        "train.checkpoint_every",
-        "train.keep_last",
-        "train.checkpoint_format",
-        "train.collapse_patience",
-        "train.sample_every",
-        "train.sample_count",
-        "train.log_every",
-        "train.tensorboard",
-        "train.wandb",
-        "train.wandb_project",
-        "train.wandb_mode",
-        "train.max_nonfinite",
-        "train.threads",
-        "train.eval_data",
-        "train.eval_every",
-        "train.eval_limit",
-        "train.eval_batch_size",
-        "engine.batch_size",
-        "engine.max_concurrency",
-        "engine.timeout_s",
-        "engine.max_retries",
-        "rl.micro_batch_tokens",
-    }
-)
+RESUMABLE_KEYS: frozenset[str] = frozenset({
+    "train.steps", "train.checkpoint_every", "train.keep_last", "train.checkpoint_format",
+    "train.collapse_patience", "train.sample_every", "train.sample_count", "train.log_every",
+    "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode", "train.max_nonfinite",
+    "train.threads", "train.eval_data", "train.eval", "train.eval_every", "train.eval_limit",
+    "train.eval_batch_size", "engine.batch_size", "engine.max_concurrency", "engine.timeout_s",
+    "engine.max_retries", "rl.micro_batch_tokens",
+})
 
 
 def step_dir_name(step: int) -> str:
@@ -351,10 +330,10 @@ def resume_checkpoint(run_dir: Path, checkpoint_every: int | None = None) -> Pat
         return None
     for p, why in newer:
         logger.warning("resume: skipping incomplete checkpoint %s (%s); resuming from %s", p, why, found.name)
-    return _verified(run_dir, found)
+    return verified_checkpoint(run_dir, found)
 
 
-def _verified(run_dir: Path, found: Path) -> Path:
+def verified_checkpoint(run_dir: Path, found: Path) -> Path:
     """``found`` if its content verifies, else the newest older complete checkpoint that does (with a
     warning naming what was wrong); refuses when none does."""
     damaged = []
@@ -603,104 +582,3 @@ def load_adapter_weights(model: Any, ckpt_dir: Path) -> None:
         raise UserError(
             f"{path}: adapter weights do not fit the model (unexpected keys {unexpected[:3]}...)"
         )
-
-
-def merge_lora(ckpt_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
-    """Merge a LoRA checkpoint into its base model; save full HF weights + tokenizer to ``out_dir``.
-
-    ``base``: the base model (short name, path or HF name); default: the run's ``model_name`` in meta.json.
-    """
-    from peft import PeftModel
-
-    from memtrain.models import load_policy, load_tokenizer
-
-    ckpt = Path(ckpt_dir)
-    if not (ckpt / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"{ckpt} is not a LoRA checkpoint (no adapter_config.json); full-weight "
-            "checkpoints load directly with from_pretrained"
-        )
-    if base is None:
-        meta_path = ckpt / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} not found; pass --base MODEL to name the base model")
-        base = str(json.loads(meta_path.read_text(encoding="utf-8"))["model_name"])
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise UserError(f"--out {out} exists and is not a model directory; refusing to replace it")
-    model = load_policy(base, "float32", "cpu")
-    merged = PeftModel.from_pretrained(model, str(ckpt)).merge_and_unload()
-    tokenizer = load_tokenizer(str(ckpt))
-    with atomic_dir(out) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    logger.info("merged %s into %s -> %s", ckpt, base, out)
-    return out
-
-
-# --- export: a Hugging Face model directory from any checkpoint ---------------------------------------------
-
-_NOT_MODEL_FILES = frozenset({STATE_FILE, META_FILE})
-
-
-def export_source(source: Path) -> Path:
-    """The checkpoint ``source`` names: a checkpoint directory (``step_N``, ``latest``), or a run directory
-    (its newest complete checkpoint whose content verifies)."""
-    source = Path(source)
-    if (source / CHECKPOINTS_DIR).is_dir():
-        found = latest_checkpoint(source)
-        if found is None:
-            raise UserError(f"{source}: the run holds no complete checkpoint to export")
-        return _verified(source, found)
-    if not source.is_dir():
-        raise UserError(f"{source}: not a directory; expected a run directory or one of its checkpoints")
-    if (source / "actor").is_dir() or source.name.startswith("global_step_"):
-        raise UserError(f"{source} is a verl checkpoint: verl's own merger writes the Hugging Face model "
-                        f"(`python -m verl.model_merger merge --backend fsdp --local_dir {source / 'actor'} "
-                        "--target_dir DIR`, in the verl environment; docs/verl.md)")
-    why = incomplete_reason(source) or damage_reason(source)
-    if why is not None:
-        raise UserError(f"{source}: not a complete, verified checkpoint ({why})")
-    return source
-
-
-def export_checkpoint(source: Path, out: Path, adapter: bool = False, base: str | None = None) -> Path:
-    """Write ``source``'s policy to ``out`` as a Hugging Face model directory (safetensors, config,
-    tokenizer): full checkpoints as they are, sharded ones assembled in this process from their shards (no
-    process group needed), LoRA ones merged into their base model, or with ``adapter`` kept as the adapter."""
-    ckpt = export_source(source)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise UserError(f"--out {out} exists and is not a model directory; refusing to replace it")
-    lora = (ckpt / "adapter_config.json").is_file()
-    if adapter and not lora:
-        raise UserError(f"--adapter: {ckpt} holds full weights, not a LoRA adapter")
-    if lora and not adapter:
-        return merge_lora(ckpt, out, base=base)
-    with atomic_dir(out) as tmp:
-        if is_sharded(ckpt):
-            _assemble_sharded(ckpt, tmp)
-        else:  # full weights or an adapter: the Hugging Face files as they are
-            for f in sorted(ckpt.iterdir()):
-                if f.is_file() and f.name not in _NOT_MODEL_FILES:
-                    shutil.copy2(f, tmp / f.name)
-    logger.info("exported %s -> %s", ckpt, out)
-    return out
-
-
-def _assemble_sharded(ckpt: Path, tmp: Path) -> None:
-    """One process reads every rank's shards into a full model built from the checkpoint's config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from memtrain.models import load_tokenizer
-
-    config = AutoConfig.from_pretrained(ckpt)
-    with torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    load_sharded_state(ckpt, model, None)
-    if (ckpt / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(ckpt)
-    model.save_pretrained(tmp)
-    load_tokenizer(str(ckpt)).save_pretrained(tmp)
