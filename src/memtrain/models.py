@@ -217,6 +217,25 @@ def _aligned(model: Any) -> Any:
     return model
 
 
+def _tiny_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE trained on a few sentences, with ChatML's special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                  "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(_TINY_TRAINING_TEXT * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                        unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
 def build_tiny_model(
     out_dir: str | Path,
     vocab_size: int = 512,
@@ -231,14 +250,7 @@ def build_tiny_model(
     full-size random model on a GPU) and the tokenizer from that checkpoint too.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        LlamaConfig,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,25 +260,7 @@ def build_tiny_model(
         config = AutoConfig.from_pretrained(src)
         tokenizer = AutoTokenizer.from_pretrained(src)
     else:
-        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        bpe = Tokenizer(models.BPE(unk_token=None))
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bpe.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        bpe.train_from_iterator(_TINY_TRAINING_TEXT * 4, trainer=trainer)
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=bpe,
-            bos_token="<|im_start|>",
-            eos_token="<|im_end|>",
-            pad_token="<|im_end|>",
-            unk_token="<|endoftext|>",
-        )
-        tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer = _tiny_tokenizer(vocab_size)
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=hidden_size,

@@ -256,11 +256,39 @@ def _snippets(context: str, marker: str, color: bool, radius: int = 160, limit: 
     return out
 
 
+def _sample_lines(i: int, row: dict[str, Any], color: bool) -> list[str]:
+    """One sample of ``memtrain data show``: its answer, question and the context around the mask."""
+    from memtrain.prompts import MASK_TOKEN
+
+    lines = [f"--- sample {i + 1}: {row['id']} ---"]
+    if "pivot_title" in row:
+        lines.append(
+            f"pivot: {row['pivot_title']!r} (Document {row.get('pivot_position')} of "
+            f"{row.get('num_passages')}), {row.get('num_tokens')} tokens, "
+            f"{len(row.get('entity_spans') or [])} entity spans"
+        )
+    label = f" ({row['entity_label']})" if "entity_label" in row else ""
+    variants = f" ({row['num_variants_masked']} variants)" if row.get("num_variants_masked") else ""
+    lines.append(
+        f"answers: {row['answers']}{label}"
+        + (f", masked {row['num_masked']} times{variants}" if "num_masked" in row else "")
+    )
+    lines.append("question: " + textwrap.shorten(row["question"], 300))
+    context = row.get("context")
+    if isinstance(context, str):
+        snippets = _snippets(context, MASK_TOKEN, color)
+        if snippets:
+            lines.append(f"context ({len(context)} chars) around {MASK_TOKEN}:")
+            lines.extend(f"  {s}" for s in snippets)
+        else:
+            lines.append("context: " + textwrap.shorten(context, 400))
+    return lines
+
+
 def format_show(data_dir: str | Path, n: int = 3, color: bool = False) -> str:
     """Dataset summary (manifest, token-length histogram, label counts) and ``n`` samples with the mask
     highlighted; works for any task's dataset, showing what its columns allow."""
     from memtrain.data.dataset import iter_rows, read_manifest
-    from memtrain.prompts import MASK_TOKEN
 
     manifest = read_manifest(data_dir)
     columns = set(manifest.get("columns", {}))
@@ -306,29 +334,7 @@ def format_show(data_dir: str | Path, n: int = 3, color: bool = False) -> str:
     for i, row in enumerate(iter_rows(data_dir)):
         if i >= n:
             break
-        lines.append("")
-        lines.append(f"--- sample {i + 1}: {row['id']} ---")
-        if "pivot_title" in row:
-            lines.append(
-                f"pivot: {row['pivot_title']!r} (Document {row.get('pivot_position')} of "
-                f"{row.get('num_passages')}), {row.get('num_tokens')} tokens, "
-                f"{len(row.get('entity_spans') or [])} entity spans"
-            )
-        label = f" ({row['entity_label']})" if "entity_label" in row else ""
-        variants = f" ({row['num_variants_masked']} variants)" if row.get("num_variants_masked") else ""
-        lines.append(
-            f"answers: {row['answers']}{label}"
-            + (f", masked {row['num_masked']} times{variants}" if "num_masked" in row else "")
-        )
-        lines.append("question: " + textwrap.shorten(row["question"], 300))
-        context = row.get("context")
-        if isinstance(context, str):
-            snippets = _snippets(context, MASK_TOKEN, color)
-            if snippets:
-                lines.append(f"context ({len(context)} chars) around {MASK_TOKEN}:")
-                lines.extend(f"  {s}" for s in snippets)
-            else:
-                lines.append("context: " + textwrap.shorten(context, 400))
+        lines += ["", *_sample_lines(i, row, color)]
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -428,6 +428,39 @@ class PassageStore:
         return self.table.column("article").take(pa.array(rows, type=pa.int64())).to_pylist()
 
 
+def _write_passages(path: Path, articles: Iterable[Any], params: SplitParams, max_articles: int | None,
+                    stats: ReadStats) -> None:
+    """Split ``articles`` into passages and stream them into the Arrow file ``path``, counting into
+    ``stats``."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, _SCHEMA) as writer:
+        cols: dict[str, list[Any]] = {"text": [], "title": [], "article": []}
+
+        def flush() -> None:
+            if cols["text"]:
+                writer.write_batch(
+                    pa.record_batch([cols["text"], cols["title"], cols["article"]], schema=_SCHEMA)
+                )
+                for v in cols.values():
+                    v.clear()
+
+        for art in progress(articles, desc="reading corpus", unit="article"):
+            if max_articles is not None and stats.articles >= max_articles:
+                break
+            passages = split_passages(art.text, params)
+            if not passages:
+                stats.skipped["article_shorter_than_min_chars"] += 1
+                continue
+            for p in passages:
+                cols["text"].append(p)
+                cols["title"].append(art.title)
+                cols["article"].append(stats.articles)
+            stats.articles += 1
+            stats.passages += len(passages)
+            if len(cols["text"]) >= _BATCH:
+                flush()
+        flush()
+
+
 def build_store(
     spec: str,
     directory: Path,
@@ -440,35 +473,8 @@ def build_store(
     """Stream the corpus into ``directory`` (atomically): passages.arrow + meta.json with read statistics."""
     stats = ReadStats()
     with atomic_dir(Path(directory)) as tmp:
-        with pa.OSFile(str(tmp / PASSAGES_FILE), "wb") as sink, pa.ipc.new_file(sink, _SCHEMA) as writer:
-            cols: dict[str, list[Any]] = {"text": [], "title": [], "article": []}
-
-            def flush() -> None:
-                if cols["text"]:
-                    writer.write_batch(
-                        pa.record_batch([cols["text"], cols["title"], cols["article"]], schema=_SCHEMA)
-                    )
-                    for v in cols.values():
-                        v.clear()
-
-            for art in progress(
-                iter_articles(spec, text_field, title_field, stats), desc="reading corpus", unit="article"
-            ):
-                if max_articles is not None and stats.articles >= max_articles:
-                    break
-                passages = split_passages(art.text, params)
-                if not passages:
-                    stats.skipped["article_shorter_than_min_chars"] += 1
-                    continue
-                for p in passages:
-                    cols["text"].append(p)
-                    cols["title"].append(art.title)
-                    cols["article"].append(stats.articles)
-                stats.articles += 1
-                stats.passages += len(passages)
-                if len(cols["text"]) >= _BATCH:
-                    flush()
-            flush()
+        _write_passages(tmp / PASSAGES_FILE, iter_articles(spec, text_field, title_field, stats), params,
+                        max_articles, stats)
         if stats.passages == 0:
             detail = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items())) or "it has no articles"
             raise UserError(

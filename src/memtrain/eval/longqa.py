@@ -164,6 +164,34 @@ def _protocol(cfg: Config, agent_cfg: AgentConfig | None, temperature: float, to
             "reads": "every chunk" if every else f"at most {a.max_chunks} chunks"}
 
 
+def _evaluator(cfg: Config, agent_cfg: AgentConfig | None, params: SamplingParams, max_context: int | None,
+               engine: Engine | None, tokenizer: Any) -> Evaluator:
+    """The engine loaded and the batch function of the mode: the memory agent, or one full-context prompt
+    per document (the model's context is the budget)."""
+    engine, tokenizer = load_engine(cfg, engine, tokenizer)
+    if agent_cfg is not None:
+        agent = MemoryAgent(engine, tokenizer, agent_cfg)
+
+        def memory(size: str, b: int, rows: list[Row], progress: Progress) -> list[dict[str, Any]]:
+            return _memory_records(agent, rows, int(size), params, progress)
+
+        def caps() -> None:
+            logger.info("longqa eval: memory cap hit-rate %.3f, answer cap hit-rate %.3f",
+                        *agent.cap_rates().values())
+
+        return Evaluator(memory, caps)
+    # full-context mode: the model's context is the budget, one turn per document
+    context = max_context or model_context_length(cfg.model.name, tokenizer)
+    logger.info("longqa eval: full-context mode, model context %d tokens", context)
+
+    def full(size: str, b: int, rows: list[Row], progress: Progress) -> list[dict[str, Any]]:
+        records = _full_context_records(engine, tokenizer, cfg, rows, int(size), params, context)
+        progress.add(docs=len(rows), turns=len(rows))
+        return records
+
+    return Evaluator(full)
+
+
 def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode: Mode = "memory",
                     limit: int | None = None, batch_size: int = 16, temperature: float = TEMPERATURE,
                     top_p: float = TOP_P, seed: int | None = SEED, max_chunks: int | None = None,
@@ -199,29 +227,7 @@ def run_longqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, mode
     params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
 
     def start() -> Evaluator:
-        nonlocal engine, tokenizer
-        engine, tokenizer = load_engine(cfg, engine, tokenizer)
-        if agent_cfg is not None:
-            agent = MemoryAgent(engine, tokenizer, agent_cfg)
-
-            def memory(size: str, b: int, rows: list[Row], progress: Progress) -> list[dict[str, Any]]:
-                return _memory_records(agent, rows, int(size), params, progress)
-
-            def caps() -> None:
-                logger.info("longqa eval: memory cap hit-rate %.3f, answer cap hit-rate %.3f",
-                            *agent.cap_rates().values())
-
-            return Evaluator(memory, caps)
-        # full-context mode: the model's context is the budget, one turn per document
-        context = max_context or model_context_length(cfg.model.name, tokenizer)
-        logger.info("longqa eval: full-context mode, model context %d tokens", context)
-
-        def full(size: str, b: int, rows: list[Row], progress: Progress) -> list[dict[str, Any]]:
-            records = _full_context_records(engine, tokenizer, cfg, rows, int(size), params, context)
-            progress.add(docs=len(rows), turns=len(rows))
-            return records
-
-        return Evaluator(full)
+        return _evaluator(cfg, agent_cfg, params, max_context, engine, tokenizer)
 
     def summarize_run(records: list[dict[str, Any]]) -> dict[str, Any]:
         summary = summarize(records, "longqa", [str(n) for n, _ in sets], meta, EXTRA_KEYS)

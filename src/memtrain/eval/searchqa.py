@@ -23,7 +23,7 @@ from memtrain.log import logger
 from memtrain.progress import Progress
 
 if TYPE_CHECKING:
-    from memtrain.agent.search import SearchEpisode
+    from memtrain.agent.search import SearchAgentConfig, SearchEpisode
     from memtrain.retrieval.service import SearchBackend
 
 EXTRA_KEYS = ("turns", "searches", "malformed", "no_answer")
@@ -44,6 +44,31 @@ def episode_record(row: Mapping[str, Any], group: str, ep: SearchEpisode) -> dic
             "response_cap_hits": sum(t.hit_cap for t in ep.turns)}
 
 
+def _evaluator(cfg: Config, agent_cfg: SearchAgentConfig, spec: str | None, backend: SearchBackend | None,
+               engine: Engine | None, tokenizer: Any, temperature: float, seed: int | None) -> Evaluator:
+    """The retriever opened, the engine loaded and the search agent's batch function."""
+    from memtrain.agent.search import SearchAgent
+    from memtrain.retrieval.service import open_retriever
+
+    if backend is None:
+        backend = open_retriever(spec, kind=cfg.search.index_kind, embedder=cfg.search.embedder)
+    engine, tokenizer = load_engine(cfg, engine, tokenizer)
+    agent = SearchAgent(engine, tokenizer, backend, agent_cfg)
+    params = SamplingParams(temperature=temperature, seed=seed)
+
+    def batch(name: str, b: int, rows: list[Row], progress: Progress) -> list[dict[str, Any]]:
+        episodes = agent.run([sample_of(r) for r in rows], params, n=1)
+        turns = sum(len(ep.turns) for ep in episodes)
+        # turns are known only when an episode ends: the total counts each at max_turns until then
+        progress.total_turns -= len(rows) * agent_cfg.max_turns - turns
+        progress.add(docs=len(rows), turns=turns,
+                     tokens=sum(len(t.completion_ids) for ep in episodes for t in ep.turns))
+        return [episode_record(r, name, ep) for r, ep in zip(rows, episodes, strict=True)]
+
+    return Evaluator(batch, lambda: logger.info("searchqa eval: %s", ", ".join(
+        f"{k} {v}" for k, v in agent.stats.items())))
+
+
 def run_searchqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, retriever: str | None = None,
                       limit: int | None = None, batch_size: int = 16, temperature: float = 0.0,
                       seed: int | None = None, engine: Engine | None = None, tokenizer: Any = None,
@@ -53,10 +78,9 @@ def run_searchqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, re
     ``retriever`` overrides ``cfg.search.retriever``; ``backend`` (an open retriever) overrides both.
     """
     # numpy, pyarrow: only when evaluating (every `memtrain` start imports this module)
-    from memtrain.agent.search import SearchAgent, SearchAgentConfig
+    from memtrain.agent.search import SearchAgentConfig
     from memtrain.data.dataset import load_rows, require_columns
     from memtrain.data.searchqa import eval_sets
-    from memtrain.retrieval.service import open_retriever
 
     check_decoding_args(limit, batch_size, temperature, 1.0, unit="tasks per data set")
     spec = retriever or cfg.search.retriever
@@ -81,24 +105,7 @@ def run_searchqa_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, re
                    "results_tokens": agent_cfg.results_tokens, "top_k": agent_cfg.top_k},
         "templates": dict(cfg.agent.templates)}
     def start() -> Evaluator:
-        nonlocal engine, tokenizer, backend
-        if backend is None:
-            backend = open_retriever(spec, kind=cfg.search.index_kind, embedder=cfg.search.embedder)
-        engine, tokenizer = load_engine(cfg, engine, tokenizer)
-        agent = SearchAgent(engine, tokenizer, backend, agent_cfg)
-        params = SamplingParams(temperature=temperature, seed=seed)
-
-        def batch(name: str, b: int, rows: list[Row], progress: Progress) -> list[dict[str, Any]]:
-            episodes = agent.run([sample_of(r) for r in rows], params, n=1)
-            turns = sum(len(ep.turns) for ep in episodes)
-            # turns are known only when an episode ends: the total counts each at max_turns until then
-            progress.total_turns -= len(rows) * agent_cfg.max_turns - turns
-            progress.add(docs=len(rows), turns=turns,
-                         tokens=sum(len(t.completion_ids) for ep in episodes for t in ep.turns))
-            return [episode_record(r, name, ep) for r, ep in zip(rows, episodes, strict=True)]
-
-        return Evaluator(batch, lambda: logger.info("searchqa eval: %s", ", ".join(
-            f"{k} {v}" for k, v in agent.stats.items())))
+        return _evaluator(cfg, agent_cfg, spec, backend, engine, tokenizer, temperature, seed)
 
     def summarize_run(records: list[dict[str, Any]]) -> dict[str, Any]:
         summary = summarize(records, "searchqa", list(groups), meta, EXTRA_KEYS)
