@@ -27,10 +27,12 @@ from typing import Any
 
 import pyarrow as pa
 
+from memtrain.assets import home
 from memtrain.data.dataset import read_manifest, write_dataset, write_eval_set
 from memtrain.engines.base import Engine, GenerationRequest, SamplingParams
 from memtrain.errors import UserError
 from memtrain.io import append_jsonl, read_jsonl
+from memtrain.prompts import render, template
 from memtrain.scoring import score
 
 
@@ -318,11 +320,9 @@ def closed_book_filter(engine: Engine, tokenizer: Any, model_name: str, cache_pa
     """A ``drop`` function for ``select_questions``: ids of questions the model answers (normalised EM)
     with no context at all, greedy. Answers are cached per (model, prompt, budget) in a JSONL file, so a
     rebuild or a bigger ``--num-questions`` only asks about new questions."""
-    from memtrain.prompts import render, template
 
     key = hashlib.sha256(f"{model_name}\n{template('closed_book', templates)}\n{max_tokens}".encode())
     if cache_path is None:
-        from memtrain.assets import home
 
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name.strip("/"))[-60:]
         cache_path = home() / "cache" / "longqa-closed-book" / f"{slug}-{key.hexdigest()[:12]}.jsonl"

@@ -36,6 +36,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from memtrain import __version__
+from memtrain.assets import home
 from memtrain.data.corpus import PassageStore, SplitParams, open_store
 from memtrain.data.dataset import check_output_dir, write_dataset
 from memtrain.data.entities import Candidate, EntityTagger, candidates
@@ -45,6 +46,7 @@ from memtrain.data.related import excluded_rows, open_index, related_passages
 from memtrain.errors import UserError
 from memtrain.io import check_writable
 from memtrain.log import logger, progress_bar
+from memtrain.models import load_tokenizer
 from memtrain.prompts import PROXY_QUESTION
 from memtrain.retrieval.index import BM25Index, DenseIndex
 
@@ -135,7 +137,6 @@ class ProxyConfig(BaseModel):
 
 
 def default_cache_dir() -> Path:
-    from memtrain.assets import home
 
     return home() / "cache"
 
@@ -534,7 +535,6 @@ def _manifest(cfg: ProxyConfig, store: PassageStore, tagger: EntityTagger,
 
 def build_proxy_dataset(cfg: ProxyConfig) -> dict[str, Any]:
     """Build the dataset described by ``cfg`` into ``cfg.out``; returns the manifest written there."""
-    from memtrain.models import load_tokenizer
 
     if not cfg.out:
         raise UserError("no output directory: pass --out DIR (or `out:` in the config file)")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from memtrain.data.corpus import PassageStore
+from memtrain.data.dataset import iter_rows, read_manifest
 from memtrain.errors import UserError
 from memtrain.log import logger
 from memtrain.retrieval.index import BM25Index, DenseIndex, build_index, load_index
@@ -85,7 +86,6 @@ def excluded_rows(store: PassageStore, datasets: list[str], task: str = "proxy"
                   ) -> tuple[np.ndarray, dict[str, Any]]:
     """Rows of every article that a document of ``datasets`` (proxy datasets over this same passage store)
     drew a passage from, as a mask over the store; and what was excluded, for the manifest."""
-    from memtrain.data.dataset import iter_rows, read_manifest
 
     used: set[int] = set()
     for data_dir in datasets:

@@ -51,6 +51,7 @@ from memtrain.config import EngineConfig
 from memtrain.engines.base import Completion, GenerationRequest, SamplingParams
 from memtrain.engines.checks import validate_requests
 from memtrain.engines.registry import register_engine
+from memtrain.models import load_policy, load_tokenizer
 from memtrain.precision import autocast_dtype, autocast_for
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, sample index) over 64-bit seeds
@@ -398,7 +399,6 @@ class HFEngine:
 @register_engine("hf")
 def build_hf_engine(cfg: EngineConfig, model_name: str, model: Any, tokenizer: Any) -> HFEngine:
     """Wraps ``model`` (the trainer passes the very model it updates) or loads ``model_name``."""
-    from memtrain.models import load_policy, load_tokenizer
 
     if tokenizer is None:
         tokenizer = load_tokenizer(model_name)

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memtrain.assets import resolve
 from memtrain.config import EngineConfig
 from memtrain.engines.base import Completion, GenerationRequest, SamplingParams
 from memtrain.engines.checks import validate_requests
@@ -67,6 +68,8 @@ from memtrain.engines.hf import eos_token_ids, sequence_seed
 from memtrain.engines.registry import register_engine
 from memtrain.errors import UserError
 from memtrain.log import logger
+from memtrain.models import load_policy, load_tokenizer
+from memtrain.precision import autocast_dtype, resolve_compute_dtype
 
 INSTALL_HINT = ("pip install -e '.[vllm]' in an environment of its own (CPU: `make venv-vllm`), or on a GPU "
                 "`pip install vllm`; see docs/vllm.md")
@@ -101,7 +104,6 @@ def import_vllm() -> Any:
 def engine_dtype(setting: str, model: Any = None) -> torch.dtype:
     """The dtype the engine computes in: ``engine.dtype``, or for ``auto`` the compute dtype of ``model``
     (what the trainer's forward autocasts to, else its weights' dtype), else bf16 where the device is fast."""
-    from memtrain.precision import autocast_dtype, resolve_compute_dtype
 
     if setting != "auto":
         return _DTYPES[setting]
@@ -411,7 +413,7 @@ class VLLMEngine:
         return tokens, torch.tensor([out.logprobs[k][t].logprob for k, t in enumerate(tokens)])
 
     def _check(self, model: Any, fingerprint: int) -> dict[str, float]:
-        from memtrain.rl.logprobs import sequence_logprobs
+        from memtrain.rl.logprobs import sequence_logprobs  # the trainer's side (a package-level cycle else)
 
         engine = self.probe_logprobs()
         decoded, engine_decode = self.decode_probe()
@@ -449,8 +451,6 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 def build_vllm_engine(cfg: EngineConfig, model_name: str, model: Any, tokenizer: Any) -> VLLMEngine:
     """From ``model`` when given (the trainer's policy), else from ``model_name``'s checkpoint; an
     adapter-only (LoRA) checkpoint is loaded with its base model and built like a given model (merged)."""
-    from memtrain.assets import resolve
-    from memtrain.models import load_policy, load_tokenizer
 
     import_vllm()  # fail with the install hint before loading anything
     if tokenizer is None:

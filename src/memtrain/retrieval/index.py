@@ -16,9 +16,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from memtrain.assets import resolve
 from memtrain.errors import UserError
 from memtrain.io import atomic_dir, atomic_write_json
 from memtrain.log import logger, progress_enabled
+from memtrain.retrieval.embed import ShardVectors, embed_in_shards
 
 META_FILE = "index_meta.json"
 FORMAT_VERSION = 1
@@ -206,7 +208,6 @@ class DenseIndex:
         """The sentence-transformers model of an embedded short name (``minilm``), a local dir or HF name."""
         from sentence_transformers import SentenceTransformer
 
-        from memtrain.assets import resolve
 
         path = resolve(model, kind="embedder")
         try:
@@ -240,7 +241,6 @@ class DenseIndex:
               shards_dir: Path | None = None, shard_size: int = 100_000,
               prefixes: tuple[str, str] | None = None, **params: Any) -> DenseIndex:
         """Embed ``texts`` (into resumable shards in ``shards_dir`` when given) and index them."""
-        from memtrain.retrieval.embed import ShardVectors, embed_in_shards
 
         _check_build(texts)
         start = time.time()

@@ -53,11 +53,13 @@ from memtrain.io import (
     atomic_write_json,
     disk_full_error,
     fsync_dir,
+    read_jsonl,
     replace_dir,
     sha256_file,
     temp_dir_for,
 )
 from memtrain.log import logger
+from memtrain.rl.metrics import METRICS_FILE
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -281,8 +283,6 @@ def _checkpointed_metric_steps(run_dir: Path, checkpoint_every: int) -> list[int
     """Steps in metrics.jsonl after which a checkpoint was surely written: a multiple of
     ``checkpoint_every`` whose update was not skipped, followed by a later logged step (step N's row is
     written before its checkpoint: a run killed saving its first checkpoint has the row only)."""
-    from memtrain.io import read_jsonl
-    from memtrain.rl.metrics import METRICS_FILE
 
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():

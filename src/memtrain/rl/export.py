@@ -14,6 +14,7 @@ import torch
 from memtrain.errors import UserError
 from memtrain.io import atomic_dir
 from memtrain.log import logger
+from memtrain.models import load_policy, load_tokenizer
 from memtrain.rl.checkpoint import (
     CHECKPOINTS_DIR,
     META_FILE,
@@ -34,7 +35,6 @@ def merge_lora(ckpt_dir: str | Path, out_dir: str | Path, base: str | None = Non
     """
     from peft import PeftModel
 
-    from memtrain.models import load_policy, load_tokenizer
 
     ckpt = Path(ckpt_dir)
     if not (ckpt / "adapter_config.json").is_file():
@@ -112,7 +112,6 @@ def _assemble_sharded(ckpt: Path, tmp: Path) -> None:
     """One process reads every rank's shards into a full model built from the checkpoint's config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from memtrain.models import load_tokenizer
 
     config = AutoConfig.from_pretrained(ckpt)
     with torch.device("cpu"):

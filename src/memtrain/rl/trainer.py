@@ -44,10 +44,13 @@ import torch
 from memtrain.config import Config, TrainConfig, load_config, save_config
 from memtrain.data.dataset import dataset_fingerprint, load_rows, overlap_reason
 from memtrain.engines.base import Engine, can_follow_policy
+from memtrain.engines.factory import make_engine
 from memtrain.errors import UserError
 from memtrain.eval.registry import Validator, get_eval
 from memtrain.io import LOCK_FILE, acquire_dir_lock, release_dir_lock
 from memtrain.log import logger
+from memtrain.models import default_device, load_policy, load_tokenizer
+from memtrain.precision import resolve_compute_dtype, set_compute_dtype
 from memtrain.rl import checkpoint as ckpt_io
 from memtrain.rl.collect import collect_rollouts
 from memtrain.rl.distributed import (
@@ -115,8 +118,6 @@ def build_policy(config: Config, device: str, resume_from: Path | None) -> tuple
     attached to the policy and the reference alike, so training, the KL reference and the HF engine all
     autocast to it (``memtrain.precision``).
     """
-    from memtrain.models import load_policy
-    from memtrain.precision import resolve_compute_dtype, set_compute_dtype
 
     dtype = "float32" if config.model.dtype == "auto" else config.model.dtype
     lora = config.model.lora
@@ -148,7 +149,6 @@ def build_policy(config: Config, device: str, resume_from: Path | None) -> tuple
 
 def policy_engine(config: Config, model: Any, tokenizer: Any) -> Engine:
     """The rollout engine, refused unless it can follow the policy as it trains (``sync_weights``)."""
-    from memtrain.engines.factory import make_engine
 
     engine = make_engine(config.engine, config.model.name, model=model, tokenizer=tokenizer)
     if not can_follow_policy(engine):
@@ -230,7 +230,6 @@ def write_run_config(out_dir: Path, config: Config) -> None:
 
 
 def _device(config: Config) -> str:
-    from memtrain.models import default_device
 
     device = default_device() if config.model.device == "auto" else config.model.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -337,7 +336,6 @@ def setup_run(config: Config, out_dir: Path, resume: bool = False) -> Run | None
     written before the data, the tokenizer, the model and the engine have loaded (the lock file aside), so a
     failed start can be rerun as it was; the lock is held until :func:`close_run`.
     """
-    from memtrain.models import load_tokenizer
 
     out_dir = Path(out_dir)
     check_settings(config)
