@@ -63,7 +63,7 @@ venv-vllm: $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/memtrain assets fetch
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_engine_registry.py
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py tests/test_vllm_server.py tests/test_engine_registry.py
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -70,7 +70,7 @@ def main() -> None:
     engine = make_engine(EngineConfig(kind="vllm", block_size=32), "smollm2-135m", model=model, tokenizer=tok)
     print(machine())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    probe = engine._probe
+    probe = engine._sync.probe
 
     def measure() -> tuple[torch.Tensor, torch.Tensor]:
         trainer = sequence_logprobs(model, [probe], len(probe.completion_ids) + 1)[0]

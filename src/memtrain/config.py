@@ -134,10 +134,19 @@ class EngineConfig(Section):
 
     kind: str = Field(
         "hf",
-        description="hf (transformers, in process), vllm (vLLM, in process; docs/vllm.md), openai (an "
-        "OpenAI-compatible server), or a kind another module registered (memtrain.engines.register_engine)",
+        description="hf (transformers, in process), vllm (vLLM, in process; docs/vllm.md), vllm_server (vLLM "
+        "servers kept on the policy: rollouts on other machines), openai (an OpenAI-compatible server, "
+        "evaluation only), or a kind another module registered (memtrain.engines.register_engine)",
     )
-    base_url: str | None = None
+    base_url: str | None = Field(
+        None, description="openai / vllm_server: the server URL (vllm_server: one or more, comma-separated)",
+    )
+    weights_dir: str | None = Field(
+        None,
+        description="vllm_server: where the trainer writes the weights each server reloads after every "
+        "update; every server must see it at the same path (a shared filesystem). Default: a temporary "
+        "directory (servers on this machine only)",
+    )
     api_key_env: str = "OPENAI_API_KEY"
     served_model: str | None = None
     max_concurrency: int = Field(32, gt=0)

@@ -233,6 +233,54 @@ class _ProbeSequence:
     completion_ids: list[int]
 
 
+class SyncCheck:
+    """The self-check after a weight sync (module docstring), for one engine: the probe text, and what the
+    first sync and the last one saw. The engine supplies its log-probs of the probe text (one prefill) and
+    of a greedy continuation decoded through its KV cache; the trainer's side is recomputed here."""
+
+    def __init__(self, tokenizer: Any, dtype: torch.dtype, tol: float | None, ratio: float,
+                 where: str = "the engine") -> None:
+        ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        self.probe = _ProbeSequence(ids[:1], ids[1:])
+        self.dtype = dtype
+        self.tol = tol
+        self.ratio = ratio
+        self.where = where
+        self.baseline: _Baseline | None = None
+        self.last: tuple[int, torch.Tensor] | None = None  # (fingerprint sent, engine probe log-probs)
+
+    def check(self, model: Any, fingerprint: int, engine: torch.Tensor, decoded: list[int],
+              engine_decode: torch.Tensor) -> dict[str, float]:
+        """The sync's numbers for the metrics row; :class:`SyncCheckError` when the engine does not follow."""
+        from memtrain.rl.logprobs import sequence_logprobs  # the trainer's side (a package-level cycle else)
+
+        prompt = self.probe.prompt_ids + self.probe.completion_ids
+        trainer, trainer_decode = sequence_logprobs(
+            model, [self.probe, _ProbeSequence(prompt, decoded)], len(prompt) + len(decoded) + 1)
+        diff, decode_diff = (engine - trainer).abs(), (engine_decode - trainer_decode).abs()
+        max_diff, mean_diff = float(diff.max()), float(diff.mean())
+        decode_max, decode_mean = float(decode_diff.max()), float(decode_diff.mean())
+        trainer_dtype = engine_dtype("auto", model)
+        tol = self.tol or max(DEFAULT_TOL.get(self.dtype, 0.5), DEFAULT_TOL.get(trainer_dtype, 0.5))
+        where = (f"after the weight sync {self.where}'s log-probs of the probe text differ from the "
+                 f"trainer's by max {max_diff:.3g} / mean {mean_diff:.3g} nats, of its greedy continuation "
+                 f"by max {decode_max:.3g} / mean {decode_mean:.3g} (engine {self.dtype}, trainer "
+                 f"{trainer_dtype})")
+        if not (max(max_diff, decode_max) <= tol and max(mean_diff, decode_mean) <= tol / 5):
+            raise SyncCheckError(f"{where}; allowed: max {tol:g}, mean {tol / 5:g} (engine.sync_check_tol). "
+                                 "The engine would sample from other weights than the ones being trained")
+        if self.last is not None and self.last[0] != fingerprint and torch.equal(self.last[1], engine):
+            raise SyncCheckError(f"{where}, but the engine's are bit-identical to before the sync although "
+                                 "the weights sent changed: the sync did not reach the engine")
+        if self.baseline is None:
+            self.baseline = _Baseline(engine, trainer, mean_diff)
+        elif why := relative_failure(self.baseline, engine, trainer, self.ratio, tol / 100):
+            raise SyncCheckError(f"{where}; {why}")
+        self.last = (fingerprint, engine)
+        return {"sync_logprob_max_diff": max_diff, "sync_logprob_mean_diff": mean_diff,
+                "sync_decode_max_diff": decode_max}
+
+
 class VLLMEngine:
     """The :class:`~memtrain.engines.base.Engine` over an in-process ``vllm.LLM``; follows a policy through
     :meth:`sync_weights` (see the module docstring).
@@ -289,12 +337,7 @@ class VLLMEngine:
         self.context_length: int = self.llm.llm_engine.model_config.max_model_len
         # stop ids as the hf engine's: the tokenizer's EOS and every id in the generation config
         self._eos = sorted(eos_token_ids(_generation_config(source) if model is None else model, tokenizer))
-        self._tol = cfg.sync_check_tol
-        self._ratio = cfg.sync_check_ratio
-        self._baseline: _Baseline | None = None
-        ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-        self._probe = _ProbeSequence(ids[:1], ids[1:])
-        self._last: tuple[int, torch.Tensor] | None = None  # (fingerprint sent, engine probe log-probs)
+        self._sync = SyncCheck(tokenizer, dtype, cfg.sync_check_tol, cfg.sync_check_ratio)
         self._asleep = False
         if model is not None:
             self._load(model)
@@ -397,7 +440,7 @@ class VLLMEngine:
 
     def probe_logprobs(self) -> torch.Tensor:
         """The engine's log p(token_i | tokens_<i) over the probe text (raw logits, T = 1; never cached)."""
-        ids = self._probe.prompt_ids + self._probe.completion_ids
+        ids = self._sync.probe.prompt_ids + self._sync.probe.completion_ids
         params = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         out = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
         return torch.tensor([out.prompt_logprobs[k][t].logprob for k, t in enumerate(ids) if k > 0])
@@ -405,7 +448,7 @@ class VLLMEngine:
     def decode_probe(self) -> tuple[list[int], torch.Tensor]:
         """Greedy tokens after the probe text and their log-probs (raw logits), decoded through the paged KV
         cache: the path the rollouts take, which :meth:`probe_logprobs`' prefill alone does not exercise."""
-        ids = self._probe.prompt_ids + self._probe.completion_ids
+        ids = self._sync.probe.prompt_ids + self._sync.probe.completion_ids
         params = self._vllm.SamplingParams(max_tokens=DECODE_PROBE_TOKENS, temperature=0.0, logprobs=0,
                                            ignore_eos=True)
         out = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].outputs[0]
@@ -413,35 +456,8 @@ class VLLMEngine:
         return tokens, torch.tensor([out.logprobs[k][t].logprob for k, t in enumerate(tokens)])
 
     def _check(self, model: Any, fingerprint: int) -> dict[str, float]:
-        from memtrain.rl.logprobs import sequence_logprobs  # the trainer's side (a package-level cycle else)
-
-        engine = self.probe_logprobs()
         decoded, engine_decode = self.decode_probe()
-        prompt = self._probe.prompt_ids + self._probe.completion_ids
-        trainer, trainer_decode = sequence_logprobs(
-            model, [self._probe, _ProbeSequence(prompt, decoded)], len(prompt) + len(decoded) + 1)
-        diff, decode_diff = (engine - trainer).abs(), (engine_decode - trainer_decode).abs()
-        max_diff, mean_diff = float(diff.max()), float(diff.mean())
-        decode_max, decode_mean = float(decode_diff.max()), float(decode_diff.mean())
-        trainer_dtype = engine_dtype("auto", model)
-        tol = self._tol or max(DEFAULT_TOL.get(self.dtype, 0.5), DEFAULT_TOL.get(trainer_dtype, 0.5))
-        where = (f"after the weight sync the engine's log-probs of the probe text differ from the trainer's "
-                 f"by max {max_diff:.3g} / mean {mean_diff:.3g} nats, of its greedy continuation by max "
-                 f"{decode_max:.3g} / mean {decode_mean:.3g} (engine {self.dtype}, trainer {trainer_dtype})")
-        if not (max(max_diff, decode_max) <= tol and max(mean_diff, decode_mean) <= tol / 5):
-            raise SyncCheckError(f"{where}; allowed: max {tol:g}, mean {tol / 5:g} (engine.sync_check_tol). "
-                                 "The engine would sample from other weights than the ones being trained")
-        if self._last is not None and self._last[0] != fingerprint and torch.equal(self._last[1], engine):
-            raise SyncCheckError(f"{where}, but the engine's are bit-identical to before the sync although "
-                                 "the weights sent changed: the sync did not reach the engine")
-        if self._baseline is None:
-            self._baseline = _Baseline(engine, trainer, mean_diff)
-        elif why := relative_failure(self._baseline, engine, trainer, self._ratio, tol / 100):
-            raise SyncCheckError(f"{where}; {why}")
-        self._last = (fingerprint, engine)
-        return {"sync_logprob_max_diff": max_diff, "sync_logprob_mean_diff": mean_diff,
-                "sync_decode_max_diff": decode_max}
-
+        return self._sync.check(model, fingerprint, self.probe_logprobs(), decoded, engine_decode)
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
