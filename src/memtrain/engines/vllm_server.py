@@ -34,6 +34,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,11 @@ class VLLMServerEngine:
         served = cfg.served_model or model_name
         self.servers = [ServerClient(u, served, cfg, tokenizer, stop_ids) for u in urls]
         self.dtype = dtype
-        self._own_dir = cfg.weights_dir is None
         self.weights_dir = Path(cfg.weights_dir or tempfile.mkdtemp(prefix="memtrain-weights-"))
         self.weights_dir.mkdir(parents=True, exist_ok=True)
+        # a directory this engine made itself goes when the engine does (or at exit)
+        self._cleanup = (weakref.finalize(self, shutil.rmtree, self.weights_dir, True)
+                         if cfg.weights_dir is None else None)
         self._checks = [SyncCheck(tokenizer, dtype, cfg.sync_check_tol, cfg.sync_check_ratio,
                                   where=f"the server at {s.root}") for s in self.servers]
         self._syncs = 0
@@ -233,8 +236,8 @@ class VLLMServerEngine:
 
     def close(self) -> None:
         """Remove the weights written for the servers (a directory this engine made itself)."""
-        if self._own_dir:
-            shutil.rmtree(self.weights_dir, ignore_errors=True)
+        if self._cleanup is not None:
+            self._cleanup()
 
 
 @register_engine("vllm_server")
