@@ -1,6 +1,6 @@
 """Multi-objective search-QA tasks (MEM1 style, docs/method.md section 6): several questions, one episode.
 
-Questions come from the search-QA evaluation layout (``../shared/data/qa-eval/*.json``): a JSON list of
+Questions come from the search-QA evaluation layout (``qa-eval/*.json`` of Search-R1 / MEM1): a JSON list of
 ``{"question": str, "answer": str | [str]}`` (``answers`` / ``golden_answers`` are accepted too, as is JSONL).
 A task joins ``objectives`` questions of the SAME data set into one problem; the agent answers all of them in
 one box, separated by ';', and the reward is the mean EM over objectives (``memtrain.scoring.score_multi``).
