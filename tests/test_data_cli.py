@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pyarrow as pa
@@ -134,16 +132,15 @@ def test_show_rejects_non_datasets_and_handles_other_tasks(tmp_path, capsys) -> 
 
 
 def test_other_modules_can_add_data_subcommands(monkeypatch) -> None:
-    fake = types.ModuleType("fake_data_extra")
+    build_parser()  # the built-in data modules register first, into the real registry
+    monkeypatch.setattr(data_cli, "_DATA_COMMANDS", dict(data_cli._DATA_COMMANDS))  # undone after the test
 
-    def register_data_subcommands(verbs) -> None:
+    @data_cli.data_commands
+    def fakeqa(verbs) -> None:  # what a plug-in module (MEMTRAIN_PLUGINS) does at import
         p = verbs.add_parser("fakeqa", help="a fake data command")
         p.add_argument("--paragraphs", type=int, default=50)
         p.set_defaults(func=lambda args: 0)
 
-    fake.register_data_subcommands = register_data_subcommands  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fake_data_extra", fake)
-    monkeypatch.setattr(data_cli, "DATA_MODULES", [*data_cli.DATA_MODULES, "fake_data_extra"])
     args = build_parser().parse_args(["data", "fakeqa", "--paragraphs", "7"])
     assert args.paragraphs == 7 and args.func(args) == 0
     args = build_parser().parse_args(["data", "show", "somewhere"])  # ours are still there

@@ -1,17 +1,20 @@
 """``memtrain data VERB``: build datasets (``proxy``, ...) and inspect any built dataset (``show``).
 
-The ``data`` group is shared: a module that adds data commands (e.g. ``data longqa``) defines
-``register_data_subcommands(verbs)`` (``verbs`` is the ``data`` group's subparsers object; set ``func`` on
-each parser) and appends its dotted name to ``DATA_MODULES`` below (one line).
+The ``data`` group is shared: a module that adds data commands (e.g. ``data longqa``) decorates a function
+``(verbs) -> None`` with :func:`data_commands` (``verbs`` is the group's subparsers object; it adds its
+parsers and sets ``func`` on each). The built-in ones live in ``memtrain/cli/data*.py`` (every such module
+is imported when the group is built); a plug-in (``MEMTRAIN_PLUGINS``) registers the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 import textwrap
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +22,26 @@ from pydantic import ValidationError
 
 from memtrain.errors import UserError
 
-DATA_MODULES = [
-    "memtrain.cli.data",
-    "memtrain.cli.data_qa",
-]
+DataCommands = Callable[[argparse._SubParsersAction], None]
+_DATA_COMMANDS: dict[str, DataCommands] = {}
+
+
+def data_commands(hook: DataCommands) -> DataCommands:
+    """Register ``hook(verbs)``, which adds ``memtrain data`` verbs (see the module docstring)."""
+    _DATA_COMMANDS[f"{hook.__module__}.{hook.__qualname__}"] = hook
+    return hook
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="build training/evaluation datasets and inspect them")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for name in DATA_MODULES:
-        importlib.import_module(name).register_data_subcommands(verbs)
+    import memtrain.cli as package
+
+    for module in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
+        if module.name.rsplit(".", 1)[-1].startswith("data"):
+            importlib.import_module(module.name)
+    for hook in _DATA_COMMANDS.values():
+        hook(verbs)
 
 
 # ------------------------------------------------------------------------------------------------ proxy
@@ -152,7 +164,8 @@ _PROXY_FLAGS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def register_data_subcommands(verbs: argparse._SubParsersAction) -> None:
+@data_commands
+def proxy_and_show(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser(
         "proxy",
         help="build MemTrain's masked-reconstruction documents (proxy task) from Wikipedia",

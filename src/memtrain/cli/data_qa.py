@@ -1,7 +1,7 @@
 """``memtrain data longqa`` and ``memtrain data searchqa``: the downstream QA sets
 (docs/method.md sections 5-6).
 
-Registered into the shared ``data`` group (``memtrain.cli.data.DATA_MODULES``).
+Registered into the shared ``data`` group (:func:`memtrain.cli.data.data_commands`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
+from memtrain.cli.data import data_commands
 from memtrain.errors import UserError
 from memtrain.io import check_writable
 
@@ -24,7 +25,8 @@ def _files(spec: str, flag: str) -> list[Path]:
     return paths
 
 
-def register_data_subcommands(verbs: argparse._SubParsersAction) -> None:
+@data_commands
+def longqa_and_searchqa(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser(
         "longqa", help="build long-document HotpotQA sets (RULER-HotpotQA style) for eval or post-training",
         description="Per question: its gold paragraphs + distractor paragraphs from all other questions, "
