@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from memtrain.retrieval.corpus import PassageStore, parse_contents, read_passages
+from memtrain.retrieval.server import RetrieverServer
 from memtrain.retrieval.service import (
     Retriever,
     RetrieverClient,
     RetrieverError,
-    RetrieverServer,
     default_index_dir,
     open_retriever,
 )
@@ -49,18 +49,13 @@ def retriever(corpus: Path, tmp_path: Path) -> Retriever:
 
 @pytest.fixture()
 def server(retriever: Retriever) -> Iterator[RetrieverServer]:
-    srv = RetrieverServer(retriever, "127.0.0.1", 0, max_body_bytes=4096)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with RetrieverServer(retriever, "127.0.0.1", 0, max_body_bytes=4096) as srv:
+        yield srv
 
 
 def _post(srv: RetrieverServer, body: bytes, path: str = "/search",
           headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    host, port = srv.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
     try:
         conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
@@ -145,8 +140,7 @@ def test_http_transport_errors(server: RetrieverServer) -> None:
     assert status == 413 and "at most 4096" in payload["error"]
     status, payload = _post(server, b"{}", path="/other")
     assert status == 404
-    host, port = server.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
     conn.request("GET", "/search")
     resp = conn.getresponse()
     assert resp.status == 405 and "POST /search" in json.loads(resp.read())["error"]
