@@ -157,8 +157,8 @@ def _serve(args: argparse.Namespace) -> int:
         retriever.index.set_search(args.nprobe, args.ef_search)
     try:
         server = RetrieverServer(retriever, args.host, args.port, max_body_bytes=args.max_body, token=token,
-                                 timeout_s=args.timeout, queue=args.queue, max_connections=args.max_connections,
-                                 batch_wait_s=args.batch_wait / 1000)
+                                 timeout_s=args.timeout, queue=args.queue,
+                                 batch_wait_s=args.batch_wait / 1000, max_connections=args.max_connections)
     except OSError as exc:  # taken meanwhile by another process
         raise _bind_error(args.host, args.port, exc) from exc
     settings = retriever.health().get("index", "")

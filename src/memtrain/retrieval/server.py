@@ -48,6 +48,7 @@ DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_QUEUE = 1024
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_BATCH_WAIT_S = 0.001
+BACKLOG = 2048  # connections the kernel queues for accepting (a burst of clients connects at once)
 ENDPOINTS = "expected GET /health or POST /search"
 
 
@@ -312,6 +313,10 @@ class _Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # headers and body are separate writes: without this, each response waits out a 40 ms delayed ACK
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if len(self.connections) > self.max_connections:
             body = json.dumps({"error": "server busy: too many open connections; retry later"}).encode()
             transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
@@ -358,11 +363,12 @@ class _Protocol(H11Protocol):
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, _, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(BACKLOG)  # connections made before uvicorn starts accepting wait instead of failing
     except OSError:
         sock.close()
         raise
@@ -372,7 +378,8 @@ def _bind(host: str, port: int) -> socket.socket:
 class RetrieverServer:
     """The service over ``retriever`` on uvicorn, in this process: ``serve_forever()`` (the CLI; Ctrl-C
     stops it) or ``start()`` / ``stop()`` around a background thread (tests, benchmarks; also a context
-    manager). The socket is bound here, so a taken port fails at once and ``port=0`` has its number."""
+    manager). The socket is bound and listening from here on, so a taken port fails at once, ``port=0`` has
+    its number, and clients may connect before serving starts."""
 
     def __init__(self, retriever: Retriever, host: str = "127.0.0.1", port: int = 8001,
                  max_body_bytes: int = MAX_BODY_BYTES, token: str | None = None,
@@ -394,7 +401,7 @@ class RetrieverServer:
         config = uvicorn.Config(self.app, http=protocol, ws="none", lifespan="on", log_config=None,
                                 log_level="warning", access_log=False, server_header=False,
                                 timeout_keep_alive=int(timeout_s) or 1,
-                                timeout_graceful_shutdown=5, backlog=2048)
+                                timeout_graceful_shutdown=5, backlog=BACKLOG)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
