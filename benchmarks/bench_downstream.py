@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +34,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def bench_retriever(out: Path) -> None:
     from memtrain.data.searchqa import read_qa
-    from memtrain.retrieval.service import Retriever, RetrieverClient, RetrieverServer
+    from memtrain.retrieval.server import RetrieverServer
+    from memtrain.retrieval.service import Retriever, RetrieverClient
 
     corpus = SHARED / "wiki18-sample" / "passages.jsonl"
     start = time.perf_counter()
@@ -46,9 +46,7 @@ def bench_retriever(out: Path) -> None:
     for q in queries:
         retriever.search([q], 3)
     local_ms = 1000 * (time.perf_counter() - start) / len(queries)
-    server = RetrieverServer(retriever, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    server = RetrieverServer(retriever, "127.0.0.1", 0).start()
     client = RetrieverClient(server.url)
     single = []
     for q in queries:
@@ -59,8 +57,7 @@ def bench_retriever(out: Path) -> None:
     for i in range(0, len(queries), 32):
         client.search(queries[i : i + 32], 3)
     batched_qps = len(queries) / (time.perf_counter() - t)
-    server.shutdown()
-    server.server_close()
+    server.stop()
     print(f"\n## retriever: BM25 over {len(retriever)} wiki-18 passages")
     print(f"index build {build_s:.2f} s; in-process search {local_ms:.2f} ms/query; HTTP single query "
           f"p50 {statistics.median(single):.2f} ms, p95 {sorted(single)[int(0.95 * len(single))]:.2f} ms; "

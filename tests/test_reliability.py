@@ -351,23 +351,19 @@ def test_require_columns_reads_no_rows(tmp_path: Path) -> None:
 
 @pytest.fixture()
 def small_server(tmp_path: Path) -> Iterator[object]:
-    from memtrain.retrieval.service import Retriever, RetrieverServer
+    from memtrain.retrieval.server import RetrieverServer
+    from memtrain.retrieval.service import Retriever
 
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"T{i}"\nword{i} text'}) + "\n"
                               for i in range(4)))
-    srv = RetrieverServer(Retriever.build(corpus, tmp_path / "idx"), "127.0.0.1", 0, threads=4,
-                          timeout_s=1.0, backlog=8, token=None)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with RetrieverServer(Retriever.build(corpus, tmp_path / "idx"), "127.0.0.1", 0, timeout_s=1.0,
+                         max_connections=8, token=None) as srv:
+        yield srv
 
 
 def _raw(srv: object, data: bytes) -> tuple[int, str, bytes]:
-    host, port = srv.server_address[:2]  # type: ignore[attr-defined]
-    with socket.create_connection((host, port), timeout=10) as s:
+    with socket.create_connection((srv.host, srv.port), timeout=10) as s:  # type: ignore[attr-defined]
         s.sendall(data)
         chunks = []
         while chunk := s.recv(65536):
@@ -390,7 +386,7 @@ def test_hostile_bodies_and_methods_get_json_4xx(small_server: object) -> None:
         (_post_body(b'{"queries": ["a"], "k": ' + b"9" * 5000 + b"}"), 400, "not valid JSON"),
         (b"PUT /search HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, "not allowed"),
         (b"GARBAGE\r\n\r\n", 400, "Bad request"),
-        (b"GET /health HTTP/9.9\r\n\r\n", 505, ""),
+        (b"GET /health HTTP/1.1\r\n\r\n", 400, "Bad request"),  # no Host header
     ]
     for raw, status, message in cases:
         got, ctype, body = _raw(small_server, raw)
@@ -407,7 +403,7 @@ def _closed_unanswered(sock: socket.socket) -> bool:
 
 
 def test_idle_sockets_are_timed_out_and_threads_bounded(small_server: object) -> None:
-    host, port = small_server.server_address[:2]  # type: ignore[attr-defined]
+    host, port = small_server.host, small_server.port  # type: ignore[attr-defined]
     # a slow client dribbling a request is cut at the request deadline (1 s), not kept alive by each byte
     slow = socket.create_connection((host, port), timeout=10)
     start = time.monotonic()
@@ -422,10 +418,10 @@ def test_idle_sockets_are_timed_out_and_threads_bounded(small_server: object) ->
     before = threading.active_count()
     idle = [socket.create_connection((host, port), timeout=10) for _ in range(30)]
     time.sleep(0.3)
-    assert threading.active_count() <= before  # the pool was started with the server: no thread per socket
+    assert threading.active_count() <= before  # one event loop: no thread per socket
     for s in idle:
         s.settimeout(10)
-        s.recv(100)  # closed by the server (or answered 503 when the queue was full)
+        s.recv(100)  # closed by the server (or answered 503 past max_connections)
         s.close()
     conn = http.client.HTTPConnection(host, port, timeout=10)
     conn.request("GET", "/health")
@@ -434,19 +430,12 @@ def test_idle_sockets_are_timed_out_and_threads_bounded(small_server: object) ->
 
 
 def test_token_is_required_and_sent_by_the_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from memtrain.retrieval.service import (
-        Retriever,
-        RetrieverError,
-        RetrieverServer,
-        is_loopback,
-        open_retriever,
-    )
+    from memtrain.retrieval.server import RetrieverServer
+    from memtrain.retrieval.service import Retriever, RetrieverError, is_loopback, open_retriever
 
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"id": "0", "contents": '"Berlin"\nBerlin is a city'}) + "\n")
-    srv = RetrieverServer(Retriever.build(corpus, tmp_path / "idx"), "127.0.0.1", 0, token="s3cret")
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    srv = RetrieverServer(Retriever.build(corpus, tmp_path / "idx"), "127.0.0.1", 0, token="s3cret").start()
     try:
         monkeypatch.delenv("MEMTRAIN_RETRIEVER_TOKEN", raising=False)
         with pytest.raises(RetrieverError, match=r"HTTP 401.*MEMTRAIN_RETRIEVER_TOKEN"):
@@ -457,8 +446,7 @@ def test_token_is_required_and_sent_by_the_client(tmp_path: Path, monkeypatch: p
         monkeypatch.setenv("MEMTRAIN_RETRIEVER_TOKEN", "s3cret")
         assert open_retriever(srv.url).search(["Berlin"], 1)[0][0].title == "Berlin"
     finally:
-        srv.shutdown()
-        srv.server_close()
+        srv.stop()
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("myhost")
 

@@ -5,18 +5,21 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from memtrain.retrieval.corpus import PassageStore, parse_contents, read_passages
+from memtrain.retrieval.server import RetrieverServer
 from memtrain.retrieval.service import (
     Retriever,
     RetrieverClient,
     RetrieverError,
-    RetrieverServer,
     default_index_dir,
     open_retriever,
 )
@@ -49,24 +52,48 @@ def retriever(corpus: Path, tmp_path: Path) -> Retriever:
 
 @pytest.fixture()
 def server(retriever: Retriever) -> Iterator[RetrieverServer]:
-    srv = RetrieverServer(retriever, "127.0.0.1", 0, max_body_bytes=4096)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with RetrieverServer(retriever, "127.0.0.1", 0, max_body_bytes=4096) as srv:
+        yield srv
 
 
 def _post(srv: RetrieverServer, body: bytes, path: str = "/search",
-          headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    host, port = srv.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+          headers: dict[str, str] | None = None, method: str = "POST") -> tuple[int, dict]:
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
     try:
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
+        assert resp.getheader("Content-Type", "").startswith("application/json")
         return resp.status, json.loads(resp.read())
     finally:
         conn.close()
+
+
+class Gate:
+    """Wraps ``Retriever.search``: records each index call and, while closed, holds it (so that requests
+    queue up behind it deterministically, however slow the machine)."""
+
+    def __init__(self, retriever: Retriever) -> None:
+        self.inner = retriever.search
+        self.calls: list[tuple[list[str], int]] = []
+        self.entered, self.open = threading.Event(), threading.Event()
+        self.open.set()
+
+    def __call__(self, queries: list[str], k: int) -> list[list]:
+        self.calls.append((list(queries), k))
+        self.entered.set()
+        assert self.open.wait(60)
+        return self.inner(queries, k)
+
+
+def _wait_until(condition, timeout_s: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _search(srv: RetrieverServer, queries: list[str], k: int) -> tuple[int, dict]:
+    return _post(srv, json.dumps({"queries": queries, "k": k}).encode())
 
 
 def test_corpus_parsing_and_store(corpus: Path, tmp_path: Path) -> None:
@@ -135,7 +162,7 @@ def test_http_search_and_health(server: RetrieverServer) -> None:
 def test_http_bad_requests_get_clear_4xx(server: RetrieverServer, body: object, status: int,
                                          message: str) -> None:
     got, payload = _post(server, json.dumps(body).encode())
-    assert got == status and message in payload["error"]
+    assert got == status and message in payload["error"] and "\n" not in payload["error"]
 
 
 def test_http_transport_errors(server: RetrieverServer) -> None:
@@ -145,14 +172,102 @@ def test_http_transport_errors(server: RetrieverServer) -> None:
     assert status == 413 and "at most 4096" in payload["error"]
     status, payload = _post(server, b"{}", path="/other")
     assert status == 404
-    host, port = server.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
     conn.request("GET", "/search")
     resp = conn.getresponse()
     assert resp.status == 405 and "POST /search" in json.loads(resp.read())["error"]
     conn.close()
     with pytest.raises(RetrieverError, match="HTTP 400: field 'k'"):
         RetrieverClient(server.url).search(["a"], 500)
+    status, payload = _post(server, b"{}", path="/health", method="DELETE")
+    assert status == 405 and "not allowed" in payload["error"]
+
+
+def test_concurrent_searches_are_batched_with_identical_results(retriever: Retriever,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """#27: the requests that queue while the index is busy are answered by one index call per k, each
+    with exactly what a search of its own returns."""
+    gate = Gate(retriever)
+    monkeypatch.setattr(retriever, "search", gate)
+    requests = [(["capital of Germany"], 3), (["Vienna Budapest river", "Italy capital legend"], 2),
+                (["highest mountain Himalayas"], 3), (["Guido van Rossum", "Eiffel Paris"], 1),
+                (["zzzz qqqq"], 3), (["Rome founded legend"], 2), (["Black Sea"], 1), (["lattice tower"], 3)]
+    expected = [[[h.as_dict() for h in row] for row in gate.inner(q, k)] for q, k in requests]
+    with RetrieverServer(retriever, "127.0.0.1", 0) as srv, ThreadPoolExecutor(len(requests) + 1) as pool:
+        gate.open.clear()
+        first = pool.submit(_search, srv, ["Berlin"], 1)
+        assert gate.entered.wait(60)  # the first search holds the index ...
+        futures = [pool.submit(_search, srv, q, k) for q, k in requests]
+        _wait_until(lambda: srv.batcher.waiting() == len(requests))  # ... while the others queue
+        gate.open.set()
+        assert first.result(timeout=60)[0] == 200
+        answers = [f.result(timeout=60) for f in futures]
+    assert [status for status, _ in answers] == [200] * len(requests)
+    assert [body["results"] for _, body in answers] == expected
+    assert len(gate.calls) == 1 + 3  # the first search, then one call per distinct k (1, 2, 3)
+    assert sorted(k for _, k in gate.calls[1:]) == [1, 2, 3]
+    assert srv.batcher.requests == 1 + len(requests) and srv.batcher.searches == 4
+
+
+def test_a_full_queue_answers_503_and_serves_the_rest(retriever: Retriever,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = Gate(retriever)
+    monkeypatch.setattr(retriever, "search", gate)
+    with RetrieverServer(retriever, "127.0.0.1", 0, queue=2) as srv, ThreadPoolExecutor(3) as pool:
+        gate.open.clear()
+        first = pool.submit(_search, srv, ["Berlin"], 1)
+        assert gate.entered.wait(60)
+        queued = [pool.submit(_search, srv, [q], 1) for q in ("Rome", "Danube")]
+        _wait_until(lambda: srv.batcher.waiting() == 2)
+        status, payload = _search(srv, ["Python"], 1)  # a third would wait: turned away at once
+        assert status == 503 and "server busy: 2 requests are waiting" in payload["error"]
+        gate.open.set()
+        answers = [f.result(timeout=60) for f in (first, *queued)]
+        assert [a[0] for a in answers] == [200, 200, 200]
+        assert [a[1]["results"][0][0]["title"] for a in answers] == ["Berlin", "Rome", "Danube"]
+        assert _search(srv, ["Python"], 1)[0] == 200  # and it serves again
+    assert srv.batcher.busy == 1
+
+
+def test_idle_sockets_do_not_delay_a_search(server: RetrieverServer) -> None:
+    """#27: with the thread-pool server, 10 idle sockets made a search take 9 s and 50 made it time out."""
+    idle = [socket.create_connection((server.host, server.port), timeout=10) for _ in range(50)]
+    try:
+        start = time.monotonic()
+        hits = RetrieverClient(server.url, timeout_s=30).search(["capital of Germany"], 1)
+        assert hits[0][0].title == "Berlin" and time.monotonic() - start < 5
+        for s in idle:  # still open: idle sockets are closed only after the request deadline (30 s)
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(retriever: Retriever) -> None:
+    with RetrieverServer(retriever, "127.0.0.1", 0, timeout_s=1.0) as srv, \
+            socket.create_connection((srv.host, srv.port), timeout=30) as s:
+        s.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"queries\"")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and "not received within 1 s" in json.loads(body)["error"]
+
+
+def test_bearer_token_on_every_path(retriever: Retriever) -> None:
+    with RetrieverServer(retriever, "127.0.0.1", 0, token="s3cret") as srv:
+        for path, method in (("/health", "GET"), ("/search", "POST"), ("/nowhere", "GET")):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+                status, payload = _post(srv, b"{}", path, headers, method)
+                assert status == 401 and "bearer token" in payload["error"], (path, headers)
+        status, payload = _search(srv, ["Berlin"], 1)
+        assert status == 401
+        status, payload = _post(srv, json.dumps({"queries": ["Berlin"], "k": 1}).encode(),
+                                headers={"Authorization": "bearer s3cret"})
+        assert status == 200 and payload["results"][0][0]["title"] == "Berlin"
+        assert RetrieverClient(srv.url, token="s3cret").health()["passages"] == 6
 
 
 def test_client_reports_unreachable_server() -> None:

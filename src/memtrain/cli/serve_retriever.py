@@ -1,7 +1,8 @@
 """``memtrain serve-retriever``: the search agent's retriever as a local HTTP service.
 
 The index is built on first use (BM25 by default, dense with ``--kind dense``) and saved in ``--index``;
-later starts memory-map it. API: ``GET /health``, ``POST /search {"queries": [...], "k": 3}``.
+later starts memory-map it. API: ``GET /health``, ``POST /search {"queries": [...], "k": 3}``, served by
+Starlette on uvicorn with concurrent searches batched (``memtrain.retrieval.server``).
 
 Bound beyond localhost, set a token (``MEMTRAIN_RETRIEVER_TOKEN``, or ``--token``): requests then need
 ``Authorization: Bearer TOKEN``, which memtrain's client sends from the same variable.
@@ -43,9 +44,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bearer token every request must carry (default: $MEMTRAIN_RETRIEVER_TOKEN; prefer "
                    "the variable, a command line is visible to other users); set one when --host is not "
                    "loopback")
-    p.add_argument("--threads", type=int, default=8, help="worker threads serving connections (default 8)")
+    p.add_argument("--queue", type=int, default=1024, metavar="N",
+                   help="requests that may wait for the index; more get 503 at once (default 1024)")
+    p.add_argument("--batch-wait", type=float, default=1.0, metavar="MS",
+                   help="when the index is idle, wait this long for concurrent searches to join one index "
+                   "call (default 1 ms; searches that arrive while it is busy join the next call anyway)")
+    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="open connections; more get 503 and are closed (default 1024)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="a request must arrive within this long, else its connection is closed (default 30)")
+                   help="a request's head, and then its body, must arrive within this long, else its "
+                   "connection is closed (default 30)")
     p.set_defaults(func=_serve)
 
     b = sub.add_parser("build-index", help="build a retriever index (resumable; shards over processes)",
@@ -122,7 +130,7 @@ def check_bindable(host: str, port: int) -> None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, address = infos[0]
         with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
             sock.bind(address)
     except OSError as exc:
         raise _bind_error(host, port, exc) from exc
@@ -130,7 +138,8 @@ def check_bindable(host: str, port: int) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from memtrain.log import logger
-    from memtrain.retrieval.service import RETRIEVER_META, TOKEN_ENV, Retriever, RetrieverServer, is_loopback
+    from memtrain.retrieval.server import RetrieverServer
+    from memtrain.retrieval.service import RETRIEVER_META, TOKEN_ENV, Retriever, is_loopback
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     if not is_loopback(args.host) and not token:
@@ -148,7 +157,8 @@ def _serve(args: argparse.Namespace) -> int:
         retriever.index.set_search(args.nprobe, args.ef_search)
     try:
         server = RetrieverServer(retriever, args.host, args.port, max_body_bytes=args.max_body, token=token,
-                                 threads=args.threads, timeout_s=args.timeout)
+                                 timeout_s=args.timeout, queue=args.queue,
+                                 batch_wait_s=args.batch_wait / 1000, max_connections=args.max_connections)
     except OSError as exc:  # taken meanwhile by another process
         raise _bind_error(args.host, args.port, exc) from exc
     settings = retriever.health().get("index", "")
@@ -156,8 +166,5 @@ def _serve(args: argparse.Namespace) -> int:
           f"{server.url} (GET /health, POST /search{'; bearer token required' if token else ''}); Ctrl-C "
           "stops it",
           flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    server.serve_forever()
     return 0

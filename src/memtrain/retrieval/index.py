@@ -158,10 +158,14 @@ def faiss_factory(structure: str, dim: int, n: int, nlist: int | None = None, pq
     pq_m = pq_m or max(1, dim // 8)
     if dim % pq_m:
         raise UserError(f"ivf-pq: pq_m={pq_m} must divide the embedding dimension {dim}")
-    if n < 256 * _MIN_PER_CENTROID:
-        raise UserError(f"ivf-pq over {n} passages: its 256-centroid codebooks need at least "
-                        f"{256 * _MIN_PER_CENTROID} to train; use flat (exact) for a corpus this small")
-    return f"IVF{nlist},PQ{pq_m}x8", {"nlist": nlist, "pq_m": pq_m}
+    if n < 16 * _MIN_PER_CENTROID:
+        raise UserError(f"ivf-pq over {n} passages: its codebooks need at least {16 * _MIN_PER_CENTROID} "
+                        "to train; use flat (exact) for a corpus this small")
+    # one-byte codes (256 centroids per sub-vector) need 256 x 39 passages to train; a smaller corpus gets
+    # 4 to 7 bits, so that IVF-PQ can be tried (and tested) end to end on it
+    bits = min(8, int(math.log2(n / _MIN_PER_CENTROID)))
+    params = {"nlist": nlist, "pq_m": pq_m, **({"pq_bits": bits} if bits < 8 else {})}
+    return f"IVF{nlist},PQ{pq_m}x{bits}", params
 
 
 def default_prefixes(model: str) -> tuple[str, str]:

@@ -16,28 +16,21 @@ HTTP API (JSON in, JSON out; every error is a 4xx/5xx with ``{"error": "..."}``)
     GET  /health                         -> {"status": "ok", "kind": "bm25", "passages": N, "max_k": ...}
     POST /search {"queries": [..], "k": 3} -> {"results": [[{"id", "title", "text", "score"}, ...], ...]}
 
-The server is safe to leave running: a fixed pool of worker threads serves connections (more waiting ones
-than ``backlog`` get 503), every request must arrive within ``timeout_s`` of the server starting to wait for
-it (idle and slow sockets are closed), malformed input of any kind is a JSON 4xx, and with a token
-(``--token`` or ``MEMTRAIN_RETRIEVER_TOKEN``) every request needs ``Authorization: Bearer TOKEN``; the client
-sends the token from that variable.
+The server (``memtrain.retrieval.server``: Starlette on uvicorn) batches concurrent searches into few index
+calls and is safe to leave running: bounded queue (503 when full), deadlines for idle and slow sockets,
+malformed input of any kind answered with a JSON 4xx, and with a token (``--token`` or
+``MEMTRAIN_RETRIEVER_TOKEN``) every request needs ``Authorization: Bearer TOKEN``; the client sends the
+token from that variable.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-import io
 import ipaddress
 import json
 import os
-import queue
-import socket
 import threading
-import time
 from dataclasses import asdict, dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,9 +47,6 @@ MAX_QUERIES = 256
 MAX_QUERY_CHARS = 4096
 MAX_BODY_BYTES = 1 << 20
 TOKEN_ENV = "MEMTRAIN_RETRIEVER_TOKEN"
-DEFAULT_THREADS = 8
-DEFAULT_BACKLOG = 64
-DEFAULT_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -307,9 +297,6 @@ def open_retriever(spec: str | Path, index_dir: str | Path | None = None,
                             ", an index directory, or a corpus JSONL file")
 
 
-# ------------------------------------------------------------------------------------------------- server
-
-
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` exposes the service to this machine only."""
     if host in ("localhost", "localhost.localdomain"):
@@ -318,248 +305,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-class _DeadlineReader(io.RawIOBase):
-    """Socket reads that fail once ``deadline`` (monotonic) has passed, however slowly bytes trickle in: a
-    plain socket timeout restarts with every byte, so one client could hold a worker forever."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self.deadline = float("inf")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("request not received in time")
-        self._sock.settimeout(left)
-        return self._sock.recv_into(buffer)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: RetrieverServer
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stalls
-
-    def setup(self) -> None:
-        super().setup()
-        self._reader = _DeadlineReader(self.connection)
-        self.rfile = io.BufferedReader(self._reader)
-
-    def handle_one_request(self) -> None:
-        # the whole next request (idle wait, request line, headers, body) must arrive within timeout_s
-        self._reader.deadline = time.monotonic() + self.server.timeout_s
-        super().handle_one_request()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("retriever %s - %s", self.address_string(), format % args)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, unsupported method, ...) as JSON, never HTML."""
-        if code == HTTPStatus.NOT_IMPLEMENTED:  # an HTTP method the service does not have
-            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command!r} not allowed; expected " \
-                "GET /health or POST /search"
-        short = self.responses.get(code, ("error", ""))[0]
-        self.log_error("code %d, message %s", code, message or short)
-        if self.request_version == "HTTP/0.9":  # an unparsable request line: still answer with a status line
-            self.request_version = "HTTP/1.0"
-        try:
-            self._reply(int(code), {"error": message or short}, close=True)
-        except OSError:
-            self.close_connection = True
-
-    def _reply(self, status: int, payload: dict[str, Any], close: bool = False) -> None:
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        self.connection.settimeout(self.server.timeout_s)  # the read deadline may have left little time
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _error(self, status: HTTPStatus, message: str, close: bool = False) -> None:
-        self._reply(status.value, {"error": message}, close=close)
-
-    def _authorized(self) -> bool:
-        """With a server token, every request must carry it (constant-time comparison); else 401."""
-        token = self.server.token
-        if not token:
-            return True
-        given = self.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
-            return True
-        self._error(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token: send 'Authorization: Bearer "
-                    f"TOKEN' (the client reads it from {TOKEN_ENV})", close=True)
-        return False
-
-    def _guarded(self, handler: Any) -> None:
-        """Run one endpoint; anything it raises becomes a JSON 500, never a dropped connection."""
-        if not self._authorized():
-            return
-        try:
-            handler()
-        except TimeoutError:
-            raise  # http.server closes the connection
-        except Exception as exc:
-            logger.warning("retriever: %s %s failed: %s: %s", self.command, self.path, exc.__class__.__name__,
-                           exc)
-            try:
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{exc.__class__.__name__}: {exc}"[:300],
-                            close=True)
-            except OSError:
-                self.close_connection = True
-
-    def do_GET(self) -> None:
-        self._guarded(self._get)
-
-    def do_POST(self) -> None:
-        self._guarded(self._post)
-
-    def _get(self) -> None:
-        if self.path.split("?")[0] == "/health":
-            self._reply(200, self.server.retriever.health())
-        elif self.path.split("?")[0] == "/search":
-            self._error(HTTPStatus.METHOD_NOT_ALLOWED,
-                        "use POST /search with a JSON body {\"queries\": [...], \"k\": 3}")
-        else:
-            self._error(HTTPStatus.NOT_FOUND,
-                        f"no endpoint {self.path!r}; expected GET /health or POST /search")
-
-    def _post(self) -> None:
-        if self.path.split("?")[0] != "/search":
-            self._error(HTTPStatus.NOT_FOUND, f"no endpoint {self.path!r}; expected POST /search", close=True)
-            return
-        raw_length = self.headers.get("Content-Length")
-        if raw_length is None:
-            self._error(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required", close=True)
-            return
-        try:
-            length = int(raw_length)
-        except ValueError:
-            self._error(HTTPStatus.BAD_REQUEST, f"bad Content-Length {raw_length!r}", close=True)
-            return
-        limit = self.server.max_body_bytes
-        if length > limit or length < 0:
-            # The body is not read: close the connection rather than drain a huge upload.
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                        f"request body of {length} bytes; at most {limit}", close=True)
-            return
-        raw = self.rfile.read(length)
-        if len(raw) < length:
-            self._error(HTTPStatus.BAD_REQUEST, f"body ended after {len(raw)} of {length} bytes", close=True)
-            return
-        try:
-            body = json.loads(raw or b"null")
-        except RecursionError:
-            self._error(HTTPStatus.BAD_REQUEST, "body is not valid JSON (nested too deeply)")
-            return
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and ints of over 4300 digits
-            self._error(HTTPStatus.BAD_REQUEST, f"body is not valid JSON ({str(exc)[:200]})")
-            return
-        if not isinstance(body, dict):
-            self._error(HTTPStatus.BAD_REQUEST, "body: expected a JSON object {\"queries\": [...], \"k\": 3}")
-            return
-        unknown = sorted(set(body) - {"queries", "query", "k"})
-        if unknown:
-            self._error(HTTPStatus.BAD_REQUEST,
-                        f"unknown field(s) {unknown}; expected 'queries' (or 'query') and 'k'")
-            return
-        queries = body.get("queries")
-        if queries is None and "query" in body:
-            queries = [body["query"]]
-        if queries is None:
-            self._error(HTTPStatus.BAD_REQUEST,
-                        "field 'queries' is missing: expected a non-empty list of strings")
-            return
-        try:
-            queries, k = check_request(queries, body.get("k", 3), self.server.retriever.max_k)
-        except ValueError as exc:
-            self._error(HTTPStatus.BAD_REQUEST, str(exc))
-            return
-        try:
-            results = self.server.retriever.search(queries, k)
-        except Exception as exc:  # the server must answer, not die: report and keep serving
-            logger.exception("retriever: search failed")
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"search failed: {exc.__class__.__name__}: {exc}")
-            return
-        self._reply(200, {"results": [[h.as_dict() for h in row] for row in results]})
-
-
-class RetrieverServer(HTTPServer):
-    """HTTP server over a retriever with a fixed pool of ``threads`` workers (connections beyond ``backlog``
-    waiting for one get an immediate 503), a per-request deadline ``timeout_s`` and an optional bearer
-    ``token``."""
-
-    def __init__(self, retriever: Retriever, host: str = "127.0.0.1", port: int = 8001,
-                 max_body_bytes: int = MAX_BODY_BYTES, token: str | None = None,
-                 threads: int = DEFAULT_THREADS, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 backlog: int = DEFAULT_BACKLOG):
-        if threads < 1 or backlog < 1 or timeout_s <= 0:
-            raise UserError(f"threads={threads}, backlog={backlog}, timeout_s={timeout_s}: expected "
-                            "positive values")
-        self.retriever = retriever
-        self.max_body_bytes = max_body_bytes
-        self.token = token or None
-        self.timeout_s = timeout_s
-        self._queue: queue.Queue[tuple[Any, Any] | None] = queue.Queue(maxsize=backlog)
-        super().__init__((host, port), _Handler)
-        self._workers = [threading.Thread(target=self._work, name=f"retriever-worker-{i}", daemon=True)
-                         for i in range(threads)]
-        for t in self._workers:
-            t.start()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """Hand the connection to the pool; when too many are waiting, answer 503 and close at once."""
-        try:
-            self._queue.put_nowait((request, client_address))
-        except queue.Full:
-            body = json.dumps({"error": "server busy: too many open connections; retry later"}).encode()
-            try:
-                request.settimeout(1.0)
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Connection: close\r\nContent-Length: " + str(len(body)).encode()
-                                + b"\r\n\r\n" + body)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            request, client_address = item
-            try:
-                self.finish_request(request, client_address)
-            except Exception:
-                self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """One log line instead of socketserver's traceback on stderr."""
-        import sys
-
-        exc = sys.exc_info()[1]
-        logger.warning("retriever: connection from %s failed: %s: %s", client_address,
-                       exc.__class__.__name__, exc)
-
-    def server_close(self) -> None:
-        super().server_close()
-        for _ in self._workers:
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                break
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
