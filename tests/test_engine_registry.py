@@ -59,7 +59,7 @@ def test_a_registered_engine_answers_through_the_cli(tiny_model_dir: Path, tmp_p
 
 def test_unknown_kinds_and_bad_registrations_are_one_line_errors() -> None:
     with pytest.raises(ConfigError, match=r"unknown engine kind 'vlm'; known kinds: hf, openai, scripted, "
-                                          r"toy, vllm \(another module can add one"):
+                                          r"toy, vllm, vllm_server \(another module can add one"):
         load_config(None, ["engine.kind=vlm"])
     with pytest.raises(ValueError, match="unknown engine kind 'base'"):  # a support module, not an engine
         EngineConfig(kind="base")
