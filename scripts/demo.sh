@@ -18,7 +18,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning torch threads slow every op down
-# by an order of magnitude (measured: 18x for generation on 2 shared cores), on an idle one it costs ~nothing.
+# (measured: 18x for HF generation on 2 shared cores; vLLM rollouts 1.8x with one core taken), on an idle one
+# spinning is 1.14x faster for the rollouts (docs/benchmarks.md): OMP_WAIT_POLICY=ACTIVE make demo there.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 # The fastest engine that works here: vLLM from its own environment (`make venv-vllm`), else the HF engine.
