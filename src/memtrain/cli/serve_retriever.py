@@ -148,13 +148,12 @@ def _serve(args: argparse.Namespace) -> int:
     check_bindable(args.host, args.port)
     if args.corpus is not None:
         retriever = Retriever.for_corpus(args.corpus, args.index, args.kind, args.embedder, args.shard_size,
-                                         args.rerank, **_build_params(args))
+                                         args.rerank, args.nprobe, args.ef_search, **_build_params(args))
     elif (args.index / RETRIEVER_META).is_file():
-        retriever = Retriever.open(args.index, rerank=args.rerank)
+        retriever = Retriever.open(args.index, nprobe=args.nprobe, ef_search=args.ef_search,
+                                   rerank=args.rerank)
     else:
         raise UserError(f"--index {args.index} holds no index yet; pass --corpus FILE to build it")
-    if (args.nprobe or args.ef_search) and hasattr(retriever.index, "set_search"):
-        retriever.index.set_search(args.nprobe, args.ef_search)
     try:
         server = RetrieverServer(retriever, args.host, args.port, max_body_bytes=args.max_body, token=token,
                                  timeout_s=args.timeout, queue=args.queue,

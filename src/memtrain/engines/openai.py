@@ -131,10 +131,7 @@ class OpenAIEngine:
 
     async def agenerate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
         """All requests concurrently (at most ``max_concurrency``); the first fatal error cancels the rest."""
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        headers = self.headers()
         semaphore = asyncio.Semaphore(self.max_concurrency)
         limits = httpx.Limits(max_connections=self.max_concurrency,
                               max_keepalive_connections=self.max_concurrency)
@@ -148,6 +145,11 @@ class OpenAIEngine:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    def headers(self) -> dict[str, str]:
+        """JSON, and the API key of ``api_key_env`` as a Bearer token when it is set."""
+        key = os.environ.get(self.api_key_env)
+        return {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
 
     def request_body(self, request: GenerationRequest) -> dict[str, Any]:
         """The JSON body of the ``/v1/completions`` call for one request."""

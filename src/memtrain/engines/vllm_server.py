@@ -29,7 +29,6 @@ raw ones, with a warning, and recomputes).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import threading
@@ -57,6 +56,7 @@ from memtrain.engines.vllm import (
     hf_weights,
 )
 from memtrain.errors import UserError
+from memtrain.io import atomic_dir
 from memtrain.log import logger
 from memtrain.models import load_tokenizer
 
@@ -86,9 +86,9 @@ class ServerClient(OpenAIEngine):
 
     def control(self, path: str, body: dict[str, Any] | None = None) -> Any:
         """POST a control call (no retries: a failed reload must not be repeated blindly)."""
-        headers = {"Authorization": f"Bearer {key}"} if (key := self.api_key()) else {}
         try:
-            response = httpx.post(self.root + path, json=body or {}, timeout=self.timeout_s, headers=headers)
+            response = httpx.post(self.root + path, json=body or {}, timeout=self.timeout_s,
+                                  headers=self.headers())
         except httpx.HTTPError as exc:
             raise EngineError(f"server at {self.root}: {path} failed: {type(exc).__name__}: {exc}") from None
         if response.status_code == 404:
@@ -111,42 +111,41 @@ class ServerClient(OpenAIEngine):
         return engine, [int(t) for t in choice["token_ids"]], torch.tensor(
             [float(v) for v in choice["logprobs"]["token_logprobs"]])
 
-    def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) or None
+
+def _rank0() -> bool:
+    """Whether this process writes and talks to the servers (rank 0 of a torchrun group, or alone)."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def write_weights(model: Any, dtype: torch.dtype, directory: Path, shard_bytes: int = SHARD_BYTES) -> int:
-    """``model``'s full weights as safetensors shards (+ index) in ``directory``, written as a temporary
-    directory renamed into place; returns the fingerprint of what was written. Every rank must call it under
-    FSDP2 (the shards are all-gathered); only rank 0 writes."""
+    """``model``'s full weights as safetensors shards (+ index) in ``directory``, written atomically
+    (:func:`memtrain.io.atomic_dir`); returns the fingerprint of what was written. Every rank must call it
+    under FSDP2 (gathering the shards is a collective); only rank 0 writes."""
     from safetensors.torch import save_file
 
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    tmp = directory.with_name(directory.name + ".tmp")
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    fingerprint, shard, size, files, index = 0, {}, 0, 0, {}
+    if not _rank0():  # it takes part in gathering the shards; only rank 0's fingerprint is checked
+        for _ in hf_weights(model, dtype):
+            pass
+        return 0
+    fingerprint, size, shard, index = 0, 0, {}, {}
+    with atomic_dir(directory) as tmp:
 
-    def flush() -> None:
-        nonlocal shard, size, files
-        if shard and rank0:
-            name = f"model-{files + 1:05d}.safetensors"
+        def flush() -> None:
+            name = f"model-{len(set(index.values())) + 1:05d}.safetensors"
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
             index.update(dict.fromkeys(shard, name))
-        files += bool(shard)
-        shard, size = {}, 0
+            shard.clear()
 
-    for name, tensor in hf_weights(model, dtype):
-        fingerprint += _fingerprint(tensor)
-        shard[name] = tensor
-        size += tensor.numel() * tensor.element_size()
-        if size >= shard_bytes:
+        for name, tensor in hf_weights(model, dtype):
+            fingerprint += _fingerprint(tensor)
+            shard[name] = tensor
+            size += tensor.numel() * tensor.element_size()
+            if size >= shard_bytes:
+                flush()
+                size = 0
+        if shard:
             flush()
-    flush()
-    if rank0:
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-        tmp.rename(directory)
     return fingerprint
 
 
@@ -192,9 +191,8 @@ class VLLMServerEngine:
         self._syncs += 1
         directory = self.weights_dir / f"sync-{self._syncs:06d}"
         fingerprint = write_weights(model, self.dtype, directory)
-        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         stats: dict[str, float] = {}
-        if rank0:
+        if _rank0():
             self._each([(s, str(directory)) for s in self.servers], self._reload)
             seconds = time.perf_counter() - start
             for server, check in zip(self.servers, self._checks, strict=True):

@@ -182,8 +182,9 @@ class Retriever:
     @classmethod
     def for_corpus(cls, corpus: str | Path, index_dir: str | Path | None = None, kind: str = "bm25",
                    embedder: str = "minilm", shard_size: int = 100_000, rerank: int = 10,
-                   **params: Any) -> Retriever:
-        """Open the index of ``corpus`` in ``index_dir`` (default: memtrain's cache); build it if absent."""
+                   nprobe: int | None = None, ef_search: int | None = None, **params: Any) -> Retriever:
+        """Open the index of ``corpus`` in ``index_dir`` (default: memtrain's cache), with the search settings
+        of :meth:`open`; build it if absent."""
         corpus = Path(corpus)
         if index_dir is None:
             index_dir = default_index_dir(corpus, kind, embedder)
@@ -203,7 +204,7 @@ class Retriever:
             logger.info("retriever: loading the %s index in %s", kind, index_dir)
         else:
             cls.build(corpus, index_dir, kind, embedder, shard_size, **params)
-        return cls.open(index_dir, corpus, rerank=rerank)
+        return cls.open(index_dir, corpus, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
 
     def search(self, queries: list[str], k: int) -> list[list[Hit]]:
         queries, k = check_request(queries, k, self.max_k)
