@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import memtrain.eval.runner as eval_runner
 from memtrain.agent.loop import MemoryAgent
 from memtrain.cli import answer as answer_cli
 from memtrain.cli.main import build_parser, main
@@ -29,10 +30,10 @@ def doc_file(tmp_path: Path) -> Path:
 def test_answer_runs_the_shared_loop_with_identical_prompts(tiny_model_dir: Path, doc_file: Path,
                                                             capsys, monkeypatch) -> None:
     sent: list[list[int]] = []
-    make = answer_cli._make_engine
+    make = eval_runner.load_engine  # memtrain answer loads its engine as memtrain eval does
 
-    def recording_engine(cfg, tokenizer):
-        engine = make(cfg, tokenizer)
+    def recording_engine(cfg, engine=None, tokenizer=None):
+        engine, tokenizer = make(cfg, engine, tokenizer)
         generate = engine.generate
 
         def record(requests):
@@ -40,9 +41,9 @@ def test_answer_runs_the_shared_loop_with_identical_prompts(tiny_model_dir: Path
             return generate(requests)
 
         engine.generate = record
-        return engine
+        return engine, tokenizer
 
-    monkeypatch.setattr(answer_cli, "_make_engine", recording_engine)
+    monkeypatch.setattr(eval_runner, "load_engine", recording_engine)
     rc = main(["answer", "--model", str(tiny_model_dir), "--document", str(doc_file), "--question", QUESTION,
                "--chunk-tokens", "120", "--memory-tokens", "10", "--answer-tokens", "8", "--max-chunks", "3",
                "--show-memory"])

@@ -16,7 +16,8 @@ from memtrain.cli.main import main
 from memtrain.config import Config
 from memtrain.engines.base import Engine
 from memtrain.engines.scripted import ScriptedEngine, kind_responder
-from memtrain.eval.proxy import document_scores, run_proxy_eval
+from memtrain.errors import UserError
+from memtrain.eval.proxy import document_scores, questions_of, run_proxy_eval
 from memtrain.eval.report import EXAMPLES, PLOT, SUMMARY, TABLE
 from memtrain.eval.stats import bootstrap_ci, paired_difference_ci, pooled_paired_ci
 from memtrain.io import read_jsonl
@@ -117,6 +118,35 @@ def test_two_models_get_the_same_prompts_and_imr_questions(proxy_set: Path, tmp_
     table = (tmp_path / "a" / TABLE).read_text()
     assert "| E2E | 6 | 33.33 [" in table and "| IMR | 6 |" in table
     assert (tmp_path / "a" / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_more_imr_questions_keep_the_first_and_score_documents_by_their_mean(
+        proxy_set: Path, tmp_path: Path, tok: Any, tiny_model_dir: Path) -> None:
+    cfg = _cfg(tiny_model_dir, proxy_set)
+    one = run_proxy_eval(cfg, proxy_set, tmp_path / "one", engine=_engine(cfg, tok, "a"), tokenizer=tok)
+    more_cfg = _cfg(tiny_model_dir, proxy_set, ["train.eval_imr_questions=3"])  # the validation's setting
+    more = run_proxy_eval(more_cfg, proxy_set, tmp_path / "more", engine=_engine(cfg, tok, "a"),
+                          tokenizer=tok)
+    r1, r3 = _by_id(tmp_path / "one"), _by_id(tmp_path / "more")
+    assert "imr_more" not in r1["doc0"] and "imr_questions" not in one["protocol"]  # as before
+    assert more["protocol"]["imr_questions"] == 3
+    asked = {i: questions_of(r) for i, r in r3.items()}
+    for i, qs in asked.items():
+        assert qs[0] == r1[i]["imr"]  # the first question is the single one of the default
+        keys = [(q["step_k"], q["chunk_l"], q["entity"]) for q in qs]
+        assert 1 <= len(keys) <= 3 and len(set(keys)) == len(keys)  # distinct questions
+    assert sum(len(qs) for qs in asked.values()) > N_DOCS  # the test set has documents with more
+    # the engine answers "Paris": a document scores the share of its questions whose label is Paris
+    per_doc = {i: sum(q["label"] == "Paris" for q in qs) / len(qs) for i, qs in asked.items()}
+    assert document_scores(tmp_path / "more", "imr", "strict_em", rescore=True) == pytest.approx(per_doc)
+    assert document_scores(tmp_path / "more", "imr", "strict_em") == pytest.approx(per_doc)
+    assert more["imr"]["metrics"]["strict_em"]["mean"] == pytest.approx(sum(per_doc.values()) / N_DOCS)
+    assert more["imr"]["n"] == N_DOCS and more["imr"]["questions"] == sum(len(qs) for qs in asked.values())
+    kept = {i: sum(q["in_memory"] for q in qs) / len(qs) for i, qs in asked.items()}
+    assert document_scores(tmp_path / "more", "imr", "in_memory") == pytest.approx(kept)
+    with pytest.raises(UserError, match="--imr-questions 0: expected an integer >= 1"):
+        run_proxy_eval(cfg, proxy_set, tmp_path / "bad", engine=_engine(cfg, tok, "a"), tokenizer=tok,
+                       imr_questions=0)
 
 
 def _interrupt_after_first_batch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,7 +280,7 @@ def test_report_shows_the_paired_difference(proxy_set: Path, tmp_path: Path, tok
     assert row.endswith(f"| +33.33 [{100 * diff.lo:.2f}, {100 * diff.hi:.2f}] |")
     assert "| IMR f1 |" in text and "paired over 6 matched documents" in text
     assert re.search(r"^\| IMR label in memory \| [\d.]+ \[.*\] \| [+-][\d.]+ \[", text, re.M)
-    assert "6 of them the same question (k, l, entity)" in text
+    assert "6 of them the same questions (k, l, entity)" in text
     assert (tmp_path / "cmp.md").read_text() == text
     assert main(["report", str(base), str(trained), "--metric", "em"]) == 0
     text = capsys.readouterr().out

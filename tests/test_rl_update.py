@@ -203,6 +203,27 @@ def test_shared_prompt_passes_give_the_padded_gradient(tiny_model_dir: Path, lor
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
+def test_a_padded_micro_batch_gives_the_gradient_of_its_sequences_run_alone(tiny_model_dir: Path) -> None:
+    """Padding changes nothing: the loss and gradient of one micro-batch of rows of different lengths equal
+    those of every row in a pass of its own, where nothing is padded."""
+    model = _load(tiny_model_dir)
+    seqs = _random_seqs(6, seed=11)
+    for s, lp in zip(seqs, sequence_logprobs(model, seqs, 10_000), strict=True):
+        s.old_logprobs = (lp - 0.1).tolist()  # ratios away from 1, so the clip is exercised too
+    cfg = RLConfig(kl_coef=0.0, micro_batch_tokens=10_000, old_logprobs="sampler", share_prompts=False)
+    together = accumulate_policy_gradients(model, seqs, cfg)
+    g_together = _grads(model)
+    model.zero_grad(set_to_none=True)
+    alone = accumulate_policy_gradients(model, seqs, cfg.model_copy(update={"micro_batch_tokens": 1}))
+    g_alone = _grads(model)
+    assert together["num_micro_batches"] == 1 and alone["num_micro_batches"] == len(seqs)
+    assert len({len(s.prompt_ids) + len(s.completion_ids) for s in seqs}) > 1  # the batch is padded
+    assert together["loss"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert sum(float(g.abs().sum()) for g in g_alone) > 0
+    for a, b in zip(g_alone, g_together, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_entropy_matches_softmax_definition(tiny_model_dir: Path) -> None:
     model = _load(tiny_model_dir)
     seqs = _random_seqs(3, seed=2)

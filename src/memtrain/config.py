@@ -408,6 +408,9 @@ class TrainConfig(Section):
         "default: a held-out score measured on training documents is not held out)",
     )
     eval_batch_size: int = Field(32, gt=0, description="rows per validation batch")
+    eval_imr_questions: int = Field(
+        1, ge=1, description="proxy validation: IMR questions per held-out document (the paper asks one; "
+        "more questions are cheap beside the memory turns a document costs, and narrow the intervals)")
     parallel: Literal["ddp", "fsdp2"] = Field(
         "ddp",
         description="under torchrun: ddp = a full model per rank, gradients all-reduced; fsdp2 = weights, "

@@ -11,7 +11,6 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -112,19 +111,6 @@ def _reporter(progress: Progress) -> TurnCallback:
     return on_turn
 
 
-def _make_engine(cfg: Config, tokenizer: Any) -> Any:
-    from memtrain.engines.factory import make_engine
-
-    model = None
-    if cfg.engine.kind == "hf":
-        from memtrain.models import load_policy
-
-        device = None if cfg.model.device == "auto" else cfg.model.device
-        model = load_policy(cfg.model.name, cfg.model.dtype, device,
-                            inference_compute_dtype=cfg.model.compute_dtype)
-    return make_engine(cfg.engine, cfg.model.name, model=model, tokenizer=tokenizer)
-
-
 def _answer(args: argparse.Namespace) -> int:
     document = read_document(args.document)
     if not args.question.strip():
@@ -133,10 +119,10 @@ def _answer(args: argparse.Namespace) -> int:
         raise UserError(f"--temperature {args.temperature}: expected >= 0 (0 = greedy)")
     cfg = build_config(args)
     print(apply_default_budgets(cfg, args.config), file=sys.stderr, flush=True)
-    from memtrain.models import load_tokenizer
+    from memtrain.eval.runner import load_engine
 
-    tokenizer = load_tokenizer(cfg.model.name)
-    agent = MemoryAgent(_make_engine(cfg, tokenizer), tokenizer, cfg.agent)  # checks the model's context
+    engine, tokenizer = load_engine(cfg)
+    agent = MemoryAgent(engine, tokenizer, cfg.agent)  # checks the model's context
     doc = agent.chunk({"id": args.document, "context": document})
     note = f", truncated ({cfg.agent.truncation})" if doc.truncated else ""
     print(f"{args.document}: {doc.num_tokens} tokens -> {len(doc.chunks)} chunks of <= "

@@ -5,7 +5,9 @@ Per document (docs/method.md sections 2-3):
 * E2E: one trajectory of the memory agent (the config's budgets and prompts, as in training, including
   ``agent.max_chunks``), scored against the masked entity with every metric. The memory prompts after step
   0 hold the model's own memories, so they differ between models: that is what is being measured.
-* IMR: ONE question per trajectory. Its (step k, chunk l, entity) is drawn from the DATA alone - the chunks
+* IMR: one question per trajectory (``imr_questions``: more, distinct ones; a document then scores the mean of
+  its questions, and intervals still resample documents). Its (step k, chunk l, entity) is drawn from the DATA
+  alone - the chunks
   and their entities, never the memories (:func:`memtrain.agent.imr.draw_imr_choice`) - with a
   ``random.Random`` seeded from (seed, document id) only. Two models that chunk a document the same way
   (same tokenizer and budgets) therefore get the same question and label for it, whatever their memories,
@@ -94,12 +96,10 @@ def model_identity(name: str) -> dict[str, Any]:
     return {"name": name, "path": str(path.resolve()), "fingerprint": digest.hexdigest()}
 
 
-def _imr_record(choice: ImrChoice | None, memory: str, memory_empty: bool, text: str | None,
-                hit_cap: bool) -> dict[str, Any] | None:
+def _imr_record(choice: ImrChoice, memory: str, memory_empty: bool, text: str | None,
+                hit_cap: bool) -> dict[str, Any]:
     """``in_memory``: the label is in the memory the question is asked from - what the memory kept, apart
     from whether the answer then names it."""
-    if choice is None:
-        return None
     rec: dict[str, Any] = {"step_k": choice.step_k, "chunk_l": choice.chunk_l, "entity": choice.entity,
                            "label": choice.entity, "entity_label": choice.entity_label,
                            "memory_empty": memory_empty,
@@ -111,9 +111,34 @@ def _imr_record(choice: ImrChoice | None, memory: str, memory_empty: bool, text:
             "metrics": score(text, choice.entity), "hit_cap": hit_cap}
 
 
+def draw_questions(traj: Trajectory, sample: Mapping[str, Any], rng: random.Random,
+                   count: int) -> list[ImrChoice]:
+    """Up to ``count`` distinct (k, l, entity) questions for one document, drawn one after the other from
+    ``rng``: the first is the single question of ``count=1``, so adding questions never changes it."""
+    out: list[ImrChoice] = []
+    seen: set[tuple[int, int, str]] = set()
+    for _ in range(4 * count):  # a few spare draws for repeats; a document may have fewer questions
+        choice = draw_imr_choice(traj, sample, rng)
+        if choice is None:
+            break
+        key = (choice.step_k, choice.chunk_l, choice.entity)
+        if key not in seen:
+            seen.add(key)
+            out.append(choice)
+            if len(out) == count:
+                break
+    return out
+
+
+def questions_of(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The IMR questions of a record: ``imr`` (the first, or None) and ``imr_more`` (any others)."""
+    first = record.get("imr")
+    return ([] if first is None else [first]) + list(record.get("imr_more") or [])
+
+
 def _batch_records(agent: MemoryAgent, engine: Engine, rows: list[dict[str, Any]], params: SamplingParams,
-                   seed: int, progress: Progress | None = None) -> list[dict[str, Any]]:
-    """E2E trajectory + one IMR question per document of one batch, as records."""
+                   seed: int, questions: int = 1, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """E2E trajectory + ``questions`` IMR questions per document of one batch, as records."""
     cfg = agent.config
     samples = [{k: r[k] for k in COLUMNS} | {"answers": list(r["answers"])} for r in rows]
     if progress is not None:
@@ -121,24 +146,25 @@ def _batch_records(agent: MemoryAgent, engine: Engine, rows: list[dict[str, Any]
     trajs = agent.run(samples, params, n=1, on_turn=None if progress is None else progress.on_turn)
     initial = template("initial_memory", cfg.templates)
     question = template("imr_question", cfg.templates)
-    choices: list[ImrChoice | None] = []
-    asked: list[tuple[int, ImrPrompt]] = []
+    choices: list[list[ImrChoice]] = []
+    asked: list[tuple[tuple[int, int], ImrPrompt]] = []
     for i, (sample, traj) in enumerate(zip(samples, trajs, strict=True)):
-        choice = draw_imr_choice(traj, sample, imr_rng(seed, str(sample["id"])))
-        choices.append(choice)
-        if choice is not None and traj.memories[choice.step_k] != initial:
+        choices.append(draw_questions(traj, sample, imr_rng(seed, str(sample["id"])), questions))
+        for q, choice in enumerate(choices[-1]):
+            if traj.memories[choice.step_k] == initial:
+                continue
             text, ids = render(agent.tokenizer, "imr", cfg.templates, problem=question,
                                memory=traj.memories[choice.step_k], chunk=choice.masked_chunk)
-            asked.append((i, ImrPrompt(trajectory_index=i, step_k=choice.step_k, chunk_l=choice.chunk_l,
-                                       entity=choice.entity, label=choice.entity, prompt_ids=ids,
-                                       prompt_text=text, entity_label=choice.entity_label)))
+            asked.append(((i, q), ImrPrompt(trajectory_index=i, step_k=choice.step_k, chunk_l=choice.chunk_l,
+                                            entity=choice.entity, label=choice.entity, prompt_ids=ids,
+                                            prompt_text=text, entity_label=choice.entity_label)))
     answers = run_imr(engine, [p for _, p in asked], params, 1, cfg.answer_tokens)
-    if progress is not None:  # the IMR question of each document is one more turn (none where not asked)
-        progress.total_turns -= len(rows) - len(asked)
+    if progress is not None:  # the IMR questions are more turns (progress counted one per document)
+        progress.total_turns += len(asked) - len(rows)
         progress.add(turns=len(answers), tokens=sum(len(t.completion_ids) for ts in answers for t in ts))
-    imr_turns = {i: turns[0] for (i, _), turns in zip(asked, answers, strict=True)}
-    return [_record(row, traj, choice, imr_turns.get(i)) for i, (row, traj, choice)
-            in enumerate(zip(rows, trajs, choices, strict=True))]
+    imr_turns = {key: turns[0] for (key, _), turns in zip(asked, answers, strict=True)}
+    return [_record(row, traj, choices[i], [imr_turns.get((i, q)) for q in range(len(choices[i]))], questions)
+            for i, (row, traj) in enumerate(zip(rows, trajs, strict=True))]
 
 
 def _turns(agent: AgentConfig, row: Mapping[str, Any]) -> int:
@@ -146,17 +172,17 @@ def _turns(agent: AgentConfig, row: Mapping[str, Any]) -> int:
     return estimate_turns(len(row["context"]), agent.chunk_tokens, agent.max_chunks) + 1
 
 
-def _record(row: Mapping[str, Any], traj: Trajectory, choice: ImrChoice | None,
-            turn: Turn | None) -> dict[str, Any]:
-    memory = traj.memories[choice.step_k] if choice is not None else ""
-    asked = turn is not None
-    imr = _imr_record(choice, memory, choice is not None and not asked, turn.text if asked else None,
-                      asked and turn.hit_cap)
+def _record(row: Mapping[str, Any], traj: Trajectory, choices: list[ImrChoice], turns: list[Turn | None],
+            questions: int = 1) -> dict[str, Any]:
+    imr = [_imr_record(c, traj.memories[c.step_k], t is None, None if t is None else t.text,
+                       t is not None and t.hit_cap) for c, t in zip(choices, turns, strict=True)]
+    more = {"imr_more": imr[1:]} if questions > 1 else {}  # records of one question stay as they were
     return {"key": str(row["id"]), "group": TASK, "id": str(row["id"]), "status": "ok",
             "question": row["question"], "gold": list(row["answers"]),
             "e2e": {"prediction": traj.answer, "extracted": extract_answer(traj.answer),
                     "metrics": traj.scores, "hit_cap": traj.final_turn.hit_cap},
-            "imr": imr, "memories": traj.memories, "empty_memories": list(traj.empty_memories),
+            "imr": imr[0] if imr else None, **more, "memories": traj.memories,
+            "empty_memories": list(traj.empty_memories),
             "num_chunks": len(traj.chunks), "truncated": traj.truncated,
             "num_doc_tokens": traj.num_doc_tokens,
             "memory_cap_hits": sum(t.hit_cap for t in traj.memory_turns)}
@@ -172,21 +198,24 @@ def summarize_proxy(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
     ``groups`` / ``order`` mirror the other evals' summaries (``load_summary`` reads any of them).
     """
     n = len(records)
-    with_imr = [r["imr"] for r in records if r.get("imr") is not None]
+    docs = {str(r["id"]): r for r in records}
+    with_imr = [q for r in records for q in questions_of(r)]
     e2e = {m: _intervals([float(r["e2e"]["metrics"][m]) for r in records]) for m in METRICS} if n else None
-    imr = {m: _intervals([float(q["metrics"][m]) for q in with_imr]) for m in METRICS} if with_imr else None
-    asked = [q for q in with_imr if q.get("prediction") is not None]
+    imr_docs = _part_scores(docs, "imr", METRICS[0])
+    imr = ({m: _intervals(list(_part_scores(docs, "imr", m).values())) for m in METRICS} if imr_docs
+           else None)
+    imr_words = list(_answer_words(docs, "imr").values())
     words = {"e2e": _intervals([answer_words(r["e2e"]["prediction"]) for r in records]) if n else None,
-             "imr": _intervals([answer_words(q["prediction"]) for q in asked]) if asked else None}
+             "imr": _intervals(imr_words) if imr_words else None}
     kept = [q.get("in_memory") for q in with_imr]  # absent in records of older versions
-    in_memory = _intervals([float(k) for k in kept]) if kept and None not in kept else None
+    in_memory = (_intervals(list(_in_memory_scores(docs).values())) if kept and None not in kept else None)
     memory_turns = sum(r["num_chunks"] for r in records)
     groups = {part: {"n": count, "too_long": 0, "metrics": None if ci is None else
                      {m: ci[m]["mean"] for m in METRICS}}
-              for part, count, ci in (("e2e", n, e2e), ("imr", len(with_imr), imr))}
+              for part, count, ci in (("e2e", n, e2e), ("imr", len(imr_docs), imr))}
     return {"task": TASK, **dict(meta), "n": n, "ids": [r["id"] for r in records],
             "e2e": {"n": n, "metrics": e2e, "answer_words": words["e2e"]},
-            "imr": {"n": len(with_imr), "no_question": n - len(with_imr),
+            "imr": {"n": len(imr_docs), "questions": len(with_imr), "no_question": n - len(imr_docs),
                     "memory_empty": sum(bool(q["memory_empty"]) for q in with_imr), "metrics": imr,
                     "in_memory": in_memory, "answer_words": words["imr"]},
             "num_chunks": memory_turns / n if n else 0.0,
@@ -235,9 +264,10 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
         cells.append(_words(block.get("answer_words")))
         lines.append(f"| {part.upper()} | {block['n']} | " + " | ".join(cells) + " |")
     imr = summary["imr"]
-    lines += ["", f"IMR: one question per document drawn from the data alone; {imr['no_question']} of "
-              f"{summary['n']} documents have no usable entity (no question); {imr['memory_empty']} "
-              "questions hit an empty memory and score 0.",
+    asked = imr.get("questions", imr["n"])
+    lines += ["", f"IMR: {asked} questions on {imr['n']} documents, drawn from the data alone (a document "
+              f"scores the mean of its questions); {imr['no_question']} of {summary['n']} documents have no "
+              f"usable entity (no question); {imr['memory_empty']} questions hit an empty memory, scored 0.",
               f"IMR label kept in the memory it is asked from (the sub-EM test on the memory): "
               f"{_ci(imr.get('in_memory'))}%.",
               f"Chunks per document {summary['num_chunks']:.2f}, truncated {_pct(summary['truncated'])}%, "
@@ -265,10 +295,28 @@ def plot(summary: Mapping[str, Any], path: Path) -> Path:
     return save_figure(fig, ax, path)
 
 
+def _protocol(cfg: Config, temperature: float, top_p: float, seed: int, batch_size: int,
+              questions: int) -> dict[str, Any]:
+    """What makes two proxy evaluations comparable (the resume check refuses a run that differs)."""
+    from memtrain.precision import compute_dtype_name  # torch: only when evaluating
+
+    a, sampled = cfg.agent, temperature > 0
+    return {
+        "decoding": "sampled" if sampled else "greedy", "temperature": temperature, "top_p": top_p,
+        "seed": seed, "samples": 1, "imr_draw": "data-only (seed, id); empty memory scores 0",
+        "chunk_tokens": a.chunk_tokens, "memory_tokens": a.memory_tokens, "answer_tokens": a.answer_tokens,
+        "instruction_tokens": a.instruction_tokens, "max_chunks": a.max_chunks, "truncation": a.truncation,
+        # sampled seeds derive from a document's place in its batch: the batch size must not change
+        "batch_size": batch_size if sampled else None,
+        "compute_dtype": compute_dtype_name(cfg.model.compute_dtype, cfg.model.device),
+        **({"imr_questions": questions} if questions > 1 else {})}  # one question: as runs before it
+
+
 def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit: int | None = None,
                    batch_size: int = 16, temperature: float = TEMPERATURE, top_p: float = TOP_P,
                    seed: int = SEED, engine: Engine | None = None, tokenizer: Any = None,
-                   model_id: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   model_id: Mapping[str, Any] | None = None, imr_questions: int | None = None
+                   ) -> dict[str, Any]:
     """Evaluate ``cfg.model`` on the proxy set in ``data_dir`` (first ``limit`` documents); returns the
     summary it writes to ``out_dir``.
 
@@ -276,7 +324,8 @@ def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit
     engine, synced to the policy, and a ``model_id`` naming the run and step for the resume check).
 
     ``limit`` is not part of the resume check: a run can be extended to more documents in the same
-    directory, and its summary covers the first ``limit`` documents of the set.
+    directory, and its summary covers the first ``limit`` documents of the set. ``imr_questions``: IMR
+    questions per document (default ``train.eval_imr_questions``, 1).
     """
     from memtrain.data.dataset import load_rows, require_columns  # pyarrow: only when evaluating
 
@@ -287,17 +336,10 @@ def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit
     require_columns(data_dir, COLUMNS, TASK)
     rows = load_rows(data_dir)[:limit]
     a = cfg.agent
-    sampled = temperature > 0
-    from memtrain.precision import compute_dtype_name  # torch: only when evaluating
-
-    protocol: dict[str, Any] = {
-        "decoding": "sampled" if sampled else "greedy", "temperature": temperature, "top_p": top_p,
-        "seed": seed, "samples": 1, "imr_draw": "data-only (seed, id); empty memory scores 0",
-        "chunk_tokens": a.chunk_tokens, "memory_tokens": a.memory_tokens, "answer_tokens": a.answer_tokens,
-        "instruction_tokens": a.instruction_tokens, "max_chunks": a.max_chunks, "truncation": a.truncation,
-        # sampled seeds derive from a document's place in its batch: the batch size must not change
-        "batch_size": batch_size if sampled else None,
-        "compute_dtype": compute_dtype_name(cfg.model.compute_dtype, cfg.model.device)}
+    questions = cfg.train.eval_imr_questions if imr_questions is None else imr_questions
+    if not isinstance(questions, int) or isinstance(questions, bool) or questions < 1:
+        raise UserError(f"--imr-questions {questions!r}: expected an integer >= 1")
+    protocol = _protocol(cfg, temperature, top_p, seed, batch_size, questions)
     identity = dict(model_id) if model_id is not None else model_identity(cfg.model.name)
     meta: dict[str, Any] = {"task": TASK, "model": cfg.model.name, "model_id": identity,
                             "data": str(Path(data_dir).resolve()), "engine": cfg.engine.kind,
@@ -310,7 +352,7 @@ def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit
 
         def batch(group: str, b: int, batch_rows: list[Row], progress: Progress) -> list[dict[str, Any]]:
             params = SamplingParams(temperature=temperature, top_p=top_p, seed=derive_seed(seed, b))
-            return _batch_records(agent, engine, batch_rows, params, seed, progress)
+            return _batch_records(agent, engine, batch_rows, params, seed, questions, progress)
 
         return Evaluator(batch)
 
@@ -328,19 +370,23 @@ def run_proxy_eval(cfg: Config, data_dir: str | Path, out_dir: str | Path, limit
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=TOP_P, help="nucleus sampling with --temperature > 0")
+    p.add_argument("--imr-questions", type=int, default=None,
+                   help="IMR questions per document (default: train.eval_imr_questions of the config, 1)")
     p.add_argument("--seed", type=int, default=SEED,
                    help="seeds the IMR question draw and sampling (default 0; keep it equal across models)")
 
 
 @register_eval(TASK, help="E2E reconstruction and IMR recall on a proxy set (95%% intervals)",
-               description="One E2E trajectory and one IMR question per document; the IMR question is drawn "
-               "from the data alone with a seed per document, so two models get the same questions. Compare "
-               "runs with `memtrain report A B`.", main_metric=REWARD_METRIC, arguments=_arguments,
+               description="One E2E trajectory and one IMR question (--imr-questions: more) per document; "
+               "the IMR questions are drawn from the data alone with a seed per document, so two models get "
+               "the same questions. Compare runs with `memtrain report A B`.", main_metric=REWARD_METRIC,
+               arguments=_arguments,
                validate=run_proxy_eval)
 def proxy_command(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
     """``memtrain eval proxy``."""
     return run_proxy_eval(cfg, args.data, args.out, limit=args.limit, batch_size=args.batch_size,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          imr_questions=args.imr_questions)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -420,18 +466,27 @@ def document_scores(run: str | Path, part: str, metric: str, rescore: bool = Fal
         return _part_scores(docs, part, metric)
     out = {}
     for i, r in docs.items():
-        block = r.get(part)
-        if block is None:
-            continue
-        gold = block["label"] if part == "imr" else r["gold"]
-        out[i] = 0.0 if block["prediction"] is None else float(score(block["prediction"], gold)[metric])
+        blocks = questions_of(r) if part == "imr" else [r[part]]
+        values = [0.0 if b["prediction"] is None else
+                  float(score(b["prediction"], b["label"] if part == "imr" else r["gold"])[metric])
+                  for b in blocks]
+        if values:
+            out[i] = sum(values) / len(values)
     return out
 
 
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
 def _in_memory_scores(docs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """Per document: was the IMR label in the memory asked from (records of older versions lack it)."""
-    return {i: float(r["imr"]["in_memory"]) for i, r in docs.items()
-            if r.get("imr") is not None and "in_memory" in r["imr"]}
+    """Per document: how often the IMR label was in the memory asked from (older records lack it)."""
+    out = {}
+    for i, r in docs.items():
+        kept = [float(q["in_memory"]) for q in questions_of(r) if "in_memory" in q]
+        if kept:
+            out[i] = _mean(kept)
+    return out
 
 
 def _paired_ci(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, Any] | None:
@@ -447,26 +502,44 @@ def _paired(a: Mapping[str, float], b: Mapping[str, float]) -> str:
     return _ci(_paired_ci(a, b), signed=True)
 
 
+def _blocks(record: Mapping[str, Any], part: str) -> list[Mapping[str, Any]]:
+    return questions_of(record) if part == "imr" else [record[part]]
+
+
 def _answer_words(docs: Mapping[str, Mapping[str, Any]], part: str) -> dict[str, float]:
-    """Per document: words of the part's answer (IMR: where a question was asked)."""
-    return {i: float(answer_words(r[part]["prediction"])) for i, r in docs.items()
-            if r.get(part) is not None and r[part].get("prediction") is not None}
+    """Per document: words of the part's answer (IMR: the mean over the questions asked)."""
+    out = {}
+    for i, r in docs.items():
+        words = [float(answer_words(b["prediction"])) for b in _blocks(r, part)
+                 if b.get("prediction") is not None]
+        if words:
+            out[i] = _mean(words)
+    return out
 
 
 def _part_scores(docs: Mapping[str, Mapping[str, Any]], part: str, metric: str) -> dict[str, float]:
-    return {i: float(r[part]["metrics"][metric]) for i, r in docs.items() if r.get(part) is not None}
+    """Per document: ``metric`` of the part (IMR: the mean over its questions)."""
+    out = {}
+    for i, r in docs.items():
+        blocks = _blocks(r, part)
+        if blocks:
+            out[i] = _mean([float(b["metrics"][metric]) for b in blocks])
+    return out
 
 
 def _matching_note(label_a: str, label_b: str, a: Mapping[str, Mapping[str, Any]],
                    b: Mapping[str, Mapping[str, Any]]) -> str:
     """How many documents / IMR questions the paired difference of two runs is over."""
     common = sorted(set(a) & set(b))
-    both_imr = [i for i in common if a[i].get("imr") is not None and b[i].get("imr") is not None]
-    same = sum(all(a[i]["imr"][k] == b[i]["imr"][k] for k in ("step_k", "chunk_l", "entity"))
-               for i in both_imr)
+    both_imr = [i for i in common if questions_of(a[i]) and questions_of(b[i])]
+
+    def asked(record: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        return [(q["step_k"], q["chunk_l"], q["entity"]) for q in questions_of(record)]
+
+    same = sum(asked(a[i]) == asked(b[i]) for i in both_imr)
     return (f"{label_b} - {label_a}: E2E paired over {len(common)} matched documents ({len(a)} in "
             f"{label_a}, {len(b)} in {label_b}); IMR over {len(both_imr)} documents with a question in both, "
-            f"{same} of them the same question (k, l, entity).")
+            f"{same} of them the same questions (k, l, entity).")
 
 
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:

@@ -79,8 +79,8 @@ RESUMABLE_KEYS: frozenset[str] = frozenset({
     "train.collapse_patience", "train.sample_every", "train.sample_count", "train.log_every",
     "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode", "train.max_nonfinite",
     "train.threads", "train.eval_data", "train.eval", "train.eval_every", "train.eval_limit",
-    "train.eval_batch_size", "engine.batch_size", "engine.max_concurrency", "engine.timeout_s",
-    "engine.max_retries", "rl.micro_batch_tokens",
+    "train.eval_batch_size", "train.eval_imr_questions", "engine.batch_size", "engine.max_concurrency",
+    "engine.timeout_s", "engine.max_retries", "rl.micro_batch_tokens",
 })
 
 
