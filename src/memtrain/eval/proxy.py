@@ -7,9 +7,8 @@ Per document (docs/method.md sections 2-3):
   0 hold the model's own memories, so they differ between models: that is what is being measured.
 * IMR: one question per trajectory (``imr_questions``: more, distinct ones; a document then scores the mean of
   its questions, and intervals still resample documents). Its (step k, chunk l, entity) is drawn from the DATA
-  alone - the chunks
-  and their entities, never the memories (:func:`memtrain.agent.imr.draw_imr_choice`) - with a
-  ``random.Random`` seeded from (seed, document id) only. Two models that chunk a document the same way
+  alone - the chunks and their entities, never the memories (:func:`memtrain.agent.imr.draw_imr_choice`) -
+  with a ``random.Random`` seeded from (seed, document id) only. Two models that chunk a document the same way
   (same tokenizer and budgets) therefore get the same question and label for it, whatever their memories,
   batch sizes or resumes; the memory inside the prompt is the model's own ``m_k`` (what IMR measures). Unlike
   training (:func:`~memtrain.agent.imr.build_imr_prompt`), a step whose memory the model left empty stays
