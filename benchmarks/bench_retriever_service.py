@@ -29,22 +29,11 @@ from pathlib import Path
 
 import httpx
 
-from _machine import load_average
+from _machine import cpu_model, load_average
 from memtrain.data.corpus import iter_articles
 from memtrain.retrieval.service import Retriever
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def cpu_line() -> str:
-    """The CPU model as lscpu names it, and the core count."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                     if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def build_corpus(path: Path, passages: int, queries: int, seed: int = 0) -> list[str]:
@@ -151,7 +140,7 @@ def main() -> None:
     ap.add_argument("--server-args", default="", help="extra serve-retriever arguments")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"{cpu_line()}; load average {load_average()}; server from {args.src}")
+    print(f"{cpu_model()}, {os.cpu_count()} cores; load average {load_average()}; server from {args.src}")
     corpus, index = args.out / "corpus.jsonl", args.out / "index"
     queries = build_corpus(corpus, args.passages, args.queries)
     if not (index / "retriever.json").is_file():

@@ -200,9 +200,9 @@ def summarize_proxy(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any
     docs = {str(r["id"]): r for r in records}
     with_imr = [q for r in records for q in questions_of(r)]
     e2e = {m: _intervals([float(r["e2e"]["metrics"][m]) for r in records]) for m in METRICS} if n else None
-    imr_docs = _part_scores(docs, "imr", METRICS[0])
-    imr = ({m: _intervals(list(_part_scores(docs, "imr", m).values())) for m in METRICS} if imr_docs
-           else None)
+    imr_scores = {m: _part_scores(docs, "imr", m) for m in METRICS}
+    imr_docs = imr_scores[METRICS[0]]  # the documents with a question
+    imr = {m: _intervals(list(v.values())) for m, v in imr_scores.items()} if imr_docs else None
     imr_words = list(_answer_words(docs, "imr").values())
     words = {"e2e": _intervals([answer_words(r["e2e"]["prediction"]) for r in records]) if n else None,
              "imr": _intervals(imr_words) if imr_words else None}
@@ -465,10 +465,9 @@ def document_scores(run: str | Path, part: str, metric: str, rescore: bool = Fal
         return _part_scores(docs, part, metric)
     out = {}
     for i, r in docs.items():
-        blocks = questions_of(r) if part == "imr" else [r[part]]
         values = [0.0 if b["prediction"] is None else
                   float(score(b["prediction"], b["label"] if part == "imr" else r["gold"])[metric])
-                  for b in blocks]
+                  for b in _blocks(r, part)]
         if values:
             out[i] = sum(values) / len(values)
     return out

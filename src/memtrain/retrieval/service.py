@@ -104,8 +104,10 @@ class Retriever:
 
     @classmethod
     def build(cls, corpus: str | Path, index_dir: str | Path, kind: str = "bm25", embedder: str = "minilm",
-              shard_size: int = 100_000, only: range | None = None, **params: Any) -> Retriever | None:
-        """Index ``corpus`` once and save everything to ``index_dir`` (atomically), then open it.
+              shard_size: int = 100_000, only: range | None = None, *, nprobe: int | None = None,
+              ef_search: int | None = None, rerank: int = 10, **params: Any) -> Retriever | None:
+        """Index ``corpus`` once and save everything to ``index_dir`` (atomically), then open it (with the
+        search settings of :meth:`open`).
 
         Dense kinds embed into resumable shards beside it (``INDEX.shards/``, kept: another kind is built
         from them without embedding again). With ``only`` (shard numbers) this process embeds those and
@@ -141,7 +143,7 @@ class Retriever:
                                                      "corpus": str(Path(corpus).resolve()),
                                                      **({"embedder": embedder} if kind != "bm25" else {})})
             store.close()
-        return cls.open(index_dir)
+        return cls.open(index_dir, corpus, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
 
     @classmethod
     def open(cls, index_dir: str | Path, corpus: str | Path | None = None, nprobe: int | None = None,
@@ -189,21 +191,22 @@ class Retriever:
         if index_dir is None:
             index_dir = default_index_dir(corpus, kind, embedder)
         index_dir = Path(index_dir)
-        if (index_dir / RETRIEVER_META).is_file():
-            try:
-                meta = json.loads((index_dir / RETRIEVER_META).read_text(encoding="utf-8"))
-                if not isinstance(meta, dict):
-                    raise ValueError("not a JSON object")
-            except (OSError, ValueError) as exc:
-                raise UserError(f"{index_dir / RETRIEVER_META}: damaged retriever index cache "
-                                f"({exc.__class__.__name__}: {exc}); delete {index_dir} to rebuild it"
-                                ) from exc
-            if meta.get("kind") != kind:
-                raise UserError(f"{index_dir} holds a {meta.get('kind')!r} index, not {kind!r}; choose "
-                                "another --index directory")
-            logger.info("retriever: loading the %s index in %s", kind, index_dir)
-        else:
-            cls.build(corpus, index_dir, kind, embedder, shard_size, **params)
+        if not (index_dir / RETRIEVER_META).is_file():  # built, then opened once
+            built = cls.build(corpus, index_dir, kind, embedder, shard_size, nprobe=nprobe,
+                              ef_search=ef_search, rerank=rerank, **params)
+            assert built is not None  # None only for a partial build (``only``)
+            return built
+        try:
+            meta = json.loads((index_dir / RETRIEVER_META).read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{index_dir / RETRIEVER_META}: damaged retriever index cache "
+                            f"({exc.__class__.__name__}: {exc}); delete {index_dir} to rebuild it") from exc
+        if meta.get("kind") != kind:
+            raise UserError(f"{index_dir} holds a {meta.get('kind')!r} index, not {kind!r}; choose "
+                            "another --index directory")
+        logger.info("retriever: loading the %s index in %s", kind, index_dir)
         return cls.open(index_dir, corpus, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
 
     def search(self, queries: list[str], k: int) -> list[list[Hit]]:
