@@ -17,6 +17,7 @@ from memtrain.engines.base import GenerationRequest, SamplingParams
 from memtrain.engines.hf import HFEngine
 from memtrain.models import load_tokenizer
 from memtrain.rl.logprobs import (
+    MIN_SHARED_PREFIX,
     plan_micro_batches,
     plan_update,
     sequence_logprobs,
@@ -94,22 +95,45 @@ def test_plan_update_runs_a_repeated_prompt_once() -> None:
     completions = [3, 2, 5, 4, 1, 2, 2]
     plan = plan_update(prompts, completions, max_tokens=100)
     assert sorted(i for m in plan for i in m.rows) == list(range(7))
-    shared = {tuple(m.rows): m for m in plan if m.shared_prompt}
-    assert set(shared) == {(2, 0, 6, 4), (1, 5)}  # longest completion first; c has no repeat
-    assert [m.rows for m in plan if not m.shared_prompt] == [[3]]
+    shared = {tuple(m.rows): m.shared for m in plan if m.shared}
+    assert shared == {(2, 0, 6, 4): 4, (1, 5): 2}  # longest completion first; c has no repeat
+    assert [m.rows for m in plan if not m.shared] == [[3]]
     # budget: prompt once + rows x longest completion; a group split down to one row goes to the padded plan
     tight = plan_update(prompts, completions, max_tokens=4 + 2 * 5)
-    assert [m.rows for m in tight if m.shared_prompt] == [[2, 0], [6, 4], [1, 5]]
+    assert [m.rows for m in tight if m.shared] == [[2, 0], [6, 4], [1, 5]]
     assert [m.rows for m in plan_update([a, a], [9, 9], max_tokens=4 + 9)] == [[0], [1]]  # no room for two
     off = plan_update(prompts, completions, max_tokens=100, share_prompts=False)
     lengths = [len(p) + n for p, n in zip(prompts, completions, strict=True)]
-    assert [(m.rows, m.shared_prompt) for m in off] == [(r, False) for r in plan_micro_batches(lengths, 100)]
+    assert [(m.rows, m.shared) for m in off] == [(r, 0) for r in plan_micro_batches(lengths, 100)]
+
+
+def test_plan_update_runs_a_shared_template_prefix_once() -> None:
+    """Prompts that differ but share MIN_SHARED_PREFIX+ leading tokens (a template's instructions) run
+    their common prefix once; a shorter common part (a system prompt) is not shared."""
+    system = [1] * 20                                   # shorter than MIN_SHARED_PREFIX on its own
+    memory = system + [2] * (MIN_SHARED_PREFIX + 10)    # one template ...
+    final = system + [3] * (MIN_SHARED_PREFIX + 10)     # ... and another after the same system prompt
+    prompts = [[*memory, 7, 8], [*final, 9], [*memory, 5], [*memory, 5, 6, 6], [*final, 4, 4], [*system, 9]]
+    completions = [3, 2, 1, 2, 2, 2]
+    plan = plan_update(prompts, completions, max_tokens=10_000)
+    assert sorted(i for m in plan for i in m.rows) == list(range(6))
+    assert {tuple(m.rows): m.shared for m in plan} == {(0, 3, 2): len(memory), (4, 1): len(final), (5,): 0}
+    # budget: the prefix once + rows x the longest remainder (rows 0 and 3: 5 tokens after the prefix)
+    p = len(memory)
+    tight = plan_update(prompts, completions, max_tokens=p + 2 * 5)
+    assert {tuple(m.rows): m.shared for m in tight if m.rows[0] in (0, 2)} == {(0, 3): p, (2,): 0}
 
 
 def _shared_prompt_seqs(seed: int) -> list[TrainSequence]:
-    """IMR-like groups (one prompt, several sampled answers of different lengths) among lone sequences."""
+    """IMR-like groups (one prompt, several sampled answers of different lengths) and memory-turn-like
+    prompts that share a template prefix, among lone sequences."""
     rng = random.Random(seed)
     seqs = _random_seqs(4, seed=seed)
+    template = [rng.randrange(3, 500) for _ in range(MIN_SHARED_PREFIX + 4)]
+    for _ in range(3):
+        prompt = template + [rng.randrange(3, 500) for _ in range(rng.randint(1, 9))]
+        completion = [rng.randrange(3, 500) for _ in range(rng.randint(1, 8))]
+        seqs.append(TrainSequence(prompt, completion, rng.uniform(-1.5, 1.5), kind="memory", group="m"))
     for g in range(3):
         prompt = [rng.randrange(3, 500) for _ in range(rng.randint(6, 16))]
         for _ in range(rng.randint(2, 5)):
@@ -194,7 +218,8 @@ def test_shared_prompt_passes_give_the_padded_gradient(tiny_model_dir: Path, lor
     model.zero_grad(set_to_none=True)
     shared = accumulate_policy_gradients(model, seqs, cfg, ref=ref)
     g_shared = _grads(model)
-    assert padded["num_micro_batches"] == 1 and shared["num_micro_batches"] == 4  # 3 groups + the rest
+    # 3 IMR groups + the template family + the rest
+    assert padded["num_micro_batches"] == 1 and shared["num_micro_batches"] == 5
     assert padded["clip_frac"] > 0 and padded["kl"] > 0
     assert shared["loss"] == pytest.approx(padded["loss"], rel=1e-5, abs=1e-7)
     assert shared["kl"] == pytest.approx(padded["kl"], rel=1e-5)

@@ -1,14 +1,17 @@
 """Log-probabilities of training sequences under the policy, computed the way the update needs them.
 
 A training sequence is one model call: a prompt and the completion the sampler produced. Micro-batches are
-planned by a token budget (``plan_update``): sequences that share one prompt (the G2 IMR answers to one
-memory, the first memory turns of a row's G1 trajectories) run as the prompt once and their completions on
-its KV cache (``rl.share_prompts``: the same log-probs and gradients, (n - 1) x prompt fewer tokens), the rest
-right-padded together (``plan_micro_batches``). Log-probs are computed in float32 under the SAMPLING
-distribution softmax(logits / rl.temperature) of the completion positions only (``logits_to_keep``), the
-matmuls under autocast to the model's compute dtype (``model.compute_dtype``, ``memtrain.precision``): what
-the engines report (``Completion.logprobs``), so the importance ratio is exactly 1 on the first update after
-sampling. ``memtrain.rl.update`` trains on them; the vLLM engine's sync check compares with them.
+planned by a token budget (``plan_update``): with ``rl.share_prompts``, tokens that every row of a
+micro-batch has in common run once and the rest of each row runs on their KV cache - a whole prompt that
+several sequences share (the G2 IMR answers to one memory, the first memory turns of a row's G1
+trajectories), else the leading part of the prompt template (instructions and problem: 112 tokens of every
+memory turn of the proxy task) - the same log-probs and gradients for (n - 1) x shared tokens fewer; what
+shares nothing is right-padded together (``plan_micro_batches``). Log-probs are computed in float32 under
+the SAMPLING distribution softmax(logits / rl.temperature) of the completion positions only
+(``logits_to_keep``), the matmuls under autocast to the model's compute dtype (``model.compute_dtype``,
+``memtrain.precision``): what the engines report (``Completion.logprobs``), so the importance ratio is
+exactly 1 on the first update after sampling. ``memtrain.rl.update`` trains on them; the vLLM engine's sync
+check compares with them.
 """
 
 from __future__ import annotations
@@ -46,20 +49,36 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int
     return batches
 
 
+# A shared prefix shorter than this is not worth a second forward call (a chat template's system prompt alone
+# is ~25 tokens; prompt templates share ~100).
+MIN_SHARED_PREFIX = 32
+
+
 @dataclass(frozen=True)
 class MicroBatch:
-    """The sequence indices of one forward/backward pass; ``shared_prompt``: they all have one prompt, run
-    once, and their completions run on its KV cache."""
+    """The sequence indices of one forward/backward pass; ``shared``: the number of leading tokens all of
+    them have in common, run once, the rest of every row on their KV cache (0: right-padded rows)."""
 
     rows: list[int]
-    shared_prompt: bool = False
+    shared: int = 0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The number of leading tokens ``a`` and ``b`` have in common."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def plan_update(prompts: Sequence[Sequence[int]], completion_lengths: Sequence[int], max_tokens: int,
                 share_prompts: bool = True) -> list[MicroBatch]:
-    """The micro-batches of one update: with ``share_prompts``, sequences whose prompt another one repeats
-    go in shared-prompt micro-batches (cost: the prompt once + rows x the longest completion, kept <=
-    ``max_tokens``, longest completions first); the rest, and a group's single leftover, right-padded by
+    """The micro-batches of one update. With ``share_prompts``, first the sequences whose prompt another one
+    repeats (cost: the prompt once + rows x the longest completion, kept <= ``max_tokens``, longest
+    completions first); then the rest, grouped by prompts that share at least ``MIN_SHARED_PREFIX`` leading
+    tokens (cost: that prefix once + rows x the longest remainder); what is left alone right-padded by
     ``plan_micro_batches``. Deterministic; every index appears exactly once."""
     if len(prompts) != len(completion_lengths):
         raise ValueError(f"{len(prompts)} prompts but {len(completion_lengths)} completion lengths")
@@ -71,24 +90,50 @@ def plan_update(prompts: Sequence[Sequence[int]], completion_lengths: Sequence[i
         by_prompt.setdefault(tuple(prompt), []).append(i)
     shared: list[MicroBatch] = []
     rest: list[int] = []
-
-    def close(rows: list[int]) -> None:
-        if len(rows) > 1:
-            shared.append(MicroBatch(rows, shared_prompt=True))
-        else:
-            rest.extend(rows)
-
     for prompt, members in by_prompt.items():
-        rows: list[int] = []
-        for i in sorted(members, key=lambda i: (-completion_lengths[i], i)):
-            if rows and len(prompt) + (len(rows) + 1) * completion_lengths[rows[0]] > max_tokens:
-                close(rows)
-                rows = []
-            rows.append(i)
-        close(rows)
-    rest.sort()
-    padded = plan_micro_batches([lengths[i] for i in rest], max_tokens) if rest else []
-    return shared + [MicroBatch([rest[j] for j in rows]) for rows in padded]
+        if len(members) == 1:
+            rest.extend(members)
+            continue
+        for rows in _pack(members, len(prompt), lengths, max_tokens):
+            if len(rows) > 1:
+                shared.append(MicroBatch(rows, len(prompt)))
+            else:
+                rest.extend(rows)
+    alone: list[int] = []
+    for family in _prefix_families(prompts, rest):
+        prefix = common_prefix(prompts[family[0]], prompts[family[-1]])
+        for rows in _pack(family, prefix, lengths, max_tokens):
+            if len(rows) > 1:
+                first = prompts[rows[0]]
+                shared.append(MicroBatch(rows, min(common_prefix(first, prompts[r]) for r in rows[1:])))
+            else:
+                alone.extend(rows)
+    alone.sort()
+    padded = plan_micro_batches([lengths[i] for i in alone], max_tokens) if alone else []
+    return shared + [MicroBatch([alone[j] for j in rows]) for rows in padded]
+
+
+def _pack(members: Sequence[int], prefix: int, lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Longest first, greedily: a micro-batch costs ``prefix`` once + rows x its longest remainder."""
+    batches: list[list[int]] = []
+    for i in sorted(members, key=lambda i: (-lengths[i], i)):
+        if batches and prefix + (len(batches[-1]) + 1) * (lengths[batches[-1][0]] - prefix) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _prefix_families(prompts: Sequence[Sequence[int]], rows: Sequence[int]) -> list[list[int]]:
+    """``rows`` in runs whose prompts all share >= ``MIN_SHARED_PREFIX`` leading tokens with the run's first
+    (in lexicographic order, so each run's common prefix is that of its first and last prompt)."""
+    families: list[list[int]] = []
+    for i in sorted(rows, key=lambda i: (list(prompts[i]), i)):
+        if families and common_prefix(prompts[families[-1][0]], prompts[i]) >= MIN_SHARED_PREFIX:
+            families[-1].append(i)
+        else:
+            families.append([i])
+    return families
 
 
 def device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -111,7 +156,7 @@ class Batch:
     mask: Tensor  # [B, keep] bool: True on completion tokens
     start: int
     offsets: list[int]  # column of each row's first completion token
-    shared_prompt: bool = False  # every row has the same prompt (input_ids[:, :start + 1])
+    shared: int = 0  # every row starts with input_ids[0, :shared] (<= start + 1), run once
 
     @property
     def keep(self) -> int:
@@ -134,8 +179,7 @@ class Batch:
         return out
 
 
-def collate(seqs: Sequence[HasTokens], rows: list[int], device: torch.device,
-             shared_prompt: bool = False) -> Batch:
+def collate(seqs: Sequence[HasTokens], rows: list[int], device: torch.device, shared: int = 0) -> Batch:
     items = [seqs[i] for i in rows]
     total = max(len(s.prompt_ids) + len(s.completion_ids) for s in items)
     start = min(len(s.prompt_ids) for s in items) - 1
@@ -154,28 +198,33 @@ def collate(seqs: Sequence[HasTokens], rows: list[int], device: torch.device,
         labels[b, off: off + n] = torch.tensor(list(s.completion_ids), dtype=torch.long)
         mask[b, off: off + n] = True
         offsets.append(off)
+    if shared > start + 1 or not bool((input_ids[:, :shared] == input_ids[:1, :shared]).all()):
+        raise ValueError(f"shared={shared}: the rows do not share their first {shared} tokens within the "
+                         f"shortest prompt ({start + 1} tokens)")
     return Batch(rows, input_ids.to(device), attention.to(device), labels.to(device), mask.to(device), start,
-                  offsets, shared_prompt)
+                  offsets, shared)
 
 
 def _logits(model: torch.nn.Module, batch: Batch, device: torch.device) -> Tensor:
-    """The [B, keep, vocab] logits of ``batch``: one right-padded forward, or (a shared prompt) the prompt
-    once, its KV cache repeated per row, and every row's completion on it; gradients flow through the cache
-    into the prompt's forward, so they equal the padded forward's."""
+    """The [B, keep, vocab] logits of ``batch``: one right-padded forward, or (a shared prefix) the prefix
+    once, its KV cache repeated per row, and every row's remainder on it; gradients flow through the cache
+    into the prefix's forward, so they equal the padded forward's."""
     ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
     with autocast_for(model):
-        if not batch.shared_prompt:
+        if not batch.shared:
             return model(input_ids=ids, attention_mask=attention, logits_to_keep=batch.keep,
                          use_cache=False).logits
-        prompt = batch.start + 1
-        head = model(input_ids=ids[:1, :prompt], use_cache=True, logits_to_keep=1)
+        head = model(input_ids=ids[:1, :batch.shared], use_cache=True, logits_to_keep=1)
         cache = head.past_key_values
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):
             raise UserError(f"rl.share_prompts: {type(model).__name__} returned no repeatable KV cache "
                             "(transformers' Cache); set rl.share_prompts=false")
         cache.batch_repeat_interleave(ids.shape[0])
-        tail = model(input_ids=ids[:, prompt:], attention_mask=attention, past_key_values=cache,
-                     use_cache=True)
+        tail_keep = min(batch.keep, ids.shape[1] - batch.shared)  # keep - 1: the prefix is a whole prompt
+        tail = model(input_ids=ids[:, batch.shared:], attention_mask=attention, past_key_values=cache,
+                     use_cache=True, logits_to_keep=tail_keep)
+    if tail_keep == batch.keep:
+        return tail.logits
     return torch.cat([head.logits.expand(ids.shape[0], -1, -1), tail.logits], dim=1)
 
 
@@ -224,7 +273,7 @@ def sequence_logprobs(model: torch.nn.Module, seqs: Sequence[HasTokens], micro_b
     recompute old log-probs before the first of several updates on one rollout batch, or to check an engine.
     ``temperature`` divides the logits: pass the rollout's (``rl.temperature``) to get what the engines
     report for tokens sampled at that temperature and what the update uses. ``share_prompts``: as
-    ``rl.share_prompts`` (a prompt several sequences share runs once).
+    ``rl.share_prompts`` (tokens the rows of a micro-batch share run once).
     """
     passes = _no_grad_passes(model, seqs, micro_batch_tokens, temperature, False, share_prompts)
     return [lp for lp, _ in passes]
@@ -246,7 +295,7 @@ def _no_grad_passes(model: torch.nn.Module, seqs: Sequence[HasTokens], micro_bat
                        micro_batch_tokens, share and can_share_prompts(model))
     with torch.no_grad(), training_mode(model, False):
         for micro in plan:
-            batch = collate(seqs, micro.rows, device, micro.shared_prompt)
+            batch = collate(seqs, micro.rows, device, micro.shared)
             logp, ent = forward_logprobs(model, batch, temperature, with_entropy)
             lps = batch.gather(logp)
             ents = batch.gather(ent) if ent is not None else [torch.empty(0)] * len(micro.rows)

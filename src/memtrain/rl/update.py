@@ -4,7 +4,7 @@ A training sequence is one model call - an E2E memory step, the final answer ste
 completion the sampler produced and the advantage it was assigned (E2E: the trajectory's, broadcast to every
 step; IMR: its own group's). ``policy_update`` turns a list of them into exactly one optimizer step:
 
-1. plan micro-batches by a token budget (``memtrain.rl.logprobs.plan_update``; shared prompts run once);
+1. plan micro-batches by a token budget (``memtrain.rl.logprobs.plan_update``; shared prefixes run once);
 2. per micro-batch: reference log-probs (a frozen model, or the same peft model with its adapters disabled;
    skipped when ``kl_coef == 0``), the policy's log-probs with gradients (``memtrain.rl.logprobs``: float32,
    under the sampling temperature), the old log-probs (the sampler's when they agree with the recomputed
@@ -102,7 +102,7 @@ class _Pass:
     seqs: Sequence[TrainSequence]
     rows: list[int]
     totals: AggTotals
-    shared_prompt: bool = False
+    shared: int = 0
 
     @property
     def padding(self) -> bool:
@@ -121,7 +121,7 @@ def _plan_passes(seqs: Sequence[TrainSequence], plan: list[MicroBatch], totals: 
     num_seqs, num_tokens, sessions = totals
     norm = AggTotals(num_seqs=num_seqs, num_tokens=num_tokens, num_sessions=sessions)
     sizes = session_sizes([s.session for s in seqs])  # sequences per session, over this whole (local) batch
-    work = [_Pass(seqs, m.rows, replace(norm, session_size=[sizes[i] for i in m.rows]), m.shared_prompt)
+    work = [_Pass(seqs, m.rows, replace(norm, session_size=[sizes[i] for i in m.rows]), m.shared)
             for m in plan]
     return work + [_Pass(_PADDING, [0], replace(norm, session_size=[1]))] * ((passes or 0) - len(plan))
 
@@ -179,7 +179,7 @@ def _micro_batch_loss(model: torch.nn.Module, reference: _Reference, cfg: RLConf
                       stats: UpdateStats) -> tuple[Tensor, dict[str, Tensor]]:
     """One micro-batch's share of the full-batch GRPO loss (differentiable) and its stats (``grpo_loss``'s
     plus entropy_sum: its tokens' summed policy entropy)."""
-    batch = collate(work.seqs, work.rows, device_dtype(model)[0], work.shared_prompt)
+    batch = collate(work.seqs, work.rows, device_dtype(model)[0], work.shared)
     items = work.items
     ref_logp = _reference_logprobs(model, reference, batch, cfg.temperature)
     logp, entropy = forward_logprobs(model, batch, cfg.temperature, with_entropy=True)
