@@ -12,6 +12,7 @@ attention + LM head on the kept positions, the update 3x that).
 
     python benchmarks/bench_rl_update.py [--model smollm2-135m] [--seqs 4] [--budgets 1024,4096]
                                          [--compute-dtypes float32,bfloat16] [--imr-groups 4 --g2 8]
+                                         [--template-tokens 112]
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from _machine import ceilings, dtype_name, forward_flops, machine
 from memtrain.config import OptimConfig, RLConfig
 from memtrain.models import load_policy
 from memtrain.precision import resolve_compute_dtype, set_compute_dtype
+from memtrain.rl import logprobs
 from memtrain.rl.logprobs import plan_micro_batches, sequence_logprobs
 from memtrain.rl.optim import build_optimizer
 from memtrain.rl.rollout import TrainSequence
 from memtrain.rl.update import policy_update
+
+PREFIX = logprobs.MIN_SHARED_PREFIX
 
 
 def peak_rss_gib() -> float:
@@ -38,10 +42,12 @@ def peak_rss_gib() -> float:
 
 
 def agent_batch(count: int, vocab: int, seed: int = 0, imr_groups: int = 0,
-                g2: int = 8) -> list[TrainSequence]:
-    """``count`` memory steps, then ``imr_groups`` x ``g2`` IMR answers (5-24 tokens) to one prompt each."""
+                g2: int = 8, template: int = 0) -> list[TrainSequence]:
+    """``count`` memory steps (their prompts start with the same ``template`` tokens, as a prompt template's
+    instructions do), then ``imr_groups`` x ``g2`` IMR answers (5-24 tokens) to one prompt each."""
     rng = random.Random(seed)
-    seqs = [TrainSequence([rng.randrange(vocab) for _ in range(rng.randint(200, 600))],
+    head = [rng.randrange(vocab) for _ in range(template)]
+    seqs = [TrainSequence(head + [rng.randrange(vocab) for _ in range(rng.randint(200, 600))],
                           [rng.randrange(vocab) for _ in range(rng.randint(32, 96))],
                           advantage=rng.uniform(-1, 1), kind="memory", group=f"g{i % 2}")
             for i in range(count)]
@@ -79,13 +85,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed updates per setting (best is kept)")
     parser.add_argument("--imr-groups", type=int, default=0, help="IMR groups in the batch (one prompt each)")
     parser.add_argument("--g2", type=int, default=8, help="answers per IMR group")
+    parser.add_argument("--template-tokens", type=int, default=0,
+                        help="leading tokens all memory steps share (the demo's memory template: 112); "
+                        "adds a run sharing whole prompts only, to measure what sharing this prefix gives")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"machine: {machine()}, device {device}", flush=True)
     ceiling = ceilings(device)
     model = load_policy(args.model, dtype="float32", device=device)
-    seqs = agent_batch(args.seqs, model.config.vocab_size, imr_groups=args.imr_groups, g2=args.g2)
+    seqs = agent_batch(args.seqs, model.config.vocab_size, imr_groups=args.imr_groups, g2=args.g2,
+                       template=args.template_tokens)
     lengths = [s.length for s in seqs]
     comp = sum(len(s.completion_ids) for s in seqs)
     print(f"model {args.model}: {len(seqs)} sequences ({args.imr_groups} IMR groups of {args.g2}), "
@@ -117,13 +127,21 @@ def main() -> None:
                   f"sequence_logprobs {fwd:6.2f} s ({flops / fwd / 1e9 / peak:4.0%}) | "
                   f"grad_norm {stats['grad_norm']:.3g} | peak RSS so far {peak_rss_gib():.1f} GiB",
                   flush=True)
-            if args.imr_groups:
+            if args.imr_groups or args.template_tokens:
                 s_upd, s_fwd, s_stats = timed(model, opt, seqs, budget, args.repeats, share=True)
                 print(f"budget {budget:>6} {dtype_name(dtype)}: rl.share_prompts on: "
                       f"{int(s_stats['num_micro_batches'])} micro-batches | policy_update {s_upd:6.2f} s "
                       f"(x{upd / s_upd:.2f} vs off) | sequence_logprobs {s_fwd:6.2f} s "
                       f"(x{fwd / s_fwd:.2f}) | loss {s_stats['loss']:.6g} vs {stats['loss']:.6g} off "
                       "(same run, same batch)", flush=True)
+            if args.template_tokens:  # what sharing the template prefix adds: whole shared prompts only
+                logprobs.MIN_SHARED_PREFIX = 10**9
+                w_upd, w_fwd, w_stats = timed(model, opt, seqs, budget, args.repeats, share=True)
+                logprobs.MIN_SHARED_PREFIX = PREFIX
+                print(f"budget {budget:>6} {dtype_name(dtype)}: whole shared prompts only: "
+                      f"{int(w_stats['num_micro_batches'])} micro-batches | policy_update {w_upd:6.2f} s "
+                      f"(sharing the template prefix: x{w_upd / s_upd:.2f}) | sequence_logprobs "
+                      f"{w_fwd:6.2f} s (x{w_fwd / s_fwd:.2f}) | loss {w_stats['loss']:.6g}", flush=True)
         if torch.float32 in speed and torch.bfloat16 in speed:
             (u32, f32), (u16, f16) = speed[torch.float32], speed[torch.bfloat16]
             print(f"budget {budget:>6}: bf16 / fp32 speed-up: policy_update x{u32 / u16:.2f}, "

@@ -284,10 +284,11 @@ class RLConfig(Section):
     micro_batch_tokens: int = Field(16384, gt=0, description="padded tokens per forward/backward micro-batch")
     share_prompts: bool = Field(
         True,
-        description="sequences with one identical prompt (the G2 IMR answers to one memory, the first memory "
-        "turns of a row's G1 trajectories) run as one prompt forward and their completions on its KV cache: "
-        "the same log-probs and gradients for (n - 1) x prompt fewer tokens. Off under FSDP2 and gradient "
-        "checkpointing (each needs one forward per pass)",
+        description="tokens that the sequences of a micro-batch share run once, the rest of each on their KV "
+        "cache: a whole prompt (the G2 IMR answers to one memory, the first memory turns of a row's G1 "
+        "trajectories), else a prompt template's leading tokens (>= 32; the instructions and problem of "
+        "every memory turn). The same log-probs and gradients for (n - 1) x shared tokens fewer. Off under "
+        "FSDP2 and gradient checkpointing (each needs one forward per pass)",
     )
     old_logprobs: Literal["auto", "sampler", "recompute"] = Field(
         "auto",
