@@ -34,8 +34,6 @@ from memtrain.rl.optim import build_optimizer
 from memtrain.rl.rollout import TrainSequence
 from memtrain.rl.update import policy_update
 
-PREFIX = logprobs.MIN_SHARED_PREFIX
-
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -135,9 +133,11 @@ def main() -> None:
                       f"(x{fwd / s_fwd:.2f}) | loss {s_stats['loss']:.6g} vs {stats['loss']:.6g} off "
                       "(same run, same batch)", flush=True)
             if args.template_tokens:  # what sharing the template prefix adds: whole shared prompts only
-                logprobs.MIN_SHARED_PREFIX = 10**9
-                w_upd, w_fwd, w_stats = timed(model, opt, seqs, budget, args.repeats, share=True)
-                logprobs.MIN_SHARED_PREFIX = PREFIX
+                saved, logprobs.MIN_SHARED_PREFIX = logprobs.MIN_SHARED_PREFIX, 10**9  # no prefix qualifies
+                try:
+                    w_upd, w_fwd, w_stats = timed(model, opt, seqs, budget, args.repeats, share=True)
+                finally:
+                    logprobs.MIN_SHARED_PREFIX = saved
                 print(f"budget {budget:>6} {dtype_name(dtype)}: whole shared prompts only: "
                       f"{int(w_stats['num_micro_batches'])} micro-batches | policy_update {w_upd:6.2f} s "
                       f"(sharing the template prefix: x{w_upd / s_upd:.2f}) | sequence_logprobs "
