@@ -10,9 +10,10 @@
 #      its 95% interval), the reward and validation per step, and the paths of the curves.
 # Re-running it continues/reuses what is there (data, the run and its validations are resumed or reused).
 # MEMTRAIN_DEMO_SEED (default 1) seeds both the data (training and held-out sets) and the training run: seeds
-# 1, 2 and 3 are the replicates docs/benchmarks.md reports, 4 and 5 fresh checks (benchmarks/bench_seeds.py runs
-# and pools them).
-# MEMTRAIN_DEMO_DATA / MEMTRAIN_DEMO_RUN move the data / run directories; MEMTRAIN_DEMO_STEPS sets the steps;
+# 1, 2 and 3 are the replicates docs/benchmarks.md reports, 4 the recipe's pilot and 5 a fresh check
+# (benchmarks/bench_seeds.py runs and pools them).
+# MEMTRAIN_DEMO_DATA / MEMTRAIN_DEMO_RUN move the data / run directories; MEMTRAIN_DEMO_STEPS sets the steps,
+# MEMTRAIN_DEMO_HELDOUT_DOCS the size of the held-out set (default 48);
 # MEMTRAIN_DEMO_CONFIG runs another recipe; MEMTRAIN_DEMO_SET adds space-separated KEY=VALUE overrides to it
 # (benchmarks/bench_seeds.py --set compares such a variant with the recipe).
 set -euo pipefail
@@ -39,9 +40,12 @@ echo "engine: $ENGINE ($(command -v memtrain))"
 # (new names for each recipe: a run of an earlier demo recipe cannot be resumed with this one)
 SEED="${MEMTRAIN_DEMO_SEED:-1}"
 case "$SEED" in ''|*[!0-9]*) echo "MEMTRAIN_DEMO_SEED=$SEED: expected a non-negative integer" >&2; exit 2;; esac
+# 48 held-out documents: two validations of ~110 s each on 2 cores (64 took ~150 s; docs/benchmarks.md)
+HELDOUT_DOCS="${MEMTRAIN_DEMO_HELDOUT_DOCS:-48}"
+case "$HELDOUT_DOCS" in ''|*[!0-9]*|0*) echo "MEMTRAIN_DEMO_HELDOUT_DOCS=$HELDOUT_DOCS: expected a positive integer" >&2; exit 2;; esac
 DATA="${MEMTRAIN_DEMO_DATA:-runs/demo-s$SEED-data}"
-HELDOUT="$DATA-heldout"
-RUN="${MEMTRAIN_DEMO_RUN:-runs/demo-s$SEED-$ENGINE}"
+HELDOUT="$DATA-heldout$HELDOUT_DOCS"  # a held-out set of another size is another set
+RUN="${MEMTRAIN_DEMO_RUN:-runs/demo-s$SEED-h$HELDOUT_DOCS-$ENGINE}"
 STEPS="${MEMTRAIN_DEMO_STEPS:-}"
 CONFIG="${MEMTRAIN_DEMO_CONFIG:-configs/memtrain_demo_cpu.yaml}"
 start=$(date +%s)
@@ -52,7 +56,7 @@ memtrain assets fetch
 # index over the whole corpus takes ~10 CPU-minutes to build once).
 PROXY=(--passages 4 --related 2 --min-tokens 300 --max-tokens 500 --retriever bm25)
 [ -f "$DATA/manifest.json" ] || memtrain data proxy --out "$DATA" --num-docs 64 --seed "$SEED" "${PROXY[@]}"
-[ -f "$HELDOUT/manifest.json" ] || memtrain data proxy --out "$HELDOUT" --num-docs 64 \
+[ -f "$HELDOUT/manifest.json" ] || memtrain data proxy --out "$HELDOUT" --num-docs "$HELDOUT_DOCS" \
   --seed "$((SEED + 1000))" --exclude-from "$DATA" "${PROXY[@]}"
 
 memtrain train --config "$CONFIG" "data.path=$DATA" "train.eval_data=$HELDOUT" "engine.kind=$ENGINE" \
